@@ -1,0 +1,102 @@
+"""Scoring a saved model and the TF-IDF baseline on a split, and writing the evaluation outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding
+
+from lmpipe.metrics import classification_metrics, confusion, one_vs_rest_curves, per_class_report
+from lmpipe.models import device, load_classifier, load_tokenizer
+from lmpipe.params import BaselineParams
+from lmpipe.training import TextDataset
+
+
+def predict_proba(model_dir: str | Path, texts: Sequence[str], max_length: int, batch_size: int,
+                  desc: str = "predict") -> tuple[np.ndarray, list[str]]:
+    """Class probabilities for ``texts`` from a saved classifier, and its class names in id order."""
+    model = load_classifier(model_dir).to(device()).eval()
+    tokenizer = load_tokenizer(model_dir)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    dataset = TextDataset(tokenizer, texts, None, max_length)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer)
+    )
+    chunks = []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, unit="batch"):
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            logits = model(**batch).logits.float()
+            chunks.append(torch.softmax(logits, dim=-1).cpu().numpy())
+    proba = np.concatenate(chunks) if chunks else np.zeros((0, len(names)))
+    return proba, names
+
+
+def baseline_proba(train: pd.DataFrame, texts: Sequence[str], names: Sequence[str], cfg: BaselineParams,
+                   seed: int) -> np.ndarray:
+    """TF-IDF (sublinear tf, word 1..n-grams) + multinomial logistic regression, fit on ``train``."""
+    pipeline = make_pipeline(
+        TfidfVectorizer(sublinear_tf=True, ngram_range=(1, cfg.ngram_max), max_features=cfg.max_features,
+                        min_df=1, strip_accents="unicode"),
+        LogisticRegression(C=cfg.C, max_iter=2000, random_state=seed),
+    )
+    pipeline.fit(train["text"].tolist(), train["label"].tolist())
+    proba = pipeline.predict_proba(list(texts))
+    # align the classifier's column order with the model's class order
+    order = [list(pipeline.classes_).index(name) if name in pipeline.classes_ else -1 for name in names]
+    aligned = np.zeros((len(texts), len(names)))
+    for j, col in enumerate(order):
+        if col >= 0:
+            aligned[:, j] = proba[:, col]
+    return aligned
+
+
+def score(y_true: np.ndarray, proba: np.ndarray, names: Sequence[str]) -> dict:
+    """Everything evaluate reports for one predictor."""
+    y_pred = proba.argmax(axis=1)
+    return {
+        "metrics": classification_metrics(y_true, y_pred),
+        "per_class": per_class_report(y_true, y_pred, names),
+        "confusion": confusion(y_true, y_pred, len(names)),
+        "curves": one_vs_rest_curves(y_true, proba, names),
+        "y_pred": y_pred,
+    }
+
+
+def predictions_frame(test: pd.DataFrame, proba: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
+    """One row per test example: id, actual, predicted, correct and each class's probability."""
+    y_pred = proba.argmax(axis=1)
+    frame = pd.DataFrame({
+        "id": test["id"].to_numpy(),
+        "actual": test["label"].to_numpy(),
+        "predicted": [names[i] for i in y_pred],
+    })
+    frame["correct"] = frame["actual"] == frame["predicted"]
+    for j, name in enumerate(names):
+        frame[f"p_{name}"] = np.round(proba[:, j], 6)
+    return frame
+
+
+def misclassified_frame(test: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
+    wrong = predictions[~predictions["correct"]].copy()
+    wrong["confidence"] = [row[f"p_{row['predicted']}"] for _, row in wrong.iterrows()]
+    wrong = wrong.merge(test[["id", "text"]], on="id", how="left")
+    return wrong[["id", "actual", "predicted", "confidence", "text"]].sort_values(
+        "confidence", ascending=False
+    )
+
+
+def curve_frames(curves: dict[str, dict]) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """Per-class ROC and PR point tables, rounded so DVC plot files stay small and diff cleanly."""
+    roc = {n: pd.DataFrame({"fpr": c["fpr"].round(5), "tpr": c["tpr"].round(5)}) for n, c in curves.items()}
+    pr = {n: pd.DataFrame({"recall": c["recall"].round(5), "precision": c["precision"].round(5)})
+          for n, c in curves.items()}
+    return roc, pr

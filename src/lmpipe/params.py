@@ -1,0 +1,256 @@
+"""The one loader of ``params.yaml``: typed, frozen, checked.
+
+No other module reads ``params.yaml``. Every key must be present in the file (it is the single place
+where defaults are written), unknown keys are rejected by name, and each section checks its ranges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmpipe.errors import ParamsError
+
+EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+BUILTIN_SOURCE = "bbc_news"
+
+
+class _Section:
+    """Mixin: ``problems()`` yields ``(field, message)`` for out-of-range values."""
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        return iter(())
+
+
+@dataclass(frozen=True)
+class BaseParams(_Section):
+    seed: int
+    model: str
+    max_length: int
+
+    def problems(self):
+        if not self.model.strip():
+            yield "model", "must not be empty"
+        if not 8 <= self.max_length <= 8192:
+            yield "max_length", f"must be between 8 and 8192, got {self.max_length}"
+        if self.seed < 0:
+            yield "seed", f"must be >= 0, got {self.seed}"
+
+
+@dataclass(frozen=True)
+class PrepareParams(_Section):
+    source: str
+    encoding: str
+    text_column: str
+    label_column: str
+    on_conflict: Literal["drop", "first"]
+    max_rows: int | None
+
+    def problems(self):
+        if not self.source.strip():
+            yield "source", "must be 'bbc_news' or a path to a .csv, .jsonl or .parquet file"
+        elif self.source != BUILTIN_SOURCE and Path(self.source).suffix.lower() not in {
+            ".csv",
+            ".jsonl",
+            ".parquet",
+        }:
+            yield "source", f"'{self.source}' must be 'bbc_news' or end in .csv, .jsonl or .parquet"
+        try:
+            "".encode(self.encoding)
+        except LookupError:
+            yield "encoding", f"unknown encoding '{self.encoding}'"
+        if self.max_rows is not None and self.max_rows < 4:
+            yield "max_rows", f"must be null or >= 4, got {self.max_rows}"
+
+
+@dataclass(frozen=True)
+class SplitParams(_Section):
+    train: float
+    val: float
+    test: float
+
+    def problems(self):
+        for name in ("train", "val", "test"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                yield name, f"must be between 0 and 1 (exclusive), got {value}"
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            yield "train", f"split.train + split.val + split.test must sum to 1, got {total:g}"
+
+
+@dataclass(frozen=True)
+class TrainParams(_Section):
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    max_grad_norm: float
+    gradient_accumulation_steps: int
+    patience: int
+    logging_steps: int
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+
+    def problems(self):
+        if self.epochs < 1:
+            yield "epochs", f"must be >= 1, got {self.epochs}"
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                yield name, f"must be >= 1, got {getattr(self, name)}"
+        if not 0 < self.learning_rate < 1:
+            yield "learning_rate", f"must be > 0 and < 1, got {self.learning_rate}"
+        if self.weight_decay < 0:
+            yield "weight_decay", f"must be >= 0, got {self.weight_decay}"
+        if not 0 <= self.warmup_ratio < 1:
+            yield "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
+        if self.max_grad_norm <= 0:
+            yield "max_grad_norm", f"must be > 0, got {self.max_grad_norm}"
+        if self.patience < 0:
+            yield "patience", f"must be >= 0 (0 turns early stopping off), got {self.patience}"
+
+
+@dataclass(frozen=True)
+class BaselineParams(_Section):
+    C: float
+    max_features: int
+    ngram_max: int
+
+    def problems(self):
+        if self.C <= 0:
+            yield "C", f"must be > 0, got {self.C}"
+        if self.max_features < 1:
+            yield "max_features", f"must be >= 1, got {self.max_features}"
+        if not 1 <= self.ngram_max <= 3:
+            yield "ngram_max", f"must be 1, 2 or 3, got {self.ngram_max}"
+
+
+@dataclass(frozen=True)
+class EvaluateParams(_Section):
+    batch_size: int
+    baseline: BaselineParams
+
+    def problems(self):
+        if self.batch_size < 1:
+            yield "batch_size", f"must be >= 1, got {self.batch_size}"
+
+
+@dataclass(frozen=True)
+class MlflowParams(_Section):
+    experiment: str
+
+    def problems(self):
+        if not self.experiment.strip():
+            yield "experiment", "must not be empty"
+
+
+@dataclass(frozen=True)
+class Params(_Section):
+    base: BaseParams
+    prepare: PrepareParams
+    split: SplitParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short, stable hash of the resolved params, used to tag MLflow runs."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read, type-check and range-check ``params.yaml``.
+
+    ``overrides`` maps section names to dicts laid over that section before checking (the search
+    stage's best params are applied this way), so that what is checked is what gets used.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError("(file)", "not found", source=str(path)) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(file)"
+        raise ParamsError(where, f"not valid YAML: {getattr(err, 'problem', err)}", source=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ParamsError("(file)", "must be a mapping of sections", source=str(path))
+    for section, values in (overrides or {}).items():
+        raw[section] = {**(raw.get(section) or {}), **values}
+    return _build(Params, raw, "", str(path))
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "(top level)"
+    if not isinstance(data, dict):
+        raise ParamsError(where, f"must be a mapping, got {type(data).__name__}", source)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ParamsError(f"{prefix}{key}", f"unknown key (known: {', '.join(names)})", source)
+    values = {}
+    for name in names:
+        key = f"{prefix}{name}"
+        if name not in data:
+            raise ParamsError(key, "missing", source)
+        values[name] = _coerce(hints[name], data[name], key, source)
+    obj = cls(**values)
+    for name, message in obj.problems():
+        raise ParamsError(f"{prefix}{name}", message, source)
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, source)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ParamsError(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}", source)
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.", source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(key, f"must be true or false, got {value!r}", source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(key, f"must be an integer, got {value!r}", source)
+        return value
+    if tp is float:
+        # YAML reads 1e-4 (no dot) as a string: accept numeric strings, reject everything else.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamsError(key, f"must be a number, got {value!r}", source) from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise ParamsError(key, f"must be a number, got {value!r}", source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(key, f"must be a string, got {value!r}", source)
+        return value
+    raise TypeError(f"params loader: unsupported type {tp} for {key}")  # a bug here, not in params.yaml

@@ -1,0 +1,72 @@
+"""Matplotlib figures for MLflow (DVC gets the underlying data as CSV)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_figure(matrix: np.ndarray, names: Sequence[str], title: str):
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.1 * len(names) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > threshold else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(curves: dict[str, dict], kind: str, title: str):
+    """``kind`` is ``roc`` or ``pr``: one line per class, one-vs-rest."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for name, c in curves.items():
+        if kind == "roc":
+            ax.plot(c["fpr"], c["tpr"], label=f"{name} (AUC {c['roc_auc']:.3f})")
+        else:
+            ax.plot(c["recall"], c["precision"], label=f"{name} (AP {c['pr_auc']:.3f})")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+    else:
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def history_figure(history: Sequence[dict]):
+    """Train loss and val macro-F1 per epoch."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [row["epoch"] for row in history]
+    if any("train_loss" in row for row in history):
+        ax.plot(epochs, [row.get("train_loss", np.nan) for row in history], "o-", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [row.get("val_macro_f1", np.nan) for row in history], "s-", color="C1", label="val macro-F1")
+    ax2.set_ylabel("val macro-F1")
+    fig.legend(loc="upper center", ncol=2, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)

@@ -1,0 +1,188 @@
+"""Every MLflow call of the pipeline goes through here. Nothing happens at import time.
+
+* Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else a SQLite store ``mlflow.db`` at the repo root,
+  with artefacts in ``mlartifacts/`` beside it (what ``mlflow ui`` opens when started from the root).
+* Each run is tagged with the git commit, whether the tree was dirty, a hash of the resolved params,
+  the stage, and the DVC experiment name when DVC runs the stage as an experiment.
+* A run that raises is ended as FAILED (KILLED on Ctrl-C or SIGTERM), never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+STORE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+def repo_root() -> Path:
+    """The directory holding ``dvc.yaml``: DVC runs every stage from there."""
+    return Path.cwd().resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+
+
+def git_info() -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class _Terminated(BaseException):
+    """Raised from the SIGTERM handler so that ``finally`` blocks and run bookkeeping still run."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated(f"terminated by signal {signum}")
+
+
+@contextlib.contextmanager
+def run(
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    params_hash: str,
+    stage: str,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """Start a tagged MLflow run with the full resolved params logged, and end it honestly."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    _ensure_experiment(mlflow, experiment)
+    all_tags = {
+        **git_info(),
+        "params_hash": params_hash,
+        "stage": stage,
+        **({"dvc_exp_name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
+        **({"dvc_exp_baseline_rev": os.environ["DVC_EXP_BASELINE_REV"]}
+           if os.environ.get("DVC_EXP_BASELINE_REV") else {}),
+        **(tags or {}),
+    }
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    active = mlflow.start_run(run_name=run_name, tags=all_tags)
+    try:
+        mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
+        mlflow.log_dict(dict(params), "params.json")
+        yield active
+    except (KeyboardInterrupt, _Terminated) as err:
+        mlflow.set_tag("error", str(err) or type(err).__name__)
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as err:
+        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ensure_experiment(mlflow: Any, name: str) -> None:
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            location = (repo_root() / ARTIFACT_DIR).as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # another process created it first
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
+    mlflow.set_experiment(name)
+
+
+def _param_value(value: Any) -> Any:
+    return "null" if value is None else value
+
+
+def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
+    """Log the numeric leaves of a (nested) metrics dict, keys joined with dots."""
+    import mlflow
+
+    numeric = {
+        f"{prefix}{k}": float(v)
+        for k, v in flatten(metrics).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)
+
+
+def log_metrics_to(run_id: str, metrics: Mapping[str, Any], prefix: str = "") -> None:
+    """Log numeric metrics to another (finished) run, e.g. test scores onto the train run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    for key, value in flatten(metrics).items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            client.log_metric(run_id, f"{prefix}{key}", float(value))
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_figure(figure: Any, name: str) -> None:
+    import mlflow
+
+    mlflow.log_figure(figure, name)
+
+
+class MlflowTrainingLogger(TrainerCallback):
+    """Logs per-step loss and learning rate, and per-epoch val metrics, to the active MLflow run.
+
+    Used instead of transformers' own MLflow callback, which uploads every checkpoint and can leave
+    crashed runs RUNNING.
+    """
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        step_logs = {k: v for k, v in logs.items() if k in {"loss", "learning_rate", "grad_norm"}}
+        if step_logs:
+            log_metrics({f"train_{k}" if k != "learning_rate" else k: v for k, v in step_logs.items()},
+                        step=state.global_step, prefix=self.prefix)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics:
+            epoch = round(state.epoch or 0)
+            vals = {k.replace("eval_", "val_"): v for k, v in metrics.items()
+                    if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+            log_metrics(vals, step=epoch, prefix=self.prefix)
