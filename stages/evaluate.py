@@ -34,24 +34,33 @@ def main() -> None:
     train, test = data.read_split(args.data, "train"), data.read_split(args.data, "test")
     train_run_id = io.read_json(args.train_metrics).get("mlflow_run_id", "")
 
-    with tracking.run(params.mlflow.experiment, "evaluate", params.to_dict(), params.digest(), "evaluate",
-                      tags={"train_run_id": train_run_id}) as run:
-        proba, names = predict_proba(args.model, test["text"].tolist(), params.base.max_length,
-                                     params.evaluate.batch_size, desc="test")
+    with tracking.run(
+        params.mlflow.experiment,
+        "evaluate",
+        params.to_dict(),
+        params.digest(),
+        "evaluate",
+        tags={"train_run_id": train_run_id},
+    ) as run:
+        proba, names = predict_proba(
+            args.model, test["text"].tolist(), params.base.max_length, params.evaluate.batch_size, desc="test"
+        )
         unknown = sorted(set(test["label"]) - set(names))
         if unknown:
             raise ValueError(f"test labels {unknown} are unknown to the model in {args.model}")
         y_true = test["label"].map({n: i for i, n in enumerate(names)}).to_numpy()
         model_scores = score(y_true, proba, names)
-        base_proba = baseline_proba(train, test["text"].tolist(), names, params.evaluate.baseline,
-                                    params.base.seed)
+        base_proba = baseline_proba(
+            train, test["text"].tolist(), names, params.evaluate.baseline, params.base.seed
+        )
         base_scores = score(y_true, base_proba, names)
 
         metrics = {
             "model": model_scores["metrics"],
             "baseline": base_scores["metrics"],
-            "model_minus_baseline": {k: model_scores["metrics"][k] - base_scores["metrics"][k]
-                                     for k in ("accuracy", "macro_f1")},
+            "model_minus_baseline": {
+                k: model_scores["metrics"][k] - base_scores["metrics"][k] for k in ("accuracy", "macro_f1")
+            },
             "test_rows": len(test),
             "mlflow_run_id": run.info.run_id,
             "train_mlflow_run_id": train_run_id,
@@ -65,19 +74,32 @@ def main() -> None:
                     frame.to_csv(out / "plots" / kind / f"{name}.csv", index=False)
             predictions.to_csv(out / "predictions.csv", index=False)
             misclassified_frame(test, predictions).to_csv(out / "misclassified.csv", index=False)
-            io.write_json(out / "per_class.json",
-                          {"model": model_scores["per_class"], "baseline": base_scores["per_class"]})
+            io.write_json(
+                out / "per_class.json",
+                {"model": model_scores["per_class"], "baseline": base_scores["per_class"]},
+            )
 
             tracking.log_metrics(metrics["model"], prefix="test_")
             tracking.log_metrics(metrics["baseline"], prefix="baseline_test_")
-            tracking.log_metrics({n: c["roc_auc"] for n, c in model_scores["curves"].items()},
-                                 prefix="test_roc_auc_")
+            tracking.log_metrics(
+                {n: c["roc_auc"] for n, c in model_scores["curves"].items()}, prefix="test_roc_auc_"
+            )
             for name, fig in (
-                ("confusion_matrix", plots.confusion_figure(model_scores["confusion"], names, "Test confusion matrix")),
-                ("baseline_confusion_matrix",
-                 plots.confusion_figure(base_scores["confusion"], names, "Baseline (TF-IDF + LR) confusion")),
+                (
+                    "confusion_matrix",
+                    plots.confusion_figure(model_scores["confusion"], names, "Test confusion matrix"),
+                ),
+                (
+                    "baseline_confusion_matrix",
+                    plots.confusion_figure(
+                        base_scores["confusion"], names, "Baseline (TF-IDF + LR) confusion"
+                    ),
+                ),
                 ("roc", plots.curves_figure(model_scores["curves"], "roc", "One-vs-rest ROC (test)")),
-                ("pr", plots.curves_figure(model_scores["curves"], "pr", "One-vs-rest precision-recall (test)")),
+                (
+                    "pr",
+                    plots.curves_figure(model_scores["curves"], "pr", "One-vs-rest precision-recall (test)"),
+                ),
             ):
                 tracking.log_figure(fig, f"plots/{name}.png")
                 plots.close(fig)
@@ -88,8 +110,10 @@ def main() -> None:
             io.write_json(out / "metrics.json", metrics)
 
     m, b = metrics["model"], metrics["baseline"]
-    print(f"evaluate: model macro-F1 {m['macro_f1']:.4f} acc {m['accuracy']:.4f} | "
-          f"baseline macro-F1 {b['macro_f1']:.4f} acc {b['accuracy']:.4f} | {len(test)} test rows")
+    print(
+        f"evaluate: model macro-F1 {m['macro_f1']:.4f} acc {m['accuracy']:.4f} | "
+        f"baseline macro-F1 {b['macro_f1']:.4f} acc {b['accuracy']:.4f} | {len(test)} test rows"
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def main() -> None:
     with tracking.run(params.mlflow.experiment, "train", params.to_dict(), params.digest(), "train") as run:
         counts = models.count_parameters(model)
         tracking.log_metrics(counts)
-        result = train_model(model, tokenizer, train_set, val_set, cfg, base.seed,
-                             callbacks=[tracking.MlflowTrainingLogger()])
+        result = train_model(
+            model, tokenizer, train_set, val_set, cfg, base.seed, callbacks=[tracking.MlflowTrainingLogger()]
+        )
         with io.atomic_dir(args.out) as model_tmp:  # the model folder appears only if all else succeeded
             models.write_model(model, tokenizer, model_tmp)
             summary = {
@@ -56,8 +57,10 @@ def main() -> None:
             plots.close(fig)
             io.write_csv(args.history, pd.DataFrame(result.history))
             io.write_json(args.metrics, summary)
-    print(f"train: best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
-          f"({result.epochs_run} epochs, {result.train_seconds:.0f} s); MLflow run {summary['mlflow_run_id']}")
+    print(
+        f"train: best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
+        f"({result.epochs_run} epochs, {result.train_seconds:.0f} s); MLflow run {summary['mlflow_run_id']}"
+    )
 
 
 if __name__ == "__main__":

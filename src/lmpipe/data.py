@@ -193,9 +193,7 @@ def split_frame(frame: pd.DataFrame, split: SplitParams, seed: int) -> dict[str,
             "at least 3 per class (add data or drop the class)"
         )
     try:
-        rest, test = train_test_split(
-            frame, test_size=split.test, stratify=frame["label"], random_state=seed
-        )
+        rest, test = train_test_split(frame, test_size=split.test, stratify=frame["label"], random_state=seed)
         val_share = split.val / (split.train + split.val)
         train, val = train_test_split(rest, test_size=val_share, stratify=rest["label"], random_state=seed)
     except ValueError as err:

@@ -20,8 +20,9 @@ from lmpipe.params import BaselineParams
 from lmpipe.training import TextDataset
 
 
-def predict_proba(model_dir: str | Path, texts: Sequence[str], max_length: int, batch_size: int,
-                  desc: str = "predict") -> tuple[np.ndarray, list[str]]:
+def predict_proba(
+    model_dir: str | Path, texts: Sequence[str], max_length: int, batch_size: int, desc: str = "predict"
+) -> tuple[np.ndarray, list[str]]:
     """Class probabilities for ``texts`` from a saved classifier, and its class names in id order."""
     model = load_classifier(model_dir).to(device()).eval()
     tokenizer = load_tokenizer(model_dir)
@@ -40,12 +41,18 @@ def predict_proba(model_dir: str | Path, texts: Sequence[str], max_length: int, 
     return proba, names
 
 
-def baseline_proba(train: pd.DataFrame, texts: Sequence[str], names: Sequence[str], cfg: BaselineParams,
-                   seed: int) -> np.ndarray:
+def baseline_proba(
+    train: pd.DataFrame, texts: Sequence[str], names: Sequence[str], cfg: BaselineParams, seed: int
+) -> np.ndarray:
     """TF-IDF (sublinear tf, word 1..n-grams) + multinomial logistic regression, fit on ``train``."""
     pipeline = make_pipeline(
-        TfidfVectorizer(sublinear_tf=True, ngram_range=(1, cfg.ngram_max), max_features=cfg.max_features,
-                        min_df=1, strip_accents="unicode"),
+        TfidfVectorizer(
+            sublinear_tf=True,
+            ngram_range=(1, cfg.ngram_max),
+            max_features=cfg.max_features,
+            min_df=1,
+            strip_accents="unicode",
+        ),
         LogisticRegression(C=cfg.C, max_iter=2000, random_state=seed),
     )
     pipeline.fit(train["text"].tolist(), train["label"].tolist())
@@ -74,11 +81,13 @@ def score(y_true: np.ndarray, proba: np.ndarray, names: Sequence[str]) -> dict:
 def predictions_frame(test: pd.DataFrame, proba: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
     """One row per test example: id, actual, predicted, correct and each class's probability."""
     y_pred = proba.argmax(axis=1)
-    frame = pd.DataFrame({
-        "id": test["id"].to_numpy(),
-        "actual": test["label"].to_numpy(),
-        "predicted": [names[i] for i in y_pred],
-    })
+    frame = pd.DataFrame(
+        {
+            "id": test["id"].to_numpy(),
+            "actual": test["label"].to_numpy(),
+            "predicted": [names[i] for i in y_pred],
+        }
+    )
     frame["correct"] = frame["actual"] == frame["predicted"]
     for j, name in enumerate(names):
         frame[f"p_{name}"] = np.round(proba[:, j], 6)
@@ -97,6 +106,8 @@ def misclassified_frame(test: pd.DataFrame, predictions: pd.DataFrame) -> pd.Dat
 def curve_frames(curves: dict[str, dict]) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """Per-class ROC and PR point tables, rounded so DVC plot files stay small and diff cleanly."""
     roc = {n: pd.DataFrame({"fpr": c["fpr"].round(5), "tpr": c["tpr"].round(5)}) for n, c in curves.items()}
-    pr = {n: pd.DataFrame({"recall": c["recall"].round(5), "precision": c["precision"].round(5)})
-          for n, c in curves.items()}
+    pr = {
+        n: pd.DataFrame({"recall": c["recall"].round(5), "precision": c["precision"].round(5)})
+        for n, c in curves.items()
+    }
     return roc, pr

@@ -22,13 +22,19 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
     out = {"accuracy": float(accuracy_score(y_true, y_pred))}
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
-        out.update({f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)})
+        out.update(
+            {f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)}
+        )
     return out
 
 
 def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str]) -> dict[str, dict]:
     report = classification_report(
-        y_true, y_pred, labels=list(range(len(names))), target_names=list(names), output_dict=True,
+        y_true,
+        y_pred,
+        labels=list(range(len(names))),
+        target_names=list(names),
+        output_dict=True,
         zero_division=0,
     )
     return {name: {k: float(v) for k, v in report[name].items()} for name in names}
@@ -48,7 +54,11 @@ def one_vs_rest_curves(y_true: np.ndarray, proba: np.ndarray, names: Sequence[st
         fpr, tpr, _ = roc_curve(positive, proba[:, k])
         precision, recall, _ = precision_recall_curve(positive, proba[:, k])
         curves[name] = {
-            "fpr": fpr, "tpr": tpr, "roc_auc": float(auc(fpr, tpr)),
-            "precision": precision, "recall": recall, "pr_auc": float(auc(recall, precision)),
+            "fpr": fpr,
+            "tpr": tpr,
+            "roc_auc": float(auc(fpr, tpr)),
+            "precision": precision,
+            "recall": recall,
+            "pr_auc": float(auc(recall, precision)),
         }
     return curves

@@ -187,7 +187,9 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(file)"
-        raise ParamsError(where, f"not valid YAML: {getattr(err, 'problem', err)}", source=str(path)) from None
+        raise ParamsError(
+            where, f"not valid YAML: {getattr(err, 'problem', err)}", source=str(path)
+        ) from None
     if not isinstance(raw, dict):
         raise ParamsError("(file)", "must be a mapping of sections", source=str(path))
     for section, values in (overrides or {}).items():

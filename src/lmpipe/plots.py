@@ -22,8 +22,14 @@ def confusion_figure(matrix: np.ndarray, names: Sequence[str], title: str):
     threshold = matrix.max() / 2 if matrix.size else 0
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > threshold else "black")
+            ax.text(
+                j,
+                i,
+                int(matrix[i, j]),
+                ha="center",
+                va="center",
+                color="white" if matrix[i, j] > threshold else "black",
+            )
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -61,7 +67,9 @@ def history_figure(history: Sequence[dict]):
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
-    ax2.plot(epochs, [row.get("val_macro_f1", np.nan) for row in history], "s-", color="C1", label="val macro-F1")
+    ax2.plot(
+        epochs, [row.get("val_macro_f1", np.nan) for row in history], "s-", color="C1", label="val macro-F1"
+    )
     ax2.set_ylabel("val macro-F1")
     fig.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()

@@ -82,8 +82,11 @@ def run(
         "params_hash": params_hash,
         "stage": stage,
         **({"dvc_exp_name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
-        **({"dvc_exp_baseline_rev": os.environ["DVC_EXP_BASELINE_REV"]}
-           if os.environ.get("DVC_EXP_BASELINE_REV") else {}),
+        **(
+            {"dvc_exp_baseline_rev": os.environ["DVC_EXP_BASELINE_REV"]}
+            if os.environ.get("DVC_EXP_BASELINE_REV")
+            else {}
+        ),
         **(tags or {}),
     }
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -177,12 +180,18 @@ class MlflowTrainingLogger(TrainerCallback):
             return
         step_logs = {k: v for k, v in logs.items() if k in {"loss", "learning_rate", "grad_norm"}}
         if step_logs:
-            log_metrics({f"train_{k}" if k != "learning_rate" else k: v for k, v in step_logs.items()},
-                        step=state.global_step, prefix=self.prefix)
+            log_metrics(
+                {f"train_{k}" if k != "learning_rate" else k: v for k, v in step_logs.items()},
+                step=state.global_step,
+                prefix=self.prefix,
+            )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics:
             epoch = round(state.epoch or 0)
-            vals = {k.replace("eval_", "val_"): v for k, v in metrics.items()
-                    if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+            vals = {
+                k.replace("eval_", "val_"): v
+                for k, v in metrics.items()
+                if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+            }
             log_metrics(vals, step=epoch, prefix=self.prefix)

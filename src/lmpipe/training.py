@@ -38,8 +38,13 @@ SELECTION_METRIC = "macro_f1"
 class TextDataset(torch.utils.data.Dataset):
     """Tokenised texts (truncated to ``max_length``, padded per batch by the collator) and label ids."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], labels: Sequence[int] | None,
-                 max_length: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: Sequence[str],
+        labels: Sequence[int] | None,
+        max_length: int,
+    ):
         self.encodings = tokenizer(list(texts), truncation=True, max_length=max_length)
         self.labels = None if labels is None else [int(x) for x in labels]
 
@@ -53,8 +58,9 @@ class TextDataset(torch.utils.data.Dataset):
         return item
 
 
-def frame_dataset(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, label2id: dict[str, int],
-                  max_length: int) -> TextDataset:
+def frame_dataset(
+    tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, label2id: dict[str, int], max_length: int
+) -> TextDataset:
     unknown = sorted(set(frame["label"]) - set(label2id))
     if unknown:
         raise UserError(f"labels {unknown} are not in the label map of the prepared data")
@@ -63,7 +69,9 @@ def frame_dataset(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, label
 
 def eval_metrics(prediction) -> dict[str, float]:
     """``compute_metrics`` for the Trainer: accuracy and macro-F1 from logits."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    logits = (
+        prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    )
     y_pred = np.asarray(logits).argmax(axis=-1)
     metrics = classification_metrics(np.asarray(prediction.label_ids), y_pred)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from lmpipe import io
+from lmpipe.metrics import classification_metrics, one_vs_rest_curves, per_class_report
+
+
+def test_classification_metrics_known_values():
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y_true, y_pred)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # per class F1: c0 p=1/2 r=1/2 -> .5 ; c1 p=2/3 r=1 -> .8 ; c2 p=1 r=1/2 -> 2/3
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["weighted_f1"] == pytest.approx(m["macro_f1"])  # balanced classes
+
+
+def test_per_class_and_curves():
+    y_true = np.array([0, 1, 1, 0])
+    proba = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
+    report = per_class_report(y_true, proba.argmax(1), ["neg", "pos"])
+    assert report["pos"]["recall"] == pytest.approx(0.5)
+    curves = one_vs_rest_curves(y_true, proba, ["neg", "pos"])
+    assert curves["pos"]["roc_auc"] == pytest.approx(1.0)
+
+
+def test_atomic_dir_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError), io.atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_outputs_all_or_nothing(tmp_path):
+    (tmp_path / "keep.txt").write_text("old")
+    with pytest.raises(RuntimeError), io.staged_outputs(tmp_path) as out:
+        (out / "metrics.json").write_text("{}")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    with io.staged_outputs(tmp_path) as out:
+        (out / "metrics.json").write_text("{}")
+        (out / "plots").mkdir()
+        (out / "plots" / "a.csv").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "metrics.json", "plots"]

@@ -1,0 +1,86 @@
+"""Shared fixtures. ``tiny_repo`` copies this repo into a temporary folder (committed files plus the
+uncommitted work, as git sees it), writes tiny params, and runs the real ``dvc repro`` there once, against
+a real MLflow SQLite store in that folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A few dozen rows, short texts, two quick epochs: the whole pipeline in well under a minute.
+TINY = {
+    "base": {"max_length": 32},
+    "prepare": {"max_rows": 80},
+    "train": {"epochs": 2, "batch_size": 8, "logging_steps": 2, "patience": 1},
+    "mlflow": {"experiment": "tiny"},
+}
+
+
+def pipeline_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_params(repo: Path, overrides: dict) -> None:
+    """Lay ``overrides`` (section -> {key: value}) over the repo's params.yaml."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[section][key].update(value)
+            else:
+                params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_repo(dest: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for stale in ("dvc.lock",):
+        (dest / stale).unlink(missing_ok=True)
+    shutil.rmtree(dest / "reports", ignore_errors=True)
+    return dest
+
+
+def git_commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], repo)
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    run(["git", "init", "-q"], repo)
+    write_params(repo, TINY)
+    git_commit(repo, "tiny")
+    result = run(["dvc", "repro"], repo, timeout=900)
+    (repo / "first_repro.log").write_text(result.stdout + result.stderr)
+    return repo

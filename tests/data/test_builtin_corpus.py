@@ -1,0 +1,27 @@
+"""Checks of the shipped BBC News corpus as the prepare stage sees it."""
+
+import pytest
+
+from lmpipe import data
+from lmpipe.params import PrepareParams
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    return data.load_bbc_news()
+
+
+def test_corpus_shape(bbc):
+    assert len(bbc) == 2225
+    assert sorted(bbc["label"].unique()) == ["business", "entertainment", "politics", "sports", "tech"]
+    assert bbc["id"].is_unique
+
+
+def test_corpus_duplicates_are_removed(bbc):
+    assert bbc["text"].duplicated().sum() == 98  # exact duplicates as shipped
+    prep = PrepareParams("bbc_news", "utf-8", "text", "label", "drop", None)
+    out, report = data.prepare_frame(bbc, prep, seed=0)
+    # two more pairs differ only in whitespace, so cleaning finds 100
+    assert report["duplicates_removed"] == 100
+    assert report["conflicting_texts"] == 0
+    assert out["text"].is_unique and len(out) == 2125

@@ -1,0 +1,180 @@
+"""The real pipeline: ``dvc repro`` on tiny settings in a temporary copy of the repo, a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import git_commit, run, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(repo, stage):
+    return json.loads((repo / "reports" / stage / "metrics.json").read_text())
+
+
+def client(repo) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def test_all_stages_ran(tiny_repo):
+    log = (tiny_repo / "first_repro.log").read_text()
+    for stage in ("prepare", "split", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in log
+    assert (tiny_repo / "dvc.lock").is_file()
+
+
+def test_prepare_and_split_metrics(tiny_repo):
+    prep = metrics(tiny_repo, "prepare")
+    assert prep["rows_in"] == 2225 and prep["rows_out"] == 80 and prep["duplicates_removed"] == 100
+    assert sum(prep["rows_per_class"].values()) == 80
+    assert prep["token_length"]["p50"] > 32 and prep["token_length"]["truncated_fraction"] == 1.0
+    sizes = metrics(tiny_repo, "split")["sizes"]
+    assert sizes == {"train": 64, "val": 8, "test": 8}
+
+
+def test_evaluate_metrics_match_predictions(tiny_repo):
+    m = metrics(tiny_repo, "evaluate")
+    assert set(m) >= {"model", "baseline", "mlflow_run_id"}
+    for who in ("model", "baseline"):
+        assert set(m[who]) == {
+            "accuracy",
+            "macro_precision",
+            "macro_recall",
+            "macro_f1",
+            "weighted_precision",
+            "weighted_recall",
+            "weighted_f1",
+        }
+        assert all(0.0 <= v <= 1.0 for v in m[who].values())
+    predictions = pd.read_csv(tiny_repo / "reports/evaluate/predictions.csv")
+    assert len(predictions) == 8
+    assert m["model"]["accuracy"] == pytest.approx((predictions["actual"] == predictions["predicted"]).mean())
+    prob_cols = [c for c in predictions if c.startswith("p_")]
+    assert predictions[prob_cols].sum(axis=1).round(3).eq(1.0).all()
+    wrong = pd.read_csv(tiny_repo / "reports/evaluate/misclassified.csv")
+    assert len(wrong) == int((~predictions["correct"]).sum())
+    assert (wrong["actual"] != wrong["predicted"]).all()
+    roc_files = sorted(p.stem for p in (tiny_repo / "reports/evaluate/plots/roc").glob("*.csv"))
+    assert roc_files == sorted(json.loads((tiny_repo / "data/prepared/labels.json").read_text()))
+
+
+def test_model_folder_is_a_complete_save_pretrained(tiny_repo):
+    folder = tiny_repo / "models/model"
+    assert (folder / "model.safetensors").is_file()
+    assert (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    labels = json.loads((tiny_repo / "data/prepared/labels.json").read_text())
+    assert config["label2id"] == labels
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+
+
+def test_mlflow_runs_are_tagged_and_complete(tiny_repo):
+    train_m, eval_m = metrics(tiny_repo, "train"), metrics(tiny_repo, "evaluate")
+    mlflow = client(tiny_repo)
+    commit = run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
+
+    train_run = mlflow.get_run(train_m["mlflow_run_id"])
+    assert train_run.info.status == "FINISHED"
+    assert train_run.data.tags["git_commit"] == commit
+    assert re.fullmatch(r"[0-9a-f]{12}", train_run.data.tags["params_hash"])
+    assert train_run.data.params["train.learning_rate"] == "0.0001"
+    assert train_run.data.params["base.max_length"] == "32"
+    assert train_run.data.metrics["best_val_macro_f1"] == pytest.approx(train_m["best_val_macro_f1"])
+    # per-step loss/learning rate, per-epoch val metrics, and the test scores added by evaluate
+    assert len(mlflow.get_metric_history(train_run.info.run_id, "train_loss")) >= 2
+    assert len(mlflow.get_metric_history(train_run.info.run_id, "learning_rate")) >= 2
+    assert [m.step for m in mlflow.get_metric_history(train_run.info.run_id, "val_macro_f1")] == [1, 2][
+        : train_m["epochs_run"]
+    ]
+    assert train_run.data.metrics["test_macro_f1"] == pytest.approx(eval_m["model"]["macro_f1"])
+    artefacts = {a.path for a in mlflow.list_artifacts(train_run.info.run_id, "model")}
+    assert "model/model.safetensors" in artefacts
+    assert not [a for a in mlflow.list_artifacts(train_run.info.run_id) if "checkpoint" in a.path]
+
+    eval_run = mlflow.get_run(eval_m["mlflow_run_id"])
+    assert eval_run.info.status == "FINISHED"
+    assert eval_run.data.tags["train_run_id"] == train_run.info.run_id
+    assert eval_run.data.tags["params_hash"] == train_run.data.tags["params_hash"]
+    assert eval_run.data.metrics["test_macro_f1"] == pytest.approx(eval_m["model"]["macro_f1"])
+    assert eval_run.data.metrics["baseline_test_macro_f1"] == pytest.approx(eval_m["baseline"]["macro_f1"])
+    plots = {a.path for a in mlflow.list_artifacts(eval_run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png"} <= plots
+
+
+def test_dvc_plots_render(tiny_repo):
+    out = run(["dvc", "plots", "show", "--json"], tiny_repo).stdout
+    shown = json.loads(out)["data"]
+    assert {"Training history", "Test confusion matrix"} <= set(shown)
+    classes = json.loads((tiny_repo / "data/prepared/labels.json").read_text())
+    for kind in ("roc", "pr"):
+        assert {f"reports/evaluate/plots/{kind}/{c}.csv" for c in classes} <= set(shown)
+    confusion = shown["Test confusion matrix"][0]["content"]["data"]["values"]
+    assert len(confusion) == 8 and {"actual", "predicted"} <= set(confusion[0])
+
+
+def test_second_repro_is_a_noop(tiny_repo):
+    result = run(["dvc", "repro"], tiny_repo)
+    assert "Running stage" not in result.stdout
+    assert run(["dvc", "status"], tiny_repo).stdout.strip().endswith("up to date.")
+
+
+def test_evaluate_param_reruns_only_evaluate(tiny_repo):
+    write_params(tiny_repo, {"evaluate": {"batch_size": 3}})
+    status = run(["dvc", "status"], tiny_repo).stdout
+    assert "evaluate:" in status and "train:" not in status and "prepare:" not in status
+    before = metrics(tiny_repo, "evaluate")
+    result = run(["dvc", "repro"], tiny_repo)
+    ran = re.findall(r"Running stage '(\w+)'", result.stdout)
+    assert ran == ["evaluate"]
+    after = metrics(tiny_repo, "evaluate")
+    assert after["model"] == pytest.approx(before["model"])  # batch size does not change predictions
+    git_commit(tiny_repo, "evaluate batch size")
+
+
+def test_same_seed_same_numbers(tiny_repo):
+    before = metrics(tiny_repo, "evaluate")
+    run(["dvc", "repro", "--force", "train", "evaluate"], tiny_repo, timeout=600)
+    after = metrics(tiny_repo, "evaluate")
+    assert after["mlflow_run_id"] != before["mlflow_run_id"]
+    assert after["model"] == before["model"]
+    assert after["baseline"] == before["baseline"]
+
+
+def test_failed_stage_marks_run_failed_and_writes_nothing(tiny_repo, tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_repo / "models/model", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "eval-out"
+    result = run(
+        [
+            "python",
+            "stages/evaluate.py",
+            "--data",
+            "data/split",
+            "--model",
+            str(broken),
+            "--train-metrics",
+            "reports/train/metrics.json",
+            "--out",
+            str(out),
+        ],
+        tiny_repo,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
+    runs = client(tiny_repo).search_runs(
+        [client(tiny_repo).get_experiment_by_name("tiny").experiment_id],
+        filter_string="tags.stage = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    assert runs[0].info.status == "FAILED"
+    assert "error" in runs[0].data.tags
