@@ -1,6 +1,7 @@
 """train: fine-tune a sequence-classification head on the pretrained encoder, keep the best epoch.
 
-Reads:  params.yaml (base, train, mlflow), <data>/{train,val}.parquet, <labels> (label map)
+Reads:  params.yaml (base, train, mlflow), <data>/{train,val}.parquet, <labels> (label map),
+        <search> (the search stage's best params, laid over `train` when the search was enabled)
 Writes: <out>/ (save_pretrained folder: safetensors, config with label maps, tokenizer),
         <metrics> (best val scores, timings, MLflow run id), <history> (per-epoch CSV, a DVC plot)
 Logs:   an MLflow run with the params, per-step loss/lr, per-epoch val metrics and the final model.
@@ -13,6 +14,7 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--data", required=True, help="folder with train.parquet and val.parquet")
     parser.add_argument("--labels", required=True, help="labels.json from prepare")
+    parser.add_argument("--search", required=True, help="best_params.json from the search stage")
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--metrics", required=True, help="training summary (JSON metrics)")
     parser.add_argument("--history", required=True, help="per-epoch history (CSV plot)")
@@ -24,7 +26,9 @@ def main() -> None:
     from lmpipe.params import load_params
     from lmpipe.training import frame_dataset, train_model
 
-    params = load_params(args.params)
+    searched = io.read_json(args.search)
+    # what is logged below is what is used: the file's params plus the search's best values
+    params = load_params(args.params, overrides={"train": searched.get("params", {})})
     base, cfg = params.base, params.train
     label2id = data.read_label_map(args.labels)
     model_dir = models.resolve_model_dir(base.model)
@@ -34,7 +38,15 @@ def main() -> None:
     train_set = frame_dataset(tokenizer, data.read_split(args.data, "train"), label2id, base.max_length)
     val_set = frame_dataset(tokenizer, data.read_split(args.data, "val"), label2id, base.max_length)
 
-    with tracking.run(params.mlflow.experiment, "train", params.to_dict(), params.digest(), "train") as run:
+    tags = {"search_run_id": searched["mlflow_run_id"]} if searched.get("mlflow_run_id") else {}
+    with tracking.run(
+        params.mlflow.experiment,
+        "train",
+        params.to_dict(),
+        params.digest(),
+        "train",
+        tags={**tags, "search_params": ",".join(sorted(searched.get("params", {})))},
+    ) as run:
         counts = models.count_parameters(model)
         tracking.log_metrics(counts)
         result = train_model(

@@ -156,13 +156,139 @@ class MlflowParams(_Section):
 
 
 @dataclass(frozen=True)
+class SpaceParam(_Section):
+    """One searched hyperparameter: ``float`` (low, high, optional log or step), ``int`` (low, high,
+    optional step) or ``categorical`` (choices)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list | None = None
+
+    def problems(self):
+        if self.type == "categorical":
+            if not self.choices:
+                yield "choices", "a categorical parameter needs a non-empty list of choices"
+            for key in ("low", "high", "step"):
+                if getattr(self, key) is not None:
+                    yield key, "not used by a categorical parameter (give choices only)"
+            return
+        if self.choices is not None:
+            yield "choices", f"only categorical parameters take choices, this one is {self.type}"
+        if self.low is None or self.high is None:
+            yield ("low" if self.low is None else "high"), f"a {self.type} parameter needs low and high"
+            return
+        if self.low > self.high:
+            yield "low", f"must be <= high ({self.high}), got {self.low}"
+        if self.type == "int":
+            for key in ("low", "high", "step"):
+                value = getattr(self, key)
+                if value is not None and value != int(value):
+                    yield key, f"must be a whole number for an int parameter, got {value}"
+        if self.log and self.low <= 0:
+            yield "low", f"must be > 0 on a log scale, got {self.low}"
+        if self.log and self.step is not None:
+            yield "step", "cannot be combined with log: true"
+        if self.step is not None and self.step <= 0:
+            yield "step", f"must be > 0, got {self.step}"
+
+    def grid(self) -> list:
+        """Every point of this parameter, for grid search (floats need a step)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step is None:
+            raise ValueError("a float parameter needs a step for grid search")
+        count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        return [round(self.low + i * self.step, 12) for i in range(count)]
+
+    def bounds(self) -> list:
+        """The extreme values (every choice for categoricals), to check against the train section."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+@dataclass(frozen=True)
+class TrialBudget(_Section):
+    max_train_samples: int | None
+    max_length: int
+    epochs: int
+
+    def problems(self):
+        if self.max_train_samples is not None and self.max_train_samples < 10:
+            yield "max_train_samples", f"must be null or >= 10, got {self.max_train_samples}"
+        if not 8 <= self.max_length <= 8192:
+            yield "max_length", f"must be between 8 and 8192, got {self.max_length}"
+        if self.epochs < 1:
+            yield "epochs", f"must be >= 1, got {self.epochs}"
+
+
+@dataclass(frozen=True)
+class SearchParams(_Section):
+    enabled: bool
+    strategy: Literal["tpe", "random", "grid"]
+    pruner: Literal["median", "hyperband", "successive_halving", "none"]
+    n_trials: int
+    timeout: float | None
+    folds: int
+    storage: str | None
+    study_name: str
+    trial: TrialBudget
+    space: dict[str, SpaceParam]
+
+    def problems(self):
+        if self.n_trials < 1:
+            yield "n_trials", f"must be >= 1, got {self.n_trials}"
+        if self.timeout is not None and self.timeout <= 0:
+            yield "timeout", f"must be null or > 0 seconds, got {self.timeout}"
+        if self.folds < 1:
+            yield "folds", f"must be 1 (score on val) or >= 2 (k-fold CV), got {self.folds}"
+        if not self.study_name.strip():
+            yield "study_name", "must not be empty"
+        if not self.space:
+            yield "space", "declare at least one parameter to search"
+        train_fields = {f.name for f in fields(TrainParams)}
+        for name, spec in self.space.items():
+            if name not in train_fields:
+                yield f"space.{name}", f"unknown train param (searchable: {', '.join(sorted(train_fields))})"
+            elif self.strategy == "grid" and spec.type == "float" and spec.step is None:
+                yield (
+                    f"space.{name}",
+                    "grid search needs a step for float parameters (or make it categorical)",
+                )
+
+
+@dataclass(frozen=True)
 class Params(_Section):
     base: BaseParams
     prepare: PrepareParams
     split: SplitParams
+    search: SearchParams
     train: TrainParams
     evaluate: EvaluateParams
     mlflow: MlflowParams
+
+    def problems(self):
+        # every value a search may hand to train must be a valid train value
+        hints = typing.get_type_hints(TrainParams)
+        for name, spec in self.search.space.items():
+            for value in spec.bounds():
+                key = f"search.space.{name}"
+                try:
+                    typed = _coerce(hints[name], value, key, "params.yaml")
+                    candidate = dataclasses.replace(self.train, **{name: typed})
+                except ParamsError as err:
+                    yield key, f"value {value!r}: {str(err).split(': ', 2)[-1]}"
+                    continue
+                for field_name, message in candidate.problems():
+                    if field_name == name:
+                        yield key, f"value {value!r}: {message}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,6 +329,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         raise ParamsError(where, f"must be a mapping, got {type(data).__name__}", source)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls)]
+    optional = {f.name for f in fields(cls) if f.default is not dataclasses.MISSING}
     for key in data:
         if key not in names:
             raise ParamsError(f"{prefix}{key}", f"unknown key (known: {', '.join(names)})", source)
@@ -210,6 +337,8 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     for name in names:
         key = f"{prefix}{name}"
         if name not in data:
+            if name in optional:
+                continue
             raise ParamsError(key, "missing", source)
         values[name] = _coerce(hints[name], data[name], key, source)
     obj = cls(**values)
@@ -233,6 +362,15 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, f"{key}.", source)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(key, f"must be a mapping, got {value!r}", source)
+        inner = typing.get_args(tp)[1]
+        return {str(k): _coerce(inner, v, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is list or origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(key, f"must be a list, got {value!r}", source)
+        return list(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ParamsError(key, f"must be true or false, got {value!r}", source)

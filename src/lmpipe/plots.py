@@ -78,3 +78,25 @@ def history_figure(history: Sequence[dict]):
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def search_history_figure(history):
+    """Val macro-F1 of each completed trial, and the best so far."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(history["trial"], history["value"], "o", label="trial")
+    ax.step(history["trial"], history["best_so_far"], where="post", color="C1", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("val macro-F1")
+    ax.legend(fontsize=8)
+    ax.set_title("Optimisation history")
+    fig.tight_layout()
+    return fig
+
+
+def importance_figure(importance):
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(importance) + 1.5))
+    ax.barh(importance["param"][::-1], importance["importance"][::-1])
+    ax.set_xlabel("importance")
+    ax.set_title("Hyperparameter importance")
+    fig.tight_layout()
+    return fig

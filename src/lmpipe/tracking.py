@@ -71,12 +71,17 @@ def run(
     params_hash: str,
     stage: str,
     tags: Mapping[str, str] | None = None,
+    nested: bool = False,
 ) -> Iterator[Any]:
-    """Start a tagged MLflow run with the full resolved params logged, and end it honestly."""
+    """Start a tagged MLflow run with the full resolved params logged, and end it honestly.
+
+    ``nested=True`` starts a child of the active run (search trials under their study's run).
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    _ensure_experiment(mlflow, experiment)
+    if not nested:
+        mlflow.set_tracking_uri(tracking_uri())
+        _ensure_experiment(mlflow, experiment)
     all_tags = {
         **git_info(),
         "params_hash": params_hash,
@@ -90,7 +95,7 @@ def run(
         **(tags or {}),
     }
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    active = mlflow.start_run(run_name=run_name, tags=all_tags)
+    active = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested)
     try:
         mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
         mlflow.log_dict(dict(params), "params.json")
@@ -137,6 +142,18 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
     }
     if numeric:
         mlflow.log_metrics(numeric, step=step)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_dict(obj: Any, name: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(obj, name)
 
 
 def log_metrics_to(run_id: str, metrics: Mapping[str, Any], prefix: str = "") -> None:

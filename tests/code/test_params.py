@@ -48,6 +48,47 @@ def test_every_key_in_params_yaml_has_a_comment():
         (lambda p: p["prepare"].update(encoding="utf-99"), "prepare.encoding", "unknown encoding"),
         (lambda p: p["evaluate"]["baseline"].update(C=0), "evaluate.baseline.C", "must be > 0"),
         (lambda p: p["train"].update(precision=True), "train.precision", "must be one of"),
+        (
+            lambda p: p["search"]["space"].update(lerning_rate={"type": "float", "low": 0.1, "high": 0.2}),
+            "search.space.lerning_rate",
+            "unknown train param",
+        ),
+        (
+            lambda p: p["search"]["space"].update(batch_size={"type": "categorical", "choices": []}),
+            "search.space.batch_size.choices",
+            "non-empty list",
+        ),
+        (
+            lambda p: p["search"]["space"]["learning_rate"].update(low=1e-3, high=1e-4),
+            "search.space.learning_rate.low",
+            "must be <= high",
+        ),
+        (
+            lambda p: p["search"]["space"]["learning_rate"].update(low=0.0),
+            "search.space.learning_rate.low",
+            "must be > 0 on a log scale",
+        ),
+        (
+            lambda p: p["search"]["space"].update(batch_size={"type": "categorical", "choices": [8, 0]}),
+            "search.space.batch_size",
+            "value 0: must be >= 1",
+        ),
+        (
+            lambda p: p["search"]["space"].update(epochs={"type": "int", "low": 1, "high": "x"}),
+            "search.space.epochs.high",
+            "must be a number",
+        ),
+        (
+            lambda p: p["search"].update(strategy="grid"),
+            "search.space.learning_rate",
+            "grid search needs a step",
+        ),
+        (
+            lambda p: p["search"]["space"]["learning_rate"].update(typo=1),
+            "search.space.learning_rate.typo",
+            "unknown key",
+        ),
+        (lambda p: p["search"].update(space={}), "search.space", "at least one parameter"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, mutate, key, fragment):
@@ -88,3 +129,11 @@ def test_digest_changes_with_any_value():
     b = load_params(ROOT / "params.yaml", overrides={"evaluate": {"batch_size": 7}})
     assert a.digest() != b.digest()
     assert a.digest() == load_params(ROOT / "params.yaml").digest()
+
+
+def test_grid_points():
+    from lmpipe.params import SpaceParam
+
+    assert SpaceParam("float", 0.0, 0.2, step=0.1).grid() == [0.0, 0.1, 0.2]
+    assert SpaceParam("int", 1, 5, step=2).grid() == [1, 3, 5]
+    assert SpaceParam("categorical", choices=["a", "b"]).grid() == ["a", "b"]

@@ -25,9 +25,15 @@ def client(repo) -> MlflowClient:
 
 def test_all_stages_ran(tiny_repo):
     log = (tiny_repo / "first_repro.log").read_text()
-    for stage in ("prepare", "split", "train", "evaluate"):
+    for stage in ("prepare", "split", "search", "train", "evaluate"):
         assert f"Running stage '{stage}'" in log
     assert (tiny_repo / "dvc.lock").is_file()
+    # search is off by default: it hands train nothing, and says so
+    assert json.loads((tiny_repo / "reports/search/best_params.json").read_text()) == {
+        "enabled": False,
+        "params": {},
+    }
+    assert "search: disabled" in log
 
 
 def test_prepare_and_split_metrics(tiny_repo):

@@ -1,0 +1,246 @@
+"""Hyperparameter search with Optuna, on top of the one training loop in ``training.py``.
+
+Each trial lays its sampled values over the ``train`` params, trains on a cheap budget (a seeded,
+stratified subsample of the train split, a shorter ``max_length``, fewer epochs) and scores val macro-F1,
+or the mean over ``folds`` stratified folds of the (subsampled) train split. The val metric is reported
+to the pruner after every epoch through a Trainer callback, so search needs no loop of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from transformers import TrainerCallback
+
+from lmpipe import models, tracking
+from lmpipe.errors import UserError
+from lmpipe.params import Params, SearchParams, SpaceParam, TrainParams
+from lmpipe.training import SELECTION_METRIC, frame_dataset, train_model
+
+
+def trial_seed(base_seed: int, number: int) -> int:
+    """Every trial's seed derives from the base seed, so the same params give the same study."""
+    return (base_seed * 1_000_003 + 7919 * (number + 1)) % (2**31 - 1)
+
+
+def study_name(params: Params) -> str:
+    """The configured name plus a hash of everything that shapes the study: a changed space, budget,
+    data seed or model starts a new study, while identical params on several machines share one."""
+    blob = {
+        "base": dataclasses.asdict(params.base),
+        "train": dataclasses.asdict(params.train),
+        "search": {k: v for k, v in dataclasses.asdict(params.search).items() if k not in ("storage",)},
+    }
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{params.search.study_name}-{digest}"
+
+
+def make_sampler(search: SearchParams, seed: int) -> optuna.samplers.BaseSampler:
+    if search.strategy == "grid":
+        return optuna.samplers.GridSampler({k: v.grid() for k, v in search.space.items()}, seed=seed)
+    if search.strategy == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # few trials: start modelling after 3 random ones rather than the default 10
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, search.n_trials))
+
+
+def make_pruner(search: SearchParams, max_steps: int) -> optuna.pruners.BasePruner:
+    if search.pruner == "median":
+        # one finished trial is enough to compare against; judge from the first epoch on
+        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    if search.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(max_steps, 2), reduction_factor=2
+        )
+    return optuna.pruners.NopPruner()
+
+
+def grid_size(search: SearchParams) -> int:
+    return math.prod(len(spec.grid()) for spec in search.space.values())
+
+
+def suggest(trial: optuna.Trial, name: str, spec: SpaceParam) -> Any:
+    if spec.type == "categorical":
+        return trial.suggest_categorical(name, spec.choices)
+    if spec.type == "int":
+        return trial.suggest_int(name, int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+    return trial.suggest_float(name, spec.low, spec.high, step=spec.step, log=spec.log)
+
+
+class PruningReporter(TrainerCallback):
+    """Reports val macro-F1 to Optuna after every epoch and stops the trial when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, step_offset: int = 0):
+        self.trial = trial
+        self.step_offset = step_offset
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(f"eval_{SELECTION_METRIC}")
+        if value is None:
+            return
+        step = self.step_offset + round(state.epoch or 0)
+        self.trial.report(float(value), step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} with val {SELECTION_METRIC} {value:.4f}")
+
+
+def subsample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    if n is None or n >= len(frame):
+        return frame
+    counts = frame["label"].value_counts()
+    if (counts < 2).any() or n < len(counts):
+        return frame.sample(n=n, random_state=seed)
+    kept, _ = train_test_split(frame, train_size=n, stratify=frame["label"], random_state=seed)
+    return kept
+
+
+def folds_of(
+    train: pd.DataFrame, val: pd.DataFrame, folds: int, seed: int
+) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """``folds == 1``: train on ``train``, score on the val split. Otherwise stratified k-fold inside ``train``."""
+    if folds == 1:
+        return [(train, val)]
+    smallest = int(train["label"].value_counts().min())
+    if smallest < folds:
+        raise UserError(
+            f"search.folds: {folds} folds need at least {folds} rows per class in the trial's "
+            f"train sample, the rarest class has {smallest} (raise search.trial.max_train_samples)"
+        )
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(train.iloc[a], train.iloc[b]) for a, b in splitter.split(train, train["label"])]
+
+
+@dataclass
+class Objective:
+    """The Optuna objective: one MLflow child run per trial, under the study's parent run."""
+
+    params: Params
+    train: pd.DataFrame
+    val: pd.DataFrame
+    label2id: dict[str, int]
+    model_dir: Any
+    on_trial: Callable[[str], None] = print
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        search, budget = self.params.search, self.params.search.trial
+        start = time.perf_counter()
+        values = {name: suggest(trial, name, spec) for name, spec in search.space.items()}
+        cfg: TrainParams = dataclasses.replace(self.params.train, **{"epochs": budget.epochs, **values})
+        seed = trial_seed(self.params.base.seed, trial.number)
+        trial.set_user_attr("seed", seed)
+        state, outcome = "COMPLETE", None
+        with tracking.run(
+            self.params.mlflow.experiment,
+            f"trial-{trial.number}",
+            dataclasses.asdict(cfg),
+            self.params.digest(),
+            "search-trial",
+            nested=True,
+            tags={"trial_number": str(trial.number), "trial_seed": str(seed)},
+        ) as child:
+            trial.set_user_attr("mlflow_run_id", child.info.run_id)
+            try:
+                scores = self._score(trial, cfg, seed)
+            except optuna.TrialPruned as pruned:
+                state, outcome = "PRUNED", pruned
+            except Exception as err:
+                trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:500])
+                tracking.set_tags({"trial_state": "FAIL"})
+                self.on_trial(f"trial {trial.number}: FAIL ({type(err).__name__}: {err})")
+                raise
+            duration = time.perf_counter() - start
+            tracking.set_tags({"trial_state": state})
+            tracking.log_metrics({"duration_s": duration})
+            if state == "COMPLETE":
+                # the std across folds; undefined (None) when there is a single val split
+                mean, std = float(np.mean(scores)), (float(np.std(scores)) if len(scores) > 1 else None)
+                trial.set_user_attr("value_std", std)
+                trial.set_user_attr("fold_values", scores)
+                tracking.log_metrics({"value": mean, **({"value_std": std} if std is not None else {})})
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        if outcome is not None:
+            self.on_trial(f"trial {trial.number}: PRUNED ({shown}) after {duration:.0f} s")
+            raise outcome
+        spread = f" ± {std:.4f}" if std is not None else ""
+        self.on_trial(f"trial {trial.number}: {mean:.4f}{spread} ({shown}) in {duration:.0f} s")
+        return mean
+
+    def _score(self, trial: optuna.Trial, cfg: TrainParams, seed: int) -> list[float]:
+        budget = self.params.search.trial
+        sample = subsample(self.train, budget.max_train_samples, seed)
+        tokenizer = models.load_tokenizer(self.model_dir)
+        scores = []
+        for fold, (fold_train, fold_val) in enumerate(
+            folds_of(sample, self.val, self.params.search.folds, seed)
+        ):
+            models.seed_everything(seed)
+            model = models.load_classifier(self.model_dir, self.label2id)
+            prefix = f"fold{fold}_" if self.params.search.folds > 1 else ""
+            result = train_model(
+                model,
+                tokenizer,
+                frame_dataset(tokenizer, fold_train, self.label2id, budget.max_length),
+                frame_dataset(tokenizer, fold_val, self.label2id, budget.max_length),
+                cfg,
+                seed,
+                callbacks=[
+                    tracking.MlflowTrainingLogger(prefix=prefix),
+                    PruningReporter(trial, step_offset=fold * cfg.epochs),
+                ],
+                show_progress=False,
+            )
+            scores.append(result.best_val_macro_f1)
+        return scores
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value, std, duration, seed, params and a failure reason."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "value_std": t.user_attrs.get("value_std"),
+                "duration_s": None if duration is None else round(duration, 1),
+                "seed": t.user_attrs.get("seed"),
+                **{f"params_{k}": v for k, v in t.params.items()},
+                "fail_reason": t.user_attrs.get("fail_reason", ""),
+                "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def history_frame(trials: pd.DataFrame) -> pd.DataFrame:
+    """Value per completed trial and the best so far (the optimisation history plot)."""
+    done = trials[trials["state"] == "COMPLETE"][["number", "value"]].sort_values("number")
+    done = done.assign(best_so_far=done["value"].cummax())
+    return done.rename(columns={"number": "trial"}).reset_index(drop=True)
+
+
+def importance_frame(study: optuna.Study) -> pd.DataFrame:
+    """Param importances (Optuna's default evaluator); empty when fewer than two trials completed or
+    no param varied."""
+    try:
+        scores = optuna.importance.get_param_importances(study)
+    except Exception as err:  # too few trials, or nothing varied: the plot is optional, the study is not
+        print(f"search: no param importances ({type(err).__name__}: {err})")
+        scores = {}
+    return pd.DataFrame({"param": list(scores), "importance": [round(v, 6) for v in scores.values()]})
