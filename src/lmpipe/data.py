@@ -128,7 +128,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
 
     sampled_out = 0
     if prep.max_rows is not None and prep.max_rows < len(frame):
-        kept = _stratified_sample(frame, prep.max_rows, seed)
+        kept = stratified_sample(frame, prep.max_rows, seed)
         sampled_out = len(frame) - len(kept)
         frame = kept
 
@@ -156,7 +156,11 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
     return frame, report
 
 
-def _stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+def stratified_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """A seeded sample of ``n`` rows keeping class proportions (plain random when a class is too rare
+    to stratify); the whole frame when ``n`` is None or not smaller than it. Row order is kept."""
+    if n is None or n >= len(frame):
+        return frame
     counts = frame["label"].value_counts()
     if (counts < 2).any() or n < len(counts):
         return frame.sample(n=n, random_state=seed).sort_index()

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold
 from transformers import TrainerCallback
 
-from lmpipe import models, tracking
+from lmpipe import data, models, tracking
 from lmpipe.errors import UserError
 from lmpipe.params import Params, SearchParams, SpaceParam, TrainParams
 from lmpipe.training import SELECTION_METRIC, frame_dataset, train_model
@@ -98,16 +98,6 @@ class PruningReporter(TrainerCallback):
             raise optuna.TrialPruned(f"pruned at step {step} with val {SELECTION_METRIC} {value:.4f}")
 
 
-def subsample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    if n is None or n >= len(frame):
-        return frame
-    counts = frame["label"].value_counts()
-    if (counts < 2).any() or n < len(counts):
-        return frame.sample(n=n, random_state=seed)
-    kept, _ = train_test_split(frame, train_size=n, stratify=frame["label"], random_state=seed)
-    return kept
-
-
 def folds_of(
     train: pd.DataFrame, val: pd.DataFrame, folds: int, seed: int
 ) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
@@ -181,7 +171,7 @@ class Objective:
 
     def _score(self, trial: optuna.Trial, cfg: TrainParams, seed: int) -> list[float]:
         budget = self.params.search.trial
-        sample = subsample(self.train, budget.max_train_samples, seed)
+        sample = data.stratified_sample(self.train, budget.max_train_samples, seed)
         tokenizer = models.load_tokenizer(self.model_dir)
         scores = []
         for fold, (fold_train, fold_val) in enumerate(
