@@ -75,6 +75,16 @@ def git_commit(repo: Path, message: str) -> None:
     run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], repo)
 
 
+def new_repo(dest: Path, overrides: dict, message: str = "test params") -> Path:
+    """A git-initialised copy of this repo in ``dest`` with ``overrides`` laid over params.yaml, committed.
+    Nothing has run in it yet: call ``run(["dvc", "repro"], repo)``."""
+    repo = copy_repo(dest)
+    run(["git", "init", "-q"], repo)
+    write_params(repo, overrides)
+    git_commit(repo, message)
+    return repo
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
@@ -84,3 +94,28 @@ def tiny_repo(tmp_path_factory) -> Path:
     result = run(["dvc", "repro"], repo, timeout=900)
     (repo / "first_repro.log").write_text(result.stdout + result.stderr)
     return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A real ``save_pretrained`` encoder folder that trains in seconds: a 4-layer, 32-wide BERT built
+    from a config (random weights, seeded) with MiniLM's tokenizer. Point ``base.model`` at it."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from lmpipe.models import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
