@@ -45,6 +45,7 @@ def main() -> None:
     models.seed_everything(base.seed)  # before the head is created: its init is random
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_classifier(model_dir, label2id)
+    strategies.validate(model, cfg)  # a bad strategy setting fails here, before a run or a checkpoint
     train_frame, augmented = augment.augment_frame(
         data.read_split(args.data, "train"), cfg.augment, base.seed
     )

@@ -134,14 +134,9 @@ def wrap_lora(model: nn.Module, cfg: TrainParams) -> nn.Module:
     """Wrap ``model`` in peft LoRA adapters; only adapters and the classification head train."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
-    for target in cfg.lora.target_modules:
-        if not any(name == target or name.endswith("." + target) for name in linear):
-            raise UserError(
-                f"train.lora.target_modules: '{target}' matches no linear layer of the model "
-                f"(its linear layers: {', '.join(suffixes)})"
-            )
+    problem = lora_targets_problem(model, cfg.lora.target_modules)
+    if problem:
+        raise UserError(problem)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora.rank,
@@ -150,6 +145,30 @@ def wrap_lora(model: nn.Module, cfg: TrainParams) -> nn.Module:
         target_modules=list(cfg.lora.target_modules),
     )
     return get_peft_model(model, config)
+
+
+def lora_targets_problem(model: nn.Module, targets: list[str]) -> str | None:
+    linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in linear):
+            suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
+            return (
+                f"train.lora.target_modules: '{target}' matches no linear layer of the model "
+                f"(its linear layers: {', '.join(suffixes)})"
+            )
+    return None
+
+
+def validate(model: nn.Module, cfg: TrainParams) -> None:
+    """Check the strategy against the model before anything runs (a ``UserError`` naming the key)."""
+    if cfg.strategy == "lora":
+        problem = lora_targets_problem(model, cfg.lora.target_modules)
+        if problem:
+            raise UserError(problem)
+    elif cfg.strategy == "gradual_unfreezing":
+        check_phases(model, cfg.phases)
+    elif cfg.strategy == "linear_probe":
+        anatomy(model)
 
 
 def prepare_model(model: nn.Module, cfg: TrainParams) -> nn.Module:

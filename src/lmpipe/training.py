@@ -125,9 +125,9 @@ def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
         if losses:
             row["train_loss"] = float(np.mean(losses))
         losses = []
-        for key, value in entry.items():
+        for key in sorted(entry, key=lambda k: (k != "eval_loss", k)):  # val_loss first, then a-z
             if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")):
-                row[key.replace("eval_", "val_")] = float(value)
+                row[key.replace("eval_", "val_")] = float(entry[key])
         rows.append(row)
     return rows
 
