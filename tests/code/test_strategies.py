@@ -122,7 +122,9 @@ def test_anatomy_finds_embeddings_layers_and_head(tiny_classifier):
         "classifier.bias",
     }
     assert all(n.startswith("bert.embeddings.") for n in parts.embeddings)
-    assert all(n.startswith(f"bert.encoder.layer.{i}.") for i, block in enumerate(parts.layers) for n in block)
+    assert all(
+        n.startswith(f"bert.encoder.layer.{i}.") for i, block in enumerate(parts.layers) for n in block
+    )
     total = sum(p.numel() for p in tiny_classifier.parameters())
     named = dict(tiny_classifier.named_parameters())
     assert sum(named[n].numel() for n in strategies.trainable_names(parts, 3)) == total
