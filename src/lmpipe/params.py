@@ -90,6 +90,71 @@ class SplitParams(_Section):
 
 
 @dataclass(frozen=True)
+class LoraParams(_Section):
+    """Low-rank adapters (peft) for ``train.strategy: lora``."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+
+    def problems(self):
+        if self.rank < 1:
+            yield "rank", f"must be >= 1, got {self.rank}"
+        if self.alpha <= 0:
+            yield "alpha", f"must be > 0, got {self.alpha}"
+        if not 0 <= self.dropout < 1:
+            yield "dropout", f"must be in [0, 1), got {self.dropout}"
+        if not self.target_modules or not all(isinstance(m, str) and m.strip() for m in self.target_modules):
+            yield "target_modules", "must be a non-empty list of module names, e.g. [query, value]"
+
+
+@dataclass(frozen=True)
+class PhaseParams(_Section):
+    """One phase of ``train.strategy: gradual_unfreezing``."""
+
+    layers: int
+    epochs: int
+    learning_rate: float
+    layer_lr_decay: float
+
+    def problems(self):
+        if self.layers < 0:
+            yield "layers", f"must be >= 0 (0 = the head only), got {self.layers}"
+        if self.epochs < 1:
+            yield "epochs", f"must be >= 1, got {self.epochs}"
+        if not 0 < self.learning_rate < 1:
+            yield "learning_rate", f"must be > 0 and < 1, got {self.learning_rate}"
+        if not 0 < self.layer_lr_decay <= 1:
+            yield (
+                "layer_lr_decay",
+                f"must be > 0 and <= 1 (1 = one rate for all layers), got {self.layer_lr_decay}",
+            )
+
+
+@dataclass(frozen=True)
+class AugmentParams(_Section):
+    """Seeded token-level augmentation of the train split (never val or test)."""
+
+    copies: int
+    deletion: float
+    swap: float
+    replacement: float
+
+    def problems(self):
+        if self.copies < 0:
+            yield "copies", f"must be >= 0 (0 = no augmentation), got {self.copies}"
+        for name in ("deletion", "swap", "replacement"):
+            if not 0 <= getattr(self, name) < 1:
+                yield name, f"must be in [0, 1), got {getattr(self, name)}"
+        if self.copies > 0 and self.deletion == self.swap == self.replacement == 0:
+            yield "copies", "augmentation is on but deletion, swap and replacement are all 0"
+
+
+STRATEGIES = ("full", "linear_probe", "lora", "gradual_unfreezing")
+
+
+@dataclass(frozen=True)
 class TrainParams(_Section):
     epochs: int
     batch_size: int
@@ -102,8 +167,30 @@ class TrainParams(_Section):
     patience: int
     logging_steps: int
     precision: Literal["auto", "fp32", "bf16", "fp16"]
+    # fine-tuning strategies and options (src/lmpipe/strategies.py)
+    strategy: Literal["full", "linear_probe", "lora", "gradual_unfreezing"]
+    label_smoothing: float
+    dropout: float | None
+    fgm_epsilon: float
+    augment: AugmentParams
+    lora: LoraParams
+    phases: list[PhaseParams]
 
     def problems(self):
+        if not 0 <= self.label_smoothing < 1:
+            yield "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            yield "dropout", f"must be null or in [0, 1), got {self.dropout}"
+        if self.fgm_epsilon < 0:
+            yield "fgm_epsilon", f"must be >= 0 (0 turns adversarial training off), got {self.fgm_epsilon}"
+        if self.strategy == "gradual_unfreezing" and not self.phases:
+            yield "phases", "gradual_unfreezing needs at least one phase"
+        for i in range(1, len(self.phases)):
+            if self.phases[i].layers < self.phases[i - 1].layers:
+                yield (
+                    f"phases[{i}].layers",
+                    f"must be >= the previous phase's {self.phases[i - 1].layers}: phases only unfreeze",
+                )
         if self.epochs < 1:
             yield "epochs", f"must be >= 1, got {self.epochs}"
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -370,7 +457,12 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is list or origin is list:
         if not isinstance(value, list):
             raise ParamsError(key, f"must be a list, got {value!r}", source)
-        return list(value)
+        inner = typing.get_args(tp)
+        if not inner:
+            return list(value)
+        if dataclasses.is_dataclass(inner[0]):  # e.g. train.phases[1].epochs
+            return [_build(inner[0], v, f"{key}[{i}].", source) for i, v in enumerate(value)]
+        return [_coerce(inner[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
             raise ParamsError(key, f"must be true or false, got {value!r}", source)

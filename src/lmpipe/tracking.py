@@ -166,6 +166,24 @@ def log_metrics_to(run_id: str, metrics: Mapping[str, Any], prefix: str = "") ->
             client.log_metric(run_id, f"{prefix}{key}", float(value))
 
 
+def mark_resumed(run_id: str, by_run_id: str, from_step: int) -> None:
+    """Tag an interrupted run with the run that took over from its checkpoint. A run that a hard kill
+    (SIGKILL, power loss) left RUNNING is ended as KILLED here, so none stays RUNNING."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException:  # the run lives in another store: nothing to mark
+        return
+    client.set_tag(run_id, "resumed_by_run_id", by_run_id)
+    client.set_tag(run_id, "resumed_by_from_step", str(from_step))
+    if status == "RUNNING":
+        client.set_tag(run_id, "error", "interrupted without a clean shutdown")
+        client.set_terminated(run_id, status="KILLED")
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 

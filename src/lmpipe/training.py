@@ -1,18 +1,26 @@
-"""The one training loop of the pipeline, shared by train (and later search and distillation).
+"""The one training loop of the pipeline, shared by train, search and distillation.
 
 It is the transformers ``Trainer``: AdamW with decoupled weight decay, linear warmup then linear decay,
 gradient clipping, evaluation of val macro-F1 after every epoch, early stopping with a patience, and
 the best epoch's weights restored at the end. Callers add behaviour through ``callbacks`` (MLflow
 logging, pruning) and ``compute_loss`` (a different loss, e.g. distillation), never by copying it.
+
+``cfg.strategy`` and its options (``strategies.py``) are applied here, around the same loop: freezing
+(linear probe), peft adapters (lora), phases with their own rates as one Trainer run with a per-group
+schedule (gradual unfreezing), FGM in ``training_step``, label smoothing and a dropout override.
+With ``checkpoint_dir`` the run checkpoints there every epoch and resumes from the newest complete
+checkpoint it finds (``checkpoints.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +35,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from lmpipe import checkpoints, strategies
 from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import precision_flags, seed_everything
@@ -85,6 +94,12 @@ class TrainResult:
     global_steps: int
     train_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    # the trained module (a peft wrapper for lora: see strategies.finalize_model), the trainable
+    # parameter count (of the last phase), per-phase summaries, and the step a resumed run started from
+    model: Any = None
+    trainable_parameters: int = 0
+    phases: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_step: int = 0
 
     def summary(self) -> dict[str, float | int]:
         return {
@@ -96,26 +111,25 @@ class TrainResult:
         }
 
 
-class _HistoryCallback(TrainerCallback):
-    """Collects one row per epoch: the mean train loss since the last eval, and the val metrics."""
-
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-        self._losses: list[float] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self._losses.append(float(logs["loss"]))
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        row = {"epoch": round(state.epoch or 0), "step": state.global_step}
-        if self._losses:
-            row["train_loss"] = float(np.mean(self._losses))
-        self._losses = []
-        for key, value in (metrics or {}).items():
+def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """One row per epoch from the Trainer's log history (which a resumed run restores from its
+    checkpoint): the mean train loss logged since the previous eval, and the val metrics."""
+    rows: list[dict[str, float]] = []
+    losses: list[float] = []
+    for entry in log_history:
+        if "loss" in entry:
+            losses.append(float(entry["loss"]))
+        if not any(k.startswith("eval_") for k in entry):
+            continue
+        row = {"epoch": round(entry.get("epoch") or 0), "step": int(entry.get("step", 0))}
+        if losses:
+            row["train_loss"] = float(np.mean(losses))
+        losses = []
+        for key in sorted(entry, key=lambda k: (k != "eval_loss", k)):  # val_loss first, then a-z
             if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")):
-                row[key.replace("eval_", "val_")] = float(value)
-        self.rows.append(row)
+                row[key.replace("eval_", "val_")] = float(entry[key])
+        rows.append(row)
+    return rows
 
 
 class _NanGuard(TrainerCallback):
@@ -124,6 +138,90 @@ class _NanGuard(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and not math.isfinite(float(logs["loss"])):
             raise FloatingPointError(f"training loss became {logs['loss']} at step {state.global_step}")
+
+
+class _PhaseSwitch(TrainerCallback):
+    """Gradual unfreezing: before each optimiser step, make the current phase's weights trainable."""
+
+    def __init__(self, plan: strategies.PhasePlan, parts: strategies.Anatomy):
+        self.plan, self.parts, self.current = plan, parts, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        phase = self.plan.phase_at(state.global_step)
+        if phase != self.current and model is not None:
+            strategies.set_trainable(
+                model, strategies.trainable_names(self.parts, self.plan.phases[phase].layers)
+            )
+            self.current = phase
+
+
+class _LastPhaseEarlyStopping(EarlyStoppingCallback):
+    """Early stopping that only counts evaluations from ``start_epoch`` on (the last phase's)."""
+
+    def __init__(self, patience: int, start_epoch: int):
+        super().__init__(early_stopping_patience=patience)
+        self.start_epoch = start_epoch
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if round(state.epoch or 0) > self.start_epoch:
+            super().on_evaluate(args, state, control, metrics, **kwargs)
+
+
+class _StrategyTrainer(Trainer):
+    """The Trainer, plus a per-phase optimiser and schedule (gradual unfreezing) and FGM."""
+
+    def __init__(self, *args, plan=None, parts=None, fgm_epsilon: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan, self.parts = plan, parts
+        self.fgm = strategies.FGM(self.model, fgm_epsilon) if fgm_epsilon > 0 else None
+
+    def create_optimizer(self, model=None):
+        if self.plan is None:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            target = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(target))
+            self.optimizer = strategies.phase_optimizer(target, self.parts, decay, self.args.weight_decay)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.plan is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        expected = self.plan.total_epochs * self.plan.steps_per_epoch
+        if num_training_steps != expected:  # a bug in the step arithmetic, not a user error
+            raise RuntimeError(f"phase plan expects {expected} steps, the Trainer plans {num_training_steps}")
+        if self.lr_scheduler is None:
+            self.lr_scheduler = strategies.phase_scheduler(optimizer or self.optimizer, self.plan)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.fgm is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        with self.fgm.capture():  # the clean pass keeps d(loss)/d(word embeddings)
+            loss = super().training_step(model, dict(inputs), num_items_in_batch)
+        delta = self.fgm.delta()
+        if delta is not None:  # the adversarial pass adds its gradient to the clean one
+            adv_inputs = self._prepare_inputs(dict(inputs))
+            with self.fgm.perturb(delta), self.compute_loss_context_manager():
+                adv_loss = self.compute_loss(model, adv_inputs, num_items_in_batch=num_items_in_batch)
+            if self.args.n_gpu > 1:
+                adv_loss = adv_loss.mean()
+            scaled = self.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = (
+                    self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                ) or self.compute_loss_func is not None
+            if not scaled:
+                adv_loss = adv_loss / self.current_gradient_accumulation_steps
+            self.accelerator.backward(adv_loss)
+        return loss
+
+
+def steps_per_epoch(n_rows: int, batch_size: int, accumulation: int) -> int:
+    """Optimiser steps per epoch, as the Trainer counts them (the last partial batch included)."""
+    batches = math.ceil(n_rows / batch_size)
+    return max(batches // accumulation + int(batches % accumulation > 0), 1)
 
 
 def train_model(
@@ -136,21 +234,41 @@ def train_model(
     callbacks: Sequence[TrainerCallback] = (),
     compute_loss: Callable | None = None,
     show_progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place and leave the best epoch's weights in it (by val macro-F1).
+    """Fine-tune ``model`` with ``cfg.strategy`` and leave the best epoch's weights in it (by val
+    macro-F1). ``result.model`` is the module that was trained: ``model`` itself, or its peft wrapper
+    for lora (``strategies.finalize_model`` turns that into a plain model to save).
 
-    Checkpoints live in a temporary folder that is deleted afterwards: the caller saves the final
-    model once, so MLflow and DVC never see intermediate checkpoints.
+    Without ``checkpoint_dir``, checkpoints live in a temporary folder that is deleted afterwards: the
+    caller saves the final model once, so MLflow and DVC never see intermediate checkpoints. With it,
+    full checkpoints (optimizer, scheduler, RNG states) are kept there and a re-run resumes from the
+    newest complete one; the caller deletes the folder when it has saved the result.
     """
     seed_everything(seed)
-    history = _HistoryCallback()
-    extra: list[TrainerCallback] = [history, _NanGuard(), *callbacks]
-    if cfg.patience > 0:
-        extra.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
-    with tempfile.TemporaryDirectory(prefix="lmpipe-ckpt-") as ckpt_dir:
+    model = strategies.prepare_model(model, cfg)
+    plan = parts = None
+    epochs, phase_counts = cfg.epochs, []
+    if cfg.strategy == "gradual_unfreezing":
+        parts = strategies.anatomy(model)
+        for phase in cfg.phases:
+            phase_counts.append(
+                strategies.set_trainable(model, strategies.trainable_names(parts, phase.layers))
+            )
+        strategies.set_trainable(model, strategies.trainable_names(parts, cfg.phases[0].layers))
+        epochs = sum(p.epochs for p in cfg.phases)
+    extra: list[TrainerCallback] = [_NanGuard(), *callbacks]
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        resume = checkpoints.latest(checkpoint_dir)
+        folder = contextlib.nullcontext(str(checkpoint_dir))
+    else:
+        resume = None
+        folder = tempfile.TemporaryDirectory(prefix="lmpipe-ckpt-")
+    with folder as ckpt_dir:
         args = TrainingArguments(
             output_dir=ckpt_dir,
-            num_train_epochs=cfg.epochs,
+            num_train_epochs=epochs,
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.eval_batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -160,10 +278,11 @@ def train_model(
             lr_scheduler_type="linear",
             optim="adamw_torch",
             max_grad_norm=cfg.max_grad_norm,
+            label_smoothing_factor=cfg.label_smoothing,
             eval_strategy="epoch",
             save_strategy="epoch",
             save_total_limit=1,  # plus the best one, which load_best_model_at_end always keeps
-            save_only_model=True,
+            save_only_model=checkpoint_dir is None,  # resuming needs the optimizer, scheduler and RNGs
             load_best_model_at_end=True,
             metric_for_best_model=SELECTION_METRIC,
             greater_is_better=True,
@@ -178,7 +297,14 @@ def train_model(
             use_cpu=not torch.cuda.is_available(),
             **precision_flags(cfg.precision),
         )
-        trainer = Trainer(
+        if parts is not None:
+            spe = steps_per_epoch(len(train_set), args.train_batch_size, cfg.gradient_accumulation_steps)
+            plan = strategies.PhasePlan(list(cfg.phases), spe, cfg.warmup_ratio)
+            extra.append(_PhaseSwitch(plan, parts))
+        if cfg.patience > 0:
+            start = plan.start_epochs[-1] if plan is not None else 0
+            extra.append(_LastPhaseEarlyStopping(cfg.patience, start))
+        trainer = _StrategyTrainer(
             model=model,
             args=args,
             train_dataset=train_set,
@@ -188,13 +314,37 @@ def train_model(
             compute_metrics=eval_metrics,
             compute_loss_func=compute_loss,
             callbacks=extra,
+            plan=plan,
+            parts=parts,
+            fgm_epsilon=cfg.fgm_epsilon,
         )
         start = time.perf_counter()
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         seconds = time.perf_counter() - start
         state = trainer.state
-    rows = history.rows
+    rows = history_rows(state.log_history)
+    if plan is not None:
+        for row in rows:
+            row["phase"] = plan.phase_of_epoch(int(row["epoch"]))
     best = max(rows, key=lambda r: r.get(f"val_{SELECTION_METRIC}", -1.0)) if rows else {}
+    phases = []
+    if plan is not None:
+        for i, phase in enumerate(plan.phases):
+            done = [r for r in rows if r["phase"] == i]
+            phases.append(
+                {
+                    "phase": i,
+                    "layers": phase.layers,
+                    "epochs": len(done),
+                    "learning_rate": phase.learning_rate,
+                    "trainable_parameters": phase_counts[i],
+                    "best_val_macro_f1": max(
+                        (r.get("val_macro_f1", float("nan")) for r in done), default=float("nan")
+                    ),
+                    "end_step": max((int(r["step"]) for r in done), default=0),
+                }
+            )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return TrainResult(
         best_val_macro_f1=float(best.get(f"val_{SELECTION_METRIC}", float("nan"))),
         best_epoch=int(best.get("epoch", 0)),
@@ -202,4 +352,8 @@ def train_model(
         global_steps=int(output.global_step or state.global_step),
         train_seconds=seconds,
         history=rows,
+        model=model,
+        trainable_parameters=phase_counts[-1] if phase_counts else trainable,
+        phases=phases,
+        resumed_from_step=checkpoints.step_of(resume),
     )
