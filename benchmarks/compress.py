@@ -42,6 +42,13 @@ def main() -> None:
     parser.add_argument("--model", required=True, type=Path, help="trained model folder")
     parser.add_argument("--out", required=True, type=Path, help="scratch folder for every output")
     parser.add_argument("--set", action="append", default=[], help="params override, key=value")
+    parser.add_argument(
+        "--train-rows",
+        type=int,
+        default=None,
+        help="a seeded, stratified sample of the train split for the distillation/recovery fine-tunes "
+        "(val and test stay whole): a cheaper run on a busy machine",
+    )
     args = parser.parse_args()
 
     args.out = args.out.resolve()
@@ -51,12 +58,26 @@ def main() -> None:
         key, _, value = item.partition("=")
         set_key(params, key, value)
     (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    data_dir = args.data.resolve()
+    if args.train_rows:
+        import pandas as pd
+
+        from lmpipe.data import stratified_sample
+
+        data_dir = args.out / "split"
+        data_dir.mkdir(exist_ok=True)
+        train = pd.read_parquet(args.data / "train.parquet")
+        stratified_sample(train, args.train_rows, params["base"]["seed"]).to_parquet(
+            data_dir / "train.parquet"
+        )
+        for name in ("val", "test"):
+            (data_dir / f"{name}.parquet").write_bytes((args.data / f"{name}.parquet").read_bytes())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{args.out / 'mlflow.db'}"}
     cmd = [
         sys.executable,
         str(ROOT / "stages/compress.py"),
         "--data",
-        str(args.data.resolve()),
+        str(data_dir),
         "--model",
         str(args.model.resolve()),
         "--out",
@@ -73,7 +94,7 @@ def main() -> None:
     rows = metrics["variants"]
     bs = params["compress"]["latency"]["batch_size"]
     print(
-        f"\ncompress stage: {seconds:.0f} s; latency setup {metrics['latency_setup']}; overrides {args.set}\n"
+        f"\ncompress stage: {seconds:.0f} s; latency setup {metrics['latency_setup']}; overrides {args.set}; train rows {args.train_rows or 'all'}\n"
     )
     print(
         f"| variant | macro-F1 | Δ F1 (pt) | accuracy | size MB | params | non-zero | b1 p50/p95 ms "

@@ -1,7 +1,7 @@
 """compress: int8 quantization, magnitude pruning and distillation of the trained model, each measured
 against the original with the evaluate stage's code.
 
-Reads:  params.yaml (base, train, evaluate.batch_size, compress, mlflow), <data>/{train,val,test}.parquet,
+Reads:  params.yaml (base, train, compress, mlflow), <data>/{train,val,test}.parquet,
         <model>/ (the trained model: the original and the teacher)
 Writes: <out>/int8/ (int8.safetensors + quantization.json recipe, config, tokenizer; load with
         lmpipe.compression.load_int8), <out>/pruned/ and <out>/student/ (save_pretrained folders),
@@ -39,7 +39,7 @@ def main() -> None:
     base, cfg, lat = params.base, params.compress, params.compress.latency
     model_dir = Path(args.model)
     train, val, test = (data.read_split(args.data, s) for s in ("train", "val", "test"))
-    texts, eval_bs = test["text"].tolist(), params.evaluate.batch_size
+    texts, eval_bs = test["text"].tolist(), params.train.eval_batch_size
     tokenizer = models.load_tokenizer(model_dir)
     config = lib.load_config(model_dir)
     label2id = dict(config.label2id)
