@@ -21,6 +21,10 @@ TINY = {
     "base": {"max_length": 32},
     "prepare": {"max_rows": 80},
     "train": {"epochs": 2, "batch_size": 8, "logging_steps": 2, "patience": 1},
+    "compress": {
+        "distill": {"epochs": 1},
+        "latency": {"warmup": 1, "repeats": 5, "batch_size": 4, "batch_repeats": 2},
+    },
     "mlflow": {"experiment": "tiny"},
 }
 

@@ -12,7 +12,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lmpipe.metrics import classification_metrics, confusion, one_vs_rest_curves, per_class_report
 from lmpipe.models import device, load_classifier, load_tokenizer
@@ -24,8 +24,21 @@ def predict_proba(
     model_dir: str | Path, texts: Sequence[str], max_length: int, batch_size: int, desc: str = "predict"
 ) -> tuple[np.ndarray, list[str]]:
     """Class probabilities for ``texts`` from a saved classifier, and its class names in id order."""
-    model = load_classifier(model_dir).to(device()).eval()
-    tokenizer = load_tokenizer(model_dir)
+    model = load_classifier(model_dir).to(device())
+    return predict_proba_model(model, load_tokenizer(model_dir), texts, max_length, batch_size, desc)
+
+
+def predict_proba_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    desc: str = "predict",
+) -> tuple[np.ndarray, list[str]]:
+    """``predict_proba`` for a model already in memory (e.g. a quantized one), on the device it is on."""
+    model = model.eval()
+    model_device = next(model.parameters()).device
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     dataset = TextDataset(tokenizer, texts, None, max_length)
     loader = torch.utils.data.DataLoader(
@@ -34,7 +47,7 @@ def predict_proba(
     chunks = []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=desc, unit="batch"):
-            batch = {k: v.to(model.device) for k, v in batch.items()}
+            batch = {k: v.to(model_device) for k, v in batch.items()}
             logits = model(**batch).logits.float()
             chunks.append(torch.softmax(logits, dim=-1).cpu().numpy())
     proba = np.concatenate(chunks) if chunks else np.zeros((0, len(names)))

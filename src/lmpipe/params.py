@@ -234,6 +234,82 @@ class EvaluateParams(_Section):
 
 
 @dataclass(frozen=True)
+class QuantizeParams(_Section):
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class PruneParams(_Section):
+    enabled: bool
+    sparsity: float
+    recovery_epochs: int
+    learning_rate: float
+
+    def problems(self):
+        if not 0 < self.sparsity < 1:
+            yield "sparsity", f"must be between 0 and 1 (exclusive), got {self.sparsity}"
+        if self.recovery_epochs < 0:
+            yield "recovery_epochs", f"must be >= 0 (0 = no recovery fine-tune), got {self.recovery_epochs}"
+        if not 0 < self.learning_rate < 1:
+            yield "learning_rate", f"must be > 0 and < 1, got {self.learning_rate}"
+
+
+@dataclass(frozen=True)
+class DistillParams(_Section):
+    enabled: bool
+    keep_layers: list | None
+    temperature: float
+    alpha: float
+    epochs: int
+    learning_rate: float
+
+    def problems(self):
+        if self.keep_layers is not None:
+            if not self.keep_layers:
+                yield "keep_layers", "must be null (every other layer) or a non-empty list of layer indices"
+            elif any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.keep_layers):
+                yield "keep_layers", f"must be a list of layer indices >= 0, got {self.keep_layers}"
+            elif len(set(self.keep_layers)) != len(self.keep_layers):
+                yield "keep_layers", f"must not repeat a layer, got {self.keep_layers}"
+        if self.temperature <= 0:
+            yield "temperature", f"must be > 0, got {self.temperature}"
+        if not 0 <= self.alpha <= 1:
+            yield "alpha", f"must be in [0, 1], got {self.alpha}"
+        if self.epochs < 1:
+            yield "epochs", f"must be >= 1, got {self.epochs}"
+        if not 0 < self.learning_rate < 1:
+            yield "learning_rate", f"must be > 0 and < 1, got {self.learning_rate}"
+
+
+@dataclass(frozen=True)
+class LatencyParams(_Section):
+    threads: int
+    warmup: int
+    repeats: int
+    batch_size: int
+    batch_repeats: int
+
+    def problems(self):
+        if self.threads < 1:
+            yield "threads", f"must be >= 1, got {self.threads}"
+        if self.warmup < 0:
+            yield "warmup", f"must be >= 0, got {self.warmup}"
+        for name in ("repeats", "batch_repeats"):
+            if getattr(self, name) < 2:
+                yield name, f"must be >= 2 (percentiles need several runs), got {getattr(self, name)}"
+        if self.batch_size < 2:
+            yield "batch_size", f"must be >= 2 (batch 1 is always measured), got {self.batch_size}"
+
+
+@dataclass(frozen=True)
+class CompressParams(_Section):
+    quantize: QuantizeParams
+    prune: PruneParams
+    distill: DistillParams
+    latency: LatencyParams
+
+
+@dataclass(frozen=True)
 class MlflowParams(_Section):
     experiment: str
 
@@ -359,6 +435,7 @@ class Params(_Section):
     search: SearchParams
     train: TrainParams
     evaluate: EvaluateParams
+    compress: CompressParams
     mlflow: MlflowParams
 
     def problems(self):

@@ -1,0 +1,413 @@
+"""Compressing a trained classifier, and measuring the result against the original.
+
+* **Dynamic int8 quantization** (``torch.ao``): every ``nn.Linear`` gets int8 weights (per-tensor affine)
+  and quantizes its input per batch at run time. Embeddings and LayerNorms stay fp32: torch.ao's dynamic
+  quantization covers Linear layers only. The int8 weights are written to safetensors as plain int8
+  tensors with their scale and zero point (no pickle), and rebuilt on load.
+* **Global magnitude pruning**: the smallest-|w| share of all Linear weights of the encoder (attention,
+  feed-forward, pooler) is set to zero, made permanent, optionally followed by a recovery fine-tune in the
+  shared loop with a callback that keeps the pruned weights at zero.
+* **Knowledge distillation**: a student that keeps some of the teacher's layers (by default every other
+  one) and its embeddings and head, trained in the shared loop with a ``compute_loss`` hook.
+* **Measurements**: parameter and non-zero counts, weight bytes on disk, and CPU latency timed with a fixed
+  thread count, warm-up runs and the variants interleaved round by round.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+)
+
+from lmpipe import io
+from lmpipe.errors import UserError
+
+INT8_WEIGHTS = "int8.safetensors"
+INT8_RECIPE = "quantization.json"
+INT8_FORMAT = "lmpipe-dynamic-int8-v1"
+
+
+def load_config(model_dir: str | Path):
+    """A model folder's config (label maps, layer count) without loading its weights."""
+    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+
+
+# ------------------------------------------------------------------------------------------ quantization
+def _torch_ao():
+    # torch.ao.quantization warns that it is deprecated in favour of torchao; it still ships and works in
+    # torch 2.13, and it is what this stage uses (the warning would otherwise repeat on every call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+        from torch.ao.quantization import quantize_dynamic
+    return quantize_dynamic, QuantizedLinear
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A dynamic-int8 copy of ``model`` on the CPU (int8 kernels exist for the CPU only)."""
+    quantize_dynamic, _ = _torch_ao()
+    source = copy.deepcopy(model).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(source, {nn.Linear}, dtype=torch.qint8)
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    _, quantized_linear = _torch_ao()
+    return {name: m for name, m in model.named_modules() if isinstance(m, quantized_linear)}
+
+
+def save_int8(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, source: Mapping[str, Any]
+) -> None:
+    """Write a quantized model as ``int8.safetensors`` (int8 weights, scales, zero points, the fp32 rest),
+    ``config.json``, the tokenizer and ``quantization.json`` (the recipe and the fp32 source it came from)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quantized = _quantized_modules(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in quantized.items():
+        weight, bias = module._weight_bias()
+        if weight.qscheme() != torch.per_tensor_affine:
+            raise ValueError(f"{name}: expected a per-tensor affine int8 weight, got {weight.qscheme()}")
+        tensors[f"{name}.weight_int8"] = weight.int_repr().contiguous()
+        tensors[f"{name}.weight_scale"] = torch.tensor(weight.q_scale(), dtype=torch.float64)
+        tensors[f"{name}.weight_zero_point"] = torch.tensor(weight.q_zero_point(), dtype=torch.int64)
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach().contiguous().clone()
+    for key, value in model.state_dict().items():
+        if _under(key, quantized) or not isinstance(value, torch.Tensor):
+            continue
+        tensors[key] = value.detach().contiguous().clone()  # clone: safetensors refuses shared storage
+    save_file(tensors, str(out_dir / INT8_WEIGHTS), metadata={"format": INT8_FORMAT})
+    model.config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    io.write_json(
+        out_dir / INT8_RECIPE,
+        {
+            "format": INT8_FORMAT,
+            "method": "torch.ao.quantization.quantize_dynamic",
+            "modules": "every torch.nn.Linear (attention, feed-forward, pooler, classifier)",
+            "weights": "int8, per-tensor affine (int8 values, scale, zero point in int8.safetensors)",
+            "activations": "quantized to uint8 per batch at run time",
+            "kept_fp32": "embeddings, LayerNorms (torch.ao dynamic quantization covers Linear layers only)",
+            "quantized_linear_layers": len(quantized),
+            "engine": torch.backends.quantized.engine,
+            "torch": torch.__version__,
+            "source": dict(source),
+            "load_with": "lmpipe.compression.load_int8(folder)",
+        },
+    )
+
+
+def load_int8(folder: str | Path) -> nn.Module:
+    """Rebuild a model written by ``save_int8``: its architecture from ``config.json``, quantized with the
+    same recipe, then the stored int8 weights and fp32 tensors put in place (safetensors only)."""
+    folder = Path(folder)
+    config = load_config(folder)
+    skeleton = AutoModelForSequenceClassification.from_config(config).eval()
+    tensors = load_file(str(folder / INT8_WEIGHTS))
+    linears = {name for name, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+    rest = {k: v for k, v in tensors.items() if not _under(k, linears)}
+    # the fp32 tensors go into the float skeleton; its Linear weights are replaced below
+    missing, unexpected = skeleton.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if not _under(k, linears)]
+    if missing or unexpected:
+        raise ValueError(f"{folder / INT8_WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = quantize_int8(skeleton)
+    quantized = _quantized_modules(model)
+    if set(quantized) != linears:
+        raise ValueError(f"{folder}: the recipe quantized other layers than the stored ones")
+    for name, module in quantized.items():
+        weight = torch._make_per_tensor_quantized_tensor(
+            tensors[f"{name}.weight_int8"],
+            float(tensors[f"{name}.weight_scale"]),
+            int(tensors[f"{name}.weight_zero_point"]),
+        )
+        module.set_weight_bias(weight, tensors.get(f"{name}.bias"))
+    return model.eval()
+
+
+def _under(key: str, prefixes: Mapping[str, Any]) -> bool:
+    return any(key.startswith(f"{p}.") for p in prefixes)
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear layers of the encoder (``model.base_model``: attention, feed-forward, pooler). The
+    embeddings, LayerNorms, biases and the classification head are left dense."""
+    return {
+        f"{model.base_model_prefix}.{name}": m
+        for name, m in model.base_model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def magnitude_prune(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
+    """Global unstructured L1 pruning of the encoder's Linear weights to ``sparsity``, made permanent (the
+    zeros are written into the weights, no masks or hooks remain). Returns the keep-masks by weight name,
+    for a recovery fine-tune that must not revive pruned weights."""
+    from torch.nn.utils import prune
+
+    linears = prunable_linears(model)
+    prune.global_unstructured(
+        [(m, "weight") for m in linears.values()], pruning_method=prune.L1Unstructured, amount=sparsity
+    )
+    keep = {}
+    for name, module in linears.items():
+        keep[f"{name}.weight"] = module.weight_mask.detach().bool().clone()
+        prune.remove(module, "weight")
+    return keep
+
+
+def sparsity_of(model: nn.Module) -> float:
+    """The measured share of zeros among the encoder's Linear weights (what pruning targets)."""
+    weights = [m.weight for m in prunable_linears(model).values()]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / total if total else 0.0
+
+
+class KeepPruned(TrainerCallback):
+    """Puts the pruned weights back to zero after every optimiser step of a recovery fine-tune."""
+
+    def __init__(self, model: nn.Module, keep: Mapping[str, torch.Tensor]):
+        self.model = model
+        self.keep = dict(keep)
+
+    def apply(self) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.keep.items():
+                weight = params[name]
+                weight.mul_(mask.to(weight.device, weight.dtype))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.apply()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.apply()  # after the best checkpoint is loaded back
+
+
+# ------------------------------------------------------------------------------------------- distillation
+def default_keep_layers(num_layers: int) -> list[int]:
+    """Every other layer, ending with the last: 1, 3, 5 of 6 (the last layer feeds the trained head)."""
+    return list(range(num_layers - 1, -1, -2))[::-1]
+
+
+def _layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    n = model.config.num_hidden_layers
+    found = [
+        (name, m)
+        for name, m in model.base_model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == n and name
+    ]
+    if len(found) != 1:
+        raise UserError(
+            f"compress.distill: cannot find the layer stack of a {type(model).__name__} "
+            f"(ModuleLists of {n} layers: {[name for name, _ in found]})"
+        )
+    name, stack = found[0]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.base_model.get_submodule(parent_name) if parent_name else model.base_model
+    return parent, attr, stack
+
+
+def student_layers(keep_layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """The teacher layers a student keeps: ``keep_layers``, checked, or every other one by default."""
+    keep = list(keep_layers) if keep_layers is not None else default_keep_layers(num_layers)
+    wrong = [i for i in keep if not 0 <= i < num_layers]
+    if wrong:
+        raise UserError(
+            f"compress.distill.keep_layers: {wrong} not layers of the teacher, which has "
+            f"{num_layers} (0..{num_layers - 1})"
+        )
+    if len(keep) >= num_layers:
+        raise UserError(
+            f"compress.distill.keep_layers: keeps {len(keep)} of the teacher's {num_layers} layers; keep fewer"
+        )
+    return keep
+
+
+def make_student(teacher: nn.Module, keep_layers: Sequence[int] | None = None) -> nn.Module:
+    """A copy of ``teacher`` keeping only the layers ``keep_layers`` (teacher indices, default every
+    other one), with the teacher's embeddings, pooler and head. ``config.num_hidden_layers`` follows."""
+    keep = student_layers(keep_layers, teacher.config.num_hidden_layers)
+    student = copy.deepcopy(teacher)
+    parent, attr, stack = _layer_stack(student)
+    layers = nn.ModuleList([stack[i] for i in keep])
+    for index, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    setattr(parent, attr, layers)
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    student.config.distilled_from_layers = keep  # saved in config.json: where each layer came from
+    return student
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)`` per example,
+    summed and divided by the examples in the (accumulated) batch, as the Trainer expects of a loss hook.
+    The T^2 factor keeps the soft term's gradients on the scale of the hard term's (Hinton et al.)."""
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1),
+        F.log_softmax(teacher_logits / t, dim=-1),
+        reduction="none",
+        log_target=True,
+    ).sum(dim=-1) * (t * t)
+    hard = F.cross_entropy(student_logits, labels, reduction="none")
+    per_example = alpha * soft + (1.0 - alpha) * hard
+    denominator = num_items_in_batch if num_items_in_batch is not None else per_example.numel()
+    return per_example.sum() / denominator
+
+
+class DistillationLoss:
+    """The ``compute_loss`` hook of ``train_model`` for distillation.
+
+    The Trainer passes the hook the student's outputs and the labels, not the inputs, so a forward
+    pre-hook on the student records each batch's inputs and the frozen teacher (eval mode, no grad) is run
+    on exactly those. Call ``close()`` afterwards to remove the pre-hook.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, temperature: float, alpha: float):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.temperature = temperature
+        self.alpha = alpha
+        self._inputs: dict[str, Any] | None = None
+        self._handle = student.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module, args, kwargs):
+        self._inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch")}
+
+    def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+        if self._inputs is None:
+            raise RuntimeError("DistillationLoss: no student forward seen before the loss")
+        with torch.no_grad():
+            teacher_logits = self.teacher(**self._inputs).logits
+        return distillation_loss(
+            outputs.logits.float(),
+            teacher_logits.float(),
+            labels,
+            self.temperature,
+            self.alpha,
+            num_items_in_batch,
+        )
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+# ------------------------------------------------------------------------------------------- measurement
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """All parameters and the non-zero ones, counting the int8 weights packed inside quantized layers."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+    for module in _quantized_modules(model).values():
+        weight, bias = module._weight_bias()
+        total += weight.numel()
+        nonzero += int((weight.int_repr() != weight.q_zero_point()).sum())
+        if bias is not None:
+            total += bias.numel()
+            nonzero += int(torch.count_nonzero(bias))
+    return {"parameters": total, "nonzero_parameters": nonzero}
+
+
+def weights_bytes(folder: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``) in a model folder; the tokenizer is the same for all."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def fixed_batch(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int, max_length: int
+) -> dict[str, torch.Tensor]:
+    """``batch_size`` real texts (cycled if there are fewer) padded or truncated to exactly ``max_length``."""
+    if not texts:
+        raise UserError("compress: the test split is empty, nothing to time")
+    chosen = [texts[i % len(texts)] for i in range(batch_size)]
+    return dict(
+        tokenizer(chosen, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    )
+
+
+def time_models(
+    models: Mapping[str, nn.Module],
+    batch: Mapping[str, torch.Tensor],
+    warmup: int,
+    repeats: int,
+    threads: int,
+    desc: str = "latency",
+) -> dict[str, np.ndarray]:
+    """Seconds per forward pass of each model on ``batch``, on the CPU with ``threads`` threads.
+
+    After ``warmup`` untimed passes each, the models are timed round by round, one pass each per round and
+    the order rotated, so a change in machine load during the measurement affects them all alike.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        with torch.inference_mode():
+            for model in models.values():
+                for _ in range(warmup):
+                    model(**batch)
+            for r in tqdm(range(repeats), desc=desc, unit="round"):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    start = time.perf_counter()
+                    models[name](**batch)
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
+def latency_summary(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
+    """p50/p95 latency in milliseconds and throughput (examples per second at the median)."""
+    p50, p95 = np.percentile(seconds, [50, 95])
+    return {
+        f"latency_b{batch_size}_p50_ms": round(float(p50) * 1000, 3),
+        f"latency_b{batch_size}_p95_ms": round(float(p95) * 1000, 3),
+        f"throughput_b{batch_size}_per_s": round(batch_size / float(p50), 2),
+    }
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (latency, score) points: True where no other point is at least as fast and as good, and
+    strictly better in one of the two."""
+    flags = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        flags.append(not dominated)
+    return flags

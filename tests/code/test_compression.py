@@ -1,0 +1,171 @@
+"""The compression library on a small in-memory BERT: int8 save/load, pruning, the student, the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from lmpipe import compression as lib
+from lmpipe.data import load_bbc_news
+from lmpipe.errors import ParamsError, UserError
+from lmpipe.evaluation import predict_proba_model
+from lmpipe.models import load_tokenizer, resolve_model_dir
+
+LABELS = ["business", "entertainment", "politics", "sport", "tech"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return load_bbc_news()["text"].iloc[::37].tolist()[:60]
+
+
+@pytest.fixture
+def model(tokenizer):
+    """A 4-layer, 32-wide classifier whose wide random init gives clearly input-dependent predictions."""
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        initializer_range=0.2,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval()
+
+
+def test_int8_round_trip_is_exact_and_agrees_with_fp32(model, tokenizer, texts, tmp_path):
+    quantized = lib.quantize_int8(model)
+    lib.save_int8(quantized, tokenizer, tmp_path, {"path": "in-memory"})
+    reloaded = lib.load_int8(tmp_path)
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+    original, _ = predict_proba_model(model, tokenizer, texts, 32, 16)
+    in_memory, _ = predict_proba_model(quantized, tokenizer, texts, 32, 16)
+    from_disk, names = predict_proba_model(reloaded, tokenizer, texts, 32, 16)
+    assert names == LABELS
+    np.testing.assert_array_equal(in_memory, from_disk)  # the stored int8 weights are the quantized ones
+    assert len(set(original.argmax(1))) >= 3  # the check below is not trivially met by a constant model
+    assert (original.argmax(1) == from_disk.argmax(1)).mean() >= 0.9
+    assert 0 < np.abs(original - from_disk).max() < 0.1  # quantized: close, not identical
+    # every Linear weight is stored in 1 byte instead of 4 (this tiny model is mostly embeddings)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert fp32_bytes - 3 * linear < lib.weights_bytes(tmp_path) < fp32_bytes - 3 * linear + 20_000
+    counts = lib.parameter_counts(reloaded)
+    assert counts["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_global_pruning_hits_the_target_and_spares_the_head(model):
+    head = model.classifier.weight.detach().clone()
+    embeddings = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    keep = lib.magnitude_prune(model, 0.3)
+    assert lib.sparsity_of(model) == pytest.approx(0.3, abs=1e-4)
+    assert len(keep) == 4 * 6 + 1  # every encoder Linear and the pooler
+    assert not [n for n, _ in model.named_parameters() if n.endswith(("_orig", "_mask"))]  # permanent
+    assert torch.equal(model.classifier.weight, head)
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, embeddings)
+    # global, not per layer: the layers end up with different sparsities
+    per_layer = [float((m.weight == 0).float().mean()) for m in lib.prunable_linears(model).values()]
+    assert max(per_layer) - min(per_layer) > 0.01
+    # a recovery step moves every weight; KeepPruned puts the pruned ones back to zero
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    lib.KeepPruned(model, keep).apply()
+    assert lib.sparsity_of(model) == pytest.approx(0.3, abs=1e-4)
+
+
+def test_student_keeps_chosen_layers_with_teacher_weights(model, tokenizer, texts):
+    student = lib.make_student(model)
+    assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
+    assert student.config.distilled_from_layers == [1, 3]
+    for new, old in ((0, 1), (1, 3)):
+        a = student.bert.encoder.layer[new].output.dense.weight
+        b = model.bert.encoder.layer[old].output.dense.weight
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # a copy, the teacher is untouched
+    assert len(model.bert.encoder.layer) == 4
+    proba, _ = predict_proba_model(student, tokenizer, texts[:4], 32, 4)
+    assert proba.shape == (4, len(LABELS))
+    assert lib.default_keep_layers(6) == [1, 3, 5] and lib.default_keep_layers(5) == [0, 2, 4]
+    assert lib.make_student(model, [0]).config.num_hidden_layers == 1
+    with pytest.raises(UserError, match=r"compress.distill.keep_layers: \[4\] not layers"):
+        lib.make_student(model, [0, 4])
+    with pytest.raises(UserError, match="keep fewer"):
+        lib.make_student(model, [0, 1, 2, 3])
+
+
+def test_distillation_loss_values():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 5), torch.randn(6, 5)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    ce = torch.nn.functional.cross_entropy(student, labels)
+    assert lib.distillation_loss(student, teacher, labels, 2.0, 0.0) == pytest.approx(float(ce))
+    assert lib.distillation_loss(teacher, teacher, labels, 3.0, 1.0) == pytest.approx(0.0, abs=1e-6)
+    t = 2.0
+    p_t = torch.softmax(teacher / t, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    mixed = lib.distillation_loss(student, teacher, labels, t, 0.25)
+    assert mixed == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
+    # normalised by the examples of the whole accumulated batch when the Trainer says how many
+    assert lib.distillation_loss(student, teacher, labels, t, 0.25, 12) == pytest.approx(float(mixed) / 2)
+
+
+def test_distillation_hook_runs_the_teacher_on_the_student_inputs(model, tokenizer, texts):
+    student = lib.make_student(model)
+    hook = lib.DistillationLoss(model, student, 2.0, 1.0)
+    batch = lib.fixed_batch(tokenizer, texts, 3, 16)
+    labels = torch.tensor([0, 1, 2])
+    outputs = student(**batch)
+    loss = hook(outputs, labels)
+    expected = lib.distillation_loss(outputs.logits, model(**batch).logits, labels, 2.0, 1.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.requires_grad
+    hook.close()
+    assert not student._forward_pre_hooks
+
+
+def test_fixed_batch_and_latency_summary(tokenizer):
+    batch = lib.fixed_batch(tokenizer, ["short", "a longer text here"], 5, 24)
+    assert batch["input_ids"].shape == (5, 24)
+    summary = lib.latency_summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 4)
+    assert summary == {
+        "latency_b4_p50_ms": 30.0,
+        "latency_b4_p95_ms": 48.0,
+        "throughput_b4_per_s": pytest.approx(133.33),
+    }
+
+
+def test_pareto_front():
+    # (latency, score): b is faster and better than a; c is the fastest; d is the best
+    points = [(10, 0.90), (8, 0.92), (3, 0.80), (12, 0.95), (9, 0.80)]
+    assert lib.pareto_front(points) == [False, True, True, True, False]
+
+
+def test_compress_params_are_checked(tmp_path):
+    import yaml
+
+    from lmpipe.params import load_params
+    from tests.code.test_params import ROOT
+
+    for section, key, value, fragment in [
+        ("prune", "sparsity", 1.0, "between 0 and 1"),
+        ("distill", "alpha", 1.5, "must be in [0, 1]"),
+        ("distill", "keep_layers", [1, 1], "must not repeat"),
+        ("latency", "repeats", 1, "must be >= 2"),
+    ]:
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["compress"][section][key] = value
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        with pytest.raises(ParamsError) as err:
+            load_params(path)
+        assert err.value.key == f"compress.{section}.{key}" and fragment in str(err.value)

@@ -1,0 +1,213 @@
+"""The compress stage through the real ``dvc repro``, on the tiny 4-layer encoder: every variant is built,
+saved, reloaded and measured, and the values in the table are checked against the saved models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from tests.conftest import new_repo as make_repo
+from tests.conftest import run, write_params
+
+pytestmark = pytest.mark.slow
+
+VARIANTS = ("original", "int8", "pruned", "student")
+
+
+def overrides(encoder) -> dict:
+    return {
+        "base": {"model": str(encoder), "max_length": 32},
+        "prepare": {"max_rows": 100},
+        "train": {"epochs": 1, "batch_size": 8, "logging_steps": 2},
+        "compress": {
+            "prune": {"sparsity": 0.5, "recovery_epochs": 1, "learning_rate": 1.0e-4},
+            "distill": {"epochs": 1, "learning_rate": 1.0e-3},
+            "latency": {"threads": 1, "warmup": 1, "repeats": 5, "batch_size": 4, "batch_repeats": 2},
+        },
+        "mlflow": {"experiment": "tiny-compress"},
+    }
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_encoder):
+    repo = make_repo(tmp_path_factory.mktemp("compress-repo"), overrides(tiny_encoder))
+    result = run(["dvc", "repro", "compress"], repo, timeout=900)
+    (repo / "repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+def table(repo) -> dict:
+    return json.loads((repo / "reports/compress/metrics.json").read_text())
+
+
+def texts(repo) -> list[str]:
+    return pd.concat(pd.read_parquet(repo / f"data/split/{s}.parquet") for s in ("train", "val", "test"))[
+        "text"
+    ].tolist()
+
+
+def test_table_has_every_variant_with_consistent_values(repo):
+    metrics = table(repo)
+    rows = metrics["variants"]
+    assert list(rows) == list(VARIANTS)
+    original = rows["original"]
+    for name, row in rows.items():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1
+        assert row["delta_macro_f1"] == pytest.approx(row["macro_f1"] - original["macro_f1"])
+        assert row["delta_accuracy"] == pytest.approx(row["accuracy"] - original["accuracy"])
+        assert row["latency_b1_p95_ms"] >= row["latency_b1_p50_ms"] > 0
+        assert row["latency_b4_p95_ms"] >= row["latency_b4_p50_ms"] > 0
+        assert row["throughput_b4_per_s"] == pytest.approx(4 / (row["latency_b4_p50_ms"] / 1000), rel=0.01)
+        assert row["speedup_b1"] == pytest.approx(
+            original["latency_b1_p50_ms"] / row["latency_b1_p50_ms"], rel=0.01
+        )
+        assert 0 < row["nonzero_parameters"] <= row["parameters"], name
+    assert original["delta_macro_f1"] == 0 and original["speedup_b1"] == 1
+    # the original's scores are the evaluate stage's scores for the same model and test split
+    run(["dvc", "repro", "evaluate"], repo, timeout=600)
+    evaluated = json.loads((repo / "reports/evaluate/metrics.json").read_text())["model"]
+    assert original["macro_f1"] == pytest.approx(evaluated["macro_f1"])
+    assert original["accuracy"] == pytest.approx(evaluated["accuracy"])
+    setup = metrics["latency_setup"]
+    assert setup == {**setup, "device": "cpu", "threads": 1, "max_length": 32, "repeats_b1": 5}
+
+
+def test_int8_is_stored_without_pickles_and_agrees_with_the_original(repo):
+    from lmpipe.compression import load_int8
+    from lmpipe.evaluation import predict_proba, predict_proba_model
+    from lmpipe.models import load_tokenizer
+
+    folder = repo / "models/compress/int8"
+    assert {p.name for p in folder.iterdir()} >= {"int8.safetensors", "quantization.json", "config.json"}
+    assert not [p for p in folder.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
+    tensors = load_file(folder / "int8.safetensors")
+    int8 = [k for k, v in tensors.items() if v.dtype == torch.int8]
+    # 4 layers x (q, k, v, attention out, intermediate, output) + pooler + classifier
+    assert len(int8) == 4 * 6 + 2
+    recipe = json.loads((folder / "quantization.json").read_text())
+    assert recipe["quantized_linear_layers"] == 26 and "embeddings" in recipe["kept_fp32"]
+    rows = table(repo)["variants"]
+    assert rows["int8"]["size_mb"] < rows["original"]["size_mb"]
+    assert rows["int8"]["parameters"] == rows["original"]["parameters"]
+
+    every = texts(repo)
+    original, _ = predict_proba(repo / "models/model", every, 32, 64)
+    quantized, _ = predict_proba_model(load_int8(folder), load_tokenizer(folder), every, 32, 64)
+    # the tiny model barely learns in one epoch, so its predictions may be nearly constant and their
+    # agreement easy: the probabilities must also be close (tests/code checks a model with varied outputs)
+    agreement = float((original.argmax(1) == quantized.argmax(1)).mean())
+    assert agreement >= 0.9, agreement
+    assert 0 < np.abs(original - quantized).max() < 0.05
+
+
+def test_pruned_sparsity_is_measured_in_the_saved_weights(repo):
+    row = table(repo)["variants"]["pruned"]
+    weights = load_file(repo / "models/compress/pruned/model.safetensors")
+    encoder = [
+        v
+        for k, v in weights.items()
+        if k.startswith("bert.") and k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k
+    ]
+    assert len(encoder) == 4 * 6 + 1  # the pooler is pruned too, the classifier head is not
+    zeros = sum(int((v == 0).sum()) for v in encoder) / sum(v.numel() for v in encoder)
+    assert zeros == pytest.approx(0.5, abs=0.005)  # still 50% after the recovery fine-tune
+    assert row["measured_sparsity"] == pytest.approx(zeros)
+    assert row["target_sparsity"] == 0.5
+    assert row["recovery_epochs_run"] == 1
+    original = table(repo)["variants"]["original"]
+    assert original["nonzero_parameters"] - row["nonzero_parameters"] == pytest.approx(
+        sum(v.numel() for v in encoder) * 0.5, rel=0.02
+    )
+
+
+def test_student_keeps_every_other_layer(repo):
+    folder = repo / "models/compress/student"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["distilled_from_layers"] == [1, 3]
+    weights = load_file(folder / "model.safetensors")
+    layers = {k.split(".")[3] for k in weights if k.startswith("bert.encoder.layer.")}
+    assert layers == {"0", "1"}
+    rows = table(repo)["variants"]
+    assert rows["student"]["layers"] == 2 and rows["original"]["layers"] == 4
+    assert rows["student"]["parameters"] < rows["original"]["parameters"]
+    # the embeddings come from the teacher unchanged in shape; the student is a loadable classifier
+    teacher = load_file(repo / "models/model/model.safetensors")
+    key = "bert.embeddings.word_embeddings.weight"
+    assert weights[key].shape == teacher[key].shape
+
+
+def test_mlflow_parent_with_a_child_per_variant(repo):
+    metrics = table(repo)
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    parent = client.get_run(metrics["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["stage"] == "compress"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_name = {c.data.tags["variant"]: c for c in children}
+    assert set(by_name) == set(VARIANTS)
+    for name, row in metrics["variants"].items():
+        child = by_name[name]
+        assert child.info.run_id == row["mlflow_run_id"] and child.info.status == "FINISHED"
+        assert child.data.metrics["macro_f1"] == pytest.approx(row["macro_f1"])
+        assert child.data.metrics["latency_b1_p50_ms"] == pytest.approx(row["latency_b1_p50_ms"])
+    student = by_name["student"]
+    assert student.data.params["distill.temperature"] == "2.0"
+    assert student.data.params["distill.alpha"] == "0.5"
+    assert len(client.get_metric_history(student.info.run_id, "train_loss")) >= 2
+    assert [m.step for m in client.get_metric_history(student.info.run_id, "val_macro_f1")] == [1]
+    assert {a.path for a in client.list_artifacts(student.info.run_id, "model")} >= {
+        "model/model.safetensors"
+    }
+    assert len(client.get_metric_history(by_name["pruned"].info.run_id, "train_loss")) >= 1
+
+
+def test_pareto_plot_and_second_repro(repo):
+    points = pd.read_csv(repo / "reports/compress/pareto.csv")
+    rows = table(repo)["variants"]
+    assert points["variant"].tolist() == list(VARIANTS)
+    assert points["latency_b1_p50_ms"].tolist() == [rows[v]["latency_b1_p50_ms"] for v in VARIANTS]
+    fastest = points["latency_b1_p50_ms"].idxmin()
+    assert points.loc[fastest, "pareto"]
+    assert table(repo)["pareto"] == points.loc[points["pareto"], "variant"].tolist()
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
+    assert "Compression trade-off (macro-F1 vs batch-1 CPU latency)" in shown
+    assert "Running stage" not in run(["dvc", "repro", "compress"], repo).stdout
+
+
+def test_bad_keep_layers_fail_in_one_line_before_any_work(repo, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text())
+    write_params(tmp_path, {"compress": {"distill": {"keep_layers": [1, 7]}}})
+    result = run(
+        [
+            "python",
+            "stages/compress.py",
+            "--params",
+            str(params),
+            "--data",
+            "data/split",
+            "--model",
+            "models/model",
+            "--out",
+            str(tmp_path / "out"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--plot",
+            str(tmp_path / "p.csv"),
+        ],
+        repo,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("error: compress.distill.keep_layers: [7]"), (
+        result.stderr
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
