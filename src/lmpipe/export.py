@@ -183,7 +183,7 @@ def split_fingerprint(test: pd.DataFrame) -> str:
 def pip_requirements() -> list[str]:
     """What the served model needs (no torch: it runs ONNX with the tokenizer), pinned to this env."""
     pins = []
-    for package in ("mlflow", "onnxruntime", "transformers", "tokenizers", "numpy", "pandas"):
+    for package in ("mlflow", "onnxruntime", "transformers", "tokenizers", "numpy", "pandas", "pydantic"):
         try:
             pins.append(f"{package}=={metadata.version(package)}")
         except metadata.PackageNotFoundError:
@@ -275,12 +275,9 @@ def run_export(
             info = json.loads((staging / CLASSIFIER_FILE).read_text())
             info.update(onnx_file=FP32_FILE, variant=cfg.registered_variant)
             (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            # an unnamed string column: the model takes a list of texts, or a DataFrame whose only
-            # (or `text`) column holds them
             example = [t[:300] for t in texts[:2]]
-            output = fp32.frame(fp32.predict_proba(example))
             model_uri = tracking.log_pyfunc_model(
-                serving.__file__, {"classifier": staging}, example, output, pip_requirements()
+                serving.__file__, {"classifier": staging}, example, pip_requirements()
             )
 
         name = cfg.registered_model

@@ -21,6 +21,7 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pydantic
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -122,19 +123,35 @@ def texts_from_input(model_input: Any) -> list[str]:
     return check_texts(values)
 
 
+class Prediction(pydantic.BaseModel):
+    """One text's result: the predicted label and every class's probability."""
+
+    label: str
+    probabilities: dict[str, float]
+
+
 class TextClassifierModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc: texts in (list or DataFrame), ``label`` + ``p_<class>`` columns out."""
+    """MLflow pyfunc: a list of texts (or a one-column DataFrame of them) in, one ``Prediction`` per text
+    out. The type hints are the signature: MLflow rejects non-string items with a 400 before ``predict``
+    runs, and ``predict`` rejects empty texts with a 400 naming the row."""
 
     def load_context(self, context):
         self.classifier = OnnxTextClassifier(context.artifacts["classifier"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params=None) -> list[Prediction]:
         try:
             texts = texts_from_input(model_input)
         except InputError as err:
             # MLflow's scoring server turns this into a 400 with the message, not a 500
             raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
-        return self.classifier.frame(self.classifier.predict_proba(texts))
+        proba = self.classifier.predict_proba(texts)
+        labels = self.classifier.labels
+        return [
+            Prediction(
+                label=labels[int(row.argmax())], probabilities=dict(zip(labels, map(float, row), strict=True))
+            )
+            for row in proba
+        ]
 
 
 # MLflow executes this file under a module name starting with "code_model_" when it loads the model:

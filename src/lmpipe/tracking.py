@@ -225,20 +225,18 @@ def log_pyfunc_model(
     code_path: str | Path,
     artifacts: Mapping[str, str | Path],
     input_example: Any,
-    output_example: Any,
     pip_requirements: list[str],
 ) -> str:
-    """Log a "models from code" pyfunc model (no pickled object) under ``model`` in the active run,
-    with a signature inferred from the example input and output; returns its ``models:/`` URI."""
+    """Log a "models from code" pyfunc model (no pickled object) under ``model`` in the active run;
+    its signature comes from the ``predict`` type hints, checked on ``input_example``. Returns its
+    ``models:/`` URI."""
     import mlflow
-    from mlflow.models import infer_signature
 
     mlflow.set_registry_uri(tracking_uri())
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(code_path),
         artifacts={k: str(v) for k, v in artifacts.items()},
-        signature=infer_signature(input_example, output_example),
         input_example=input_example,
         pip_requirements=pip_requirements,
     )
