@@ -29,11 +29,7 @@ from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier, load_tokenizer
 from lmpipe.params import Params
-from lmpipe.serving import CLASSIFIER_FILE, OnnxTextClassifier, softmax
-
-FP32_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-VARIANT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
+from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, VARIANT_FILES, OnnxTextClassifier, softmax
 
 
 def write_classifier_folder(model_dir: str | Path, out_dir: str | Path, max_length: int, opset: int) -> Path:

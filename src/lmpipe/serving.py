@@ -26,6 +26,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 CLASSIFIER_FILE = "classifier.json"
+FP32_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+VARIANT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
 TEXT_COLUMN = "text"
 
 
