@@ -22,6 +22,8 @@ TINY = {
     "prepare": {"max_rows": 80},
     "train": {"epochs": 2, "batch_size": 8, "logging_steps": 2, "patience": 1},
     "mlflow": {"experiment": "tiny"},
+    # a few timed runs at small batches: the export stage's benchmark is not what these runs test
+    "export": {"latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3}},
 }
 
 
