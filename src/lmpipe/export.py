@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -337,6 +338,8 @@ def run_export(
             "latency": latency,
             "speedup": speedup,
             "latency_threads": cfg.latency.threads,
+            # other processes on the machine skew the timings: the 1-minute load average when they were taken
+            "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
             "size_mb": {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()},
             "registry": {"name": name, "version": version, "model_uri": model_uri},
             "gate": {

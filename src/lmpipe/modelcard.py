@@ -87,7 +87,8 @@ def render(
         "",
         f"Latency (ms, CPU, {params.export.latency.threads} threads, {params.export.latency.warmup} warm-up "
         f"and {params.export.latency.repeats} timed runs, inputs padded to the longest text of the batch "
-        f"and at most {params.base.max_length} tokens):",
+        f"and at most {params.base.max_length} tokens; 1-minute load average "
+        f"{export.get('latency_load_average', 'n/a')} while timing):",
         "",
         "| backend | "
         + " | ".join(f"batch {n} p50 | batch {n} p95" for n in params.export.latency.batch_sizes)

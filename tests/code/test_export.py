@@ -194,4 +194,3 @@ def test_unreadable_predict_input(tmp_path):
     (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin.txt: not valid UTF-8 \(byte 0xe9 at offset 3\)"):
         read_texts(tmp_path / "latin.txt")
-
