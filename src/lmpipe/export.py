@@ -79,8 +79,13 @@ def quantize_int8(folder: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = Path(folder)
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's "consider pre-processing" warning
-    quantize_dynamic(folder / FP32_FILE, folder / INT8_FILE, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs "consider pre-processing" on the root logger
+    try:
+        quantize_dynamic(folder / FP32_FILE, folder / INT8_FILE, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return folder / INT8_FILE
 
 
