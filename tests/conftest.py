@@ -26,6 +26,8 @@ TINY = {
         "latency": {"warmup": 1, "repeats": 5, "batch_size": 4, "batch_repeats": 2},
     },
     "mlflow": {"experiment": "tiny"},
+    # a few timed runs at small batches: the export stage's benchmark is not what these runs test
+    "export": {"latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3}},
 }
 
 

@@ -428,6 +428,64 @@ class SearchParams(_Section):
 
 
 @dataclass(frozen=True)
+class ExportLatencyParams(_Section):
+    batch_sizes: list
+    warmup: int
+    repeats: int
+    threads: int
+
+    def problems(self):
+        if not self.batch_sizes or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.batch_sizes
+        ):
+            yield "batch_sizes", f"must be a non-empty list of integers >= 1, got {self.batch_sizes}"
+        if self.warmup < 0:
+            yield "warmup", f"must be >= 0, got {self.warmup}"
+        if self.repeats < 2:
+            yield "repeats", f"must be >= 2 (p50/p95 need several timings), got {self.repeats}"
+        if self.threads < 1:
+            yield "threads", f"must be >= 1, got {self.threads}"
+
+
+@dataclass(frozen=True)
+class GateParams(_Section):
+    min_macro_f1: float
+    must_beat_baseline: bool
+
+    def problems(self):
+        if not 0 <= self.min_macro_f1 <= 1:
+            yield "min_macro_f1", f"must be between 0 and 1, got {self.min_macro_f1}"
+
+
+@dataclass(frozen=True)
+class ExportParams(_Section):
+    source: Literal["model"]
+    opset: int
+    registered_variant: Literal["fp32", "int8"]
+    batch_size: int
+    max_logit_diff: float
+    min_int8_agreement: float
+    registered_model: str
+    latency: ExportLatencyParams
+    gate: GateParams
+
+    def problems(self):
+        if not 18 <= self.opset <= 23:
+            yield "opset", f"must be between 18 and 23 (the dynamo exporter's range), got {self.opset}"
+        if self.batch_size < 1:
+            yield "batch_size", f"must be >= 1, got {self.batch_size}"
+        if self.max_logit_diff <= 0:
+            yield "max_logit_diff", f"must be > 0, got {self.max_logit_diff}"
+        if not 0 <= self.min_int8_agreement <= 1:
+            yield "min_int8_agreement", f"must be between 0 and 1, got {self.min_int8_agreement}"
+        if not self.registered_model.strip() or "/" in self.registered_model or ":" in self.registered_model:
+            yield (
+                "registered_model",
+                f"must be a non-empty name without '/' or ':', got {self.registered_model!r}",
+            )
+
+
+@dataclass(frozen=True)
 class Params(_Section):
     base: BaseParams
     prepare: PrepareParams
@@ -437,6 +495,7 @@ class Params(_Section):
     evaluate: EvaluateParams
     compress: CompressParams
     mlflow: MlflowParams
+    export: ExportParams
 
     def problems(self):
         # every value a search may hand to train must be a valid train value

@@ -230,3 +230,69 @@ class MlflowTrainingLogger(TrainerCallback):
                 if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
             }
             log_metrics(vals, step=epoch, prefix=self.prefix)
+
+
+# ------------------------------------------------------------------------------ models and the registry
+def _client() -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+
+
+def log_pyfunc_model(
+    code_path: str | Path,
+    artifacts: Mapping[str, str | Path],
+    input_example: Any,
+    pip_requirements: list[str],
+) -> str:
+    """Log a "models from code" pyfunc model (no pickled object) under ``model`` in the active run;
+    its signature comes from the ``predict`` type hints, checked on ``input_example``. Returns its
+    ``models:/`` URI."""
+    import mlflow
+
+    mlflow.set_registry_uri(tracking_uri())
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(code_path),
+        artifacts={k: str(v) for k, v in artifacts.items()},
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+    )
+    return info.model_uri
+
+
+def register_model_version(model_uri: str, name: str, tags: Mapping[str, Any], description: str) -> str:
+    """A new version of registered model ``name`` (created if needed), tagged and described."""
+    import mlflow
+
+    mlflow.set_registry_uri(tracking_uri())
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    _client().update_model_version(name, version.version, description=description)
+    return str(version.version)
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version that ``alias`` points at, or None (no such alias or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    _client().set_registered_model_alias(name, alias, version)
+
+
+def model_version_tags(name: str, version: str) -> dict[str, str]:
+    return dict(_client().get_model_version(name, version).tags)
+
+
+def download_model(uri: str, dest: str | Path) -> Path:
+    """Download a logged or registered model's folder (``models:/name@alias``) into ``dest``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))

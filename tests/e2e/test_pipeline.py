@@ -25,7 +25,7 @@ def client(repo) -> MlflowClient:
 
 def test_all_stages_ran(tiny_repo):
     log = (tiny_repo / "first_repro.log").read_text()
-    for stage in ("prepare", "split", "search", "train", "evaluate"):
+    for stage in ("prepare", "split", "search", "train", "evaluate", "compress", "export"):
         assert f"Running stage '{stage}'" in log
     assert (tiny_repo / "dvc.lock").is_file()
     # search is off by default: it hands train nothing, and says so
@@ -138,7 +138,7 @@ def test_evaluate_param_reruns_only_evaluate(tiny_repo):
     before = metrics(tiny_repo, "evaluate")
     result = run(["dvc", "repro"], tiny_repo)
     ran = re.findall(r"Running stage '(\w+)'", result.stdout)
-    assert ran == ["evaluate"]
+    assert ran == ["evaluate", "export"]  # export reads evaluate's metrics (baseline, run ids)
     after = metrics(tiny_repo, "evaluate")
     assert after["model"] == pytest.approx(before["model"])  # batch size does not change predictions
     git_commit(tiny_repo, "evaluate batch size")

@@ -1,0 +1,134 @@
+"""The model card: a Markdown page written beside the export, from the pipeline's own records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmpipe.params import Params
+
+
+def _f(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+
+
+def render(
+    params: Params,
+    prepare: dict,
+    split: dict,
+    train: dict,
+    evaluate: dict,
+    export: dict,
+    compression: dict | None = None,
+) -> str:
+    """Markdown covering data, base model and training params, test metrics against the baseline,
+    compression and export figures, intended use and limitations."""
+    source = params.prepare.source
+    data_name = "BBC News (built-in, 5 topics)" if source == "bbc_news" else f"`{source}`"
+    sizes = split.get("sizes", {})
+    labels = export.get("labels", [])
+    model, baseline = evaluate.get("model", {}), evaluate.get("baseline", {})
+    served = export.get("served", {})
+    reg = export.get("registry", {})
+    gate = export.get("gate", {})
+    tl = prepare.get("token_length", {})
+    lines = [
+        f"# Model card: {params.export.registered_model}",
+        "",
+        f"A {len(labels)}-class text classifier ({', '.join(labels)}), fine-tuned from `{params.base.model}` "
+        f"and exported to ONNX. Registered in MLflow as `{reg.get('name', 'n/a')}` version "
+        f"{reg.get('version', 'n/a')} (aliases: {', '.join(gate.get('aliases', [])) or 'none'}).",
+        "",
+        "## Data",
+        "",
+        f"- Source: {data_name}; {prepare.get('rows_in', 'n/a')} rows in, {prepare.get('rows_out', 'n/a')} "
+        f"after cleaning and de-duplication.",
+        f"- Split (seed {params.base.seed}, stratified): train {sizes.get('train', 'n/a')}, "
+        f"val {sizes.get('val', 'n/a')}, test {sizes.get('test', 'n/a')}.",
+        f"- Token lengths: median {tl.get('p50', 'n/a')}, p95 {tl.get('p95', 'n/a')}; "
+        f"{_f(100 * tl['truncated_fraction'], 1) if 'truncated_fraction' in tl else 'n/a'}% of texts are "
+        f"longer than `max_length` = {params.base.max_length} tokens and truncated.",
+        "",
+        "## Model and training",
+        "",
+        f"- Base model: `{params.base.model}`; {train.get('parameters', 'n/a')} parameters.",
+        f"- Exported source: `{params.export.source}`.",
+        "- Training params: "
+        + ", ".join(f"{k}={v}" for k, v in params.to_dict()["train"].items())
+        + f"; max_length={params.base.max_length}.",
+        f"- Best val macro-F1 {_f(train.get('best_val_macro_f1'))} at epoch {train.get('best_epoch', 'n/a')}.",
+        f"- MLflow training run: `{evaluate.get('train_mlflow_run_id') or train.get('mlflow_run_id', 'n/a')}`; "
+        f"git commit `{export.get('git_commit', 'n/a')}`.",
+        "",
+        "## Test metrics",
+        "",
+        "| predictor | macro-F1 | accuracy |",
+        "|---|---|---|",
+        f"| PyTorch fp32 (this model) | {_f(model.get('macro_f1'))} | {_f(model.get('accuracy'))} |",
+        f"| ONNX fp32 | {_f(export.get('onnx_fp32', {}).get('macro_f1'))} | "
+        f"{_f(export.get('onnx_fp32', {}).get('accuracy'))} |",
+        f"| ONNX Runtime int8 | {_f(export.get('onnx_int8', {}).get('macro_f1'))} | "
+        f"{_f(export.get('onnx_int8', {}).get('accuracy'))} |",
+        f"| TF-IDF + logistic regression baseline | {_f(baseline.get('macro_f1'))} | "
+        f"{_f(baseline.get('accuracy'))} |",
+        "",
+        f"{evaluate.get('test_rows', sizes.get('test', 'n/a'))} test rows. The served variant is "
+        f"**{params.export.registered_variant}** (test macro-F1 {_f(served.get('macro_f1'))}).",
+        "",
+        "## Export",
+        "",
+        f"- ONNX fp32 vs PyTorch: max |logit difference| "
+        f"{export.get('onnx_fp32', {}).get('max_abs_logit_diff', float('nan')):.2e}, "
+        f"label agreement {_f(export.get('onnx_fp32', {}).get('label_agreement'))}.",
+        f"- ONNX Runtime dynamic int8: label agreement with PyTorch "
+        f"{_f(export.get('onnx_int8', {}).get('label_agreement'))}; macro-F1 change vs PyTorch "
+        f"{_f(export.get('onnx_int8', {}).get('macro_f1_minus_pytorch'))}.",
+        f"- Sizes: fp32 {_f(export.get('size_mb', {}).get('fp32'), 1)} MB, int8 "
+        f"{_f(export.get('size_mb', {}).get('int8'), 1)} MB.",
+        "",
+        f"Latency (ms, CPU, {params.export.latency.threads} threads, {params.export.latency.warmup} warm-up "
+        f"and {params.export.latency.repeats} timed runs, inputs padded to the longest text of the batch "
+        f"and at most {params.base.max_length} tokens; 1-minute load average "
+        f"{export.get('latency_load_average', 'n/a')} while timing):",
+        "",
+        "| backend | "
+        + " | ".join(f"batch {n} p50 | batch {n} p95" for n in params.export.latency.batch_sizes)
+        + " |",
+        "|---|" + "---|---|" * len(params.export.latency.batch_sizes),
+    ]
+    for backend, cases in export.get("latency", {}).items():
+        cells = []
+        for n in params.export.latency.batch_sizes:
+            case = cases.get(f"batch_{n}", {})
+            cells += [_f(case.get("p50_ms"), 2), _f(case.get("p95_ms"), 2)]
+        lines.append(f"| {backend} | " + " | ".join(cells) + " |")
+    lines += ["", "## Compression", ""]
+    if compression:
+        lines += [f"- {k}: {v}" for k, v in sorted(compression.items())]
+    else:
+        lines.append("None: this export is the trained model itself (`export.source: model`).")
+    lines += [
+        "",
+        "## Promotion gate",
+        "",
+        f"Decision: {'passed' if gate.get('passed') else 'not promoted'}.",
+        "",
+        *[f"- {r}" for r in gate.get("reasons", [])],
+        "",
+        "## Intended use",
+        "",
+        f"Routing or tagging English texts like the training data ({data_name}) into the classes above, "
+        "with a human in the loop for decisions that matter. Use the class probabilities to send "
+        "low-confidence texts to a person.",
+        "",
+        "## Limitations",
+        "",
+        f"- Only the first {params.base.max_length} tokens of a text are read; the rest is truncated "
+        "silently by the model (`lmpipe predict` flags such rows in its `truncated` column).",
+        "- Trained on one corpus: other sources, periods, styles or languages will score lower, "
+        "and a text from outside these classes is still forced into one of them.",
+        f"- The test split is small ({sizes.get('test', 'n/a')} rows): one error moves accuracy by "
+        f"{_f(100 / sizes['test'], 2) if sizes.get('test') else 'n/a'} points.",
+        "- Calibration is not checked: probabilities rank well but are not guaranteed frequencies.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Batch prediction from the command line (``lmpipe predict``): CSV, JSONL or plain-text lines in,
+labels and class probabilities out, with the exported ONNX model (default) or the PyTorch one.
+
+Texts longer than the model's ``max_length`` tokens are truncated (the model reads their first
+``max_length`` tokens, as in training); the output's ``truncated`` column marks them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lmpipe.errors import UserError
+from lmpipe.serving import CLASSIFIER_FILE, VARIANT_FILES, InputError, OnnxTextClassifier, check_texts
+
+INPUT_TYPES = {".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
+OUTPUT_TYPES = {".csv", ".jsonl"}
+
+
+def read_texts(path: str | Path, text_column: str = "text") -> tuple[list[int], list[str]]:
+    """Row numbers (1-based data rows for CSV, line numbers for JSONL and text) and texts; a
+    ``UserError`` naming the file and the row for anything that cannot be scored."""
+    path = Path(path)
+    kind = INPUT_TYPES.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(
+            f"{path}: unsupported input type '{path.suffix}'; use .csv, .jsonl or .txt (one text a line)"
+        )
+    try:
+        raw = path.read_bytes()
+        content = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path}: not valid UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+    if kind == "txt":
+        lines = content.splitlines()
+        rows, values = list(range(1, len(lines) + 1)), lines
+    elif kind == "csv":
+        import io as _io
+
+        try:
+            frame = pd.read_csv(_io.StringIO(content), dtype=object, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"{path}: not a readable CSV: {first}") from None
+        if text_column not in frame.columns:
+            known = ", ".join(map(str, frame.columns)) or "none"
+            raise UserError(f"{path}: column '{text_column}' not found (columns: {known}); use --text-column")
+        rows, values = list(range(1, len(frame) + 1)), frame[text_column].tolist()
+    else:
+        rows, values = [], []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+            if text_column not in record:
+                known = ", ".join(map(str, record)) or "none"
+                raise UserError(
+                    f"{path}: line {number}: key '{text_column}' not found (keys: {known}); use --text-column"
+                )
+            rows.append(number)
+            values.append(record[text_column])
+    if not values:
+        raise UserError(f"{path}: no texts to score")
+    for row, value in zip(rows, values, strict=True):
+        try:
+            check_texts([value], first_row=row)
+        except InputError as err:
+            where = "line" if kind != "csv" else "row"
+            raise UserError(f"{path}: {str(err).replace('row', where, 1)}") from None
+    return rows, values
+
+
+def predict_file(
+    input_path: str | Path,
+    output_path: str | Path,
+    model: str | Path,
+    backend: str = "onnx",
+    variant: str = "fp32",
+    text_column: str = "text",
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> pd.DataFrame:
+    """Score every text of ``input_path`` and write ``output_path`` (.csv or .jsonl) atomically."""
+    from lmpipe import io
+
+    output_path = Path(output_path)
+    if output_path.suffix.lower() not in OUTPUT_TYPES:
+        raise UserError(f"--output: {output_path} must end in .csv or .jsonl")
+    if batch_size < 1:
+        raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
+    rows, texts = read_texts(input_path, text_column)
+    model = Path(model)
+
+    if backend == "onnx":
+        if not (model / CLASSIFIER_FILE).is_file():
+            raise UserError(
+                f"--model: {model} is not an export folder (no {CLASSIFIER_FILE}); run `dvc repro`"
+            )
+        classifier = OnnxTextClassifier(model, VARIANT_FILES[variant])
+        if max_length is not None:
+            classifier.max_length = max_length
+        tokenizer, limit, labels = classifier.tokenizer, classifier.max_length, classifier.labels
+        chunks = [
+            classifier.predict_proba(texts[i : i + batch_size], batch_size)
+            for i in tqdm(range(0, len(texts), batch_size), desc="predict (onnx)", unit="batch")
+        ]
+        proba = np.concatenate(chunks)
+    else:
+        if not (model / "config.json").is_file():
+            raise UserError(f"--model: {model} is not a save_pretrained model folder (no config.json)")
+        if max_length is None:
+            raise UserError(
+                "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
+            )
+        from lmpipe.evaluation import predict_proba
+        from lmpipe.models import load_tokenizer
+
+        proba, labels = predict_proba(model, texts, max_length, batch_size, desc="predict (pytorch)")
+        tokenizer, limit = load_tokenizer(model), max_length
+
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    truncated = [n > limit for n in lengths]
+    frame = pd.DataFrame({"row": rows, "label": [labels[i] for i in proba.argmax(axis=1)]})
+    for j, name in enumerate(labels):
+        frame[f"p_{name}"] = np.round(proba[:, j], 6)
+    frame["truncated"] = truncated
+
+    if output_path.suffix.lower() == ".csv":
+        io.write_csv(output_path, frame)
+    else:
+        records = [
+            {
+                "row": int(r),
+                "label": lab,
+                "probabilities": {name: round(float(p), 6) for name, p in zip(labels, probs, strict=True)},
+                "truncated": bool(t),
+            }
+            for r, lab, probs, t in zip(rows, frame["label"], proba, truncated, strict=True)
+        ]
+        with io.atomic_path(output_path) as tmp:
+            tmp.write_text("".join(json.dumps(rec) + "\n" for rec in records), encoding="utf-8")
+    return frame

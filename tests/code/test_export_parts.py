@@ -1,0 +1,196 @@
+"""Fast checks of the export pieces: params, the promotion gate, parity and timing maths, input checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from lmpipe.errors import ParamsError, UserError
+from lmpipe.export import parity_report, time_call
+from lmpipe.params import GateParams, load_params
+from lmpipe.predict import read_texts
+from lmpipe.promotion import decide
+from lmpipe.serving import InputError, softmax, texts_from_input
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------------ params
+def _params(tmp_path, mutate) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(data["export"])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_export_params_load():
+    cfg = load_params(ROOT / "params.yaml").export
+    assert cfg.source == "model" and cfg.registered_variant in {"fp32", "int8"}
+    assert cfg.max_logit_diff == pytest.approx(1e-4) and cfg.min_int8_agreement == pytest.approx(0.99)
+    assert 1 in cfg.latency.batch_sizes and 32 in cfg.latency.batch_sizes
+    assert isinstance(cfg.gate.must_beat_baseline, bool)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "fragment"),
+    [
+        (lambda e: e.update(source="pruned"), "export.source", "must be one of model"),
+        (lambda e: e.update(registered_variant="fp16"), "export.registered_variant", "must be one of"),
+        (lambda e: e.update(opset=11), "export.opset", "between 18 and 23"),
+        (lambda e: e.update(max_logit_diff=0), "export.max_logit_diff", "must be > 0"),
+        (lambda e: e.update(min_int8_agreement=1.5), "export.min_int8_agreement", "between 0 and 1"),
+        (lambda e: e.update(registered_model="a/b"), "export.registered_model", "without '/'"),
+        (lambda e: e["latency"].update(repeats=1), "export.latency.repeats", "must be >= 2"),
+        (lambda e: e["latency"].update(batch_sizes=[1, 0]), "export.latency.batch_sizes", ">= 1"),
+        (lambda e: e["gate"].update(min_macro_f1=2), "export.gate.min_macro_f1", "between 0 and 1"),
+        (
+            lambda e: e["gate"].update(must_beat_baseline="yes"),
+            "export.gate.must_beat_baseline",
+            "true or false",
+        ),
+        (lambda e: e["gate"].update(min_f1=0.5), "export.gate.min_f1", "unknown key"),
+    ],
+)
+def test_bad_export_params_are_named(tmp_path, mutate, key, fragment):
+    with pytest.raises(ParamsError) as err:
+        load_params(_params(tmp_path, mutate))
+    assert err.value.key == key and fragment in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ gate
+GATE = GateParams(min_macro_f1=0.9, must_beat_baseline=True)
+
+
+def test_gate_fails_below_minimum_and_names_the_reason():
+    d = decide(0.85, 0.80, GATE)
+    assert not d.passed and d.aliases == []
+    assert any(r.startswith("FAIL: macro-F1 0.8500 < min_macro_f1 0.9000") for r in d.reasons)
+
+
+def test_gate_fails_when_not_beating_the_baseline_even_above_minimum():
+    d = decide(0.95, 0.95, GATE)
+    assert not d.passed and d.aliases == []
+    assert "FAIL: macro-F1 0.9500 does not beat the baseline's 0.9500" in d.reasons
+
+
+def test_first_passing_version_is_challenger_and_champion():
+    d = decide(0.95, 0.90, GATE)
+    assert d.passed and d.aliases == ["challenger", "champion"]
+
+
+@pytest.mark.parametrize(
+    ("champion_f1", "aliases"),
+    [(0.96, ["challenger"]), (0.95, ["challenger"]), (0.94, ["challenger", "champion"])],
+)
+def test_champion_only_when_strictly_better_on_the_same_split(champion_f1, aliases):
+    d = decide(0.95, 0.90, GATE, champion_macro_f1=champion_f1, champion_version="3")
+    assert d.passed and d.aliases == aliases
+    assert "champion v3" in d.reasons[-1]
+
+
+def test_unscorable_champion_keeps_the_candidate_challenger():
+    d = decide(0.95, 0.90, GATE, champion_macro_f1=None, champion_version="2")
+    assert d.aliases == ["challenger"] and "cannot be scored" in d.reasons[-1]
+
+
+def test_extra_checks_can_fail_the_gate():
+    d = decide(0.95, 0.90, GATE, checks=[(False, "int8 label agreement 0.9800 vs min_int8_agreement 0.99")])
+    assert not d.passed and d.reasons[-1].startswith("FAIL: int8 label agreement")
+    no_baseline = GateParams(min_macro_f1=0.0, must_beat_baseline=False)
+    assert decide(0.1, 0.9, no_baseline).passed
+
+
+# ------------------------------------------------------------------------------------- parity and timing
+def test_parity_report_measures_difference_and_agreement():
+    ref = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [1.0, 3.0, 0.0], [0.5, 0.4, 0.0]])
+    cand = ref.copy()
+    cand[3] = [0.3, 0.45, 0.0]  # flips the last label, largest difference 0.2
+    report = parity_report(ref, cand, y_true=np.array([0, 2, 1, 0]))
+    assert report["max_abs_logit_diff"] == pytest.approx(0.2)
+    assert report["label_agreement"] == pytest.approx(0.75) and report["labels_differing"] == 1
+    assert report["accuracy"] == pytest.approx(0.75)
+
+
+def test_time_call_runs_warmup_then_repeats():
+    calls = []
+    timing = time_call(lambda: calls.append(1), warmup=3, repeats=7)
+    assert len(calls) == 10
+    assert 0 <= timing["p50_ms"] <= timing["p95_ms"]
+
+
+def test_softmax_rows_sum_to_one():
+    p = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
+    assert np.allclose(p.sum(axis=1), 1) and p[0, 0] == pytest.approx(1.0) and p[1, 0] == pytest.approx(0.5)
+
+
+# -------------------------------------------------------------------------------------- model inputs
+def test_model_input_shapes():
+    assert texts_from_input(["a", "b"]) == ["a", "b"]
+    assert texts_from_input(pd.DataFrame({"text": ["a"], "other": [1]})) == ["a"]
+    assert texts_from_input(pd.DataFrame({"body": ["x", "y"]})) == ["x", "y"]
+    assert texts_from_input(np.array(["q"])) == ["q"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["ok", ""], "row 2: text is empty"),
+        (["ok", "  "], "row 2: text is empty"),
+        ([5], "row 1: text must be a string, got int 5"),
+        (["a", None], "row 2: text is missing"),
+        ([], "input holds no texts"),
+        (pd.DataFrame({"a": ["x"], "b": ["y"]}), "needs a 'text' column"),
+        (3.0, "must be a list of texts"),
+    ],
+)
+def test_bad_model_input_names_the_row(value, message):
+    with pytest.raises(InputError, match=message):
+        texts_from_input(value)
+
+
+# --------------------------------------------------------------------------------------- predict files
+def test_read_texts_csv_jsonl_txt(tmp_path):
+    (tmp_path / "a.csv").write_text('id,text\n1,first text\n2,"second, quoted"\n')
+    assert read_texts(tmp_path / "a.csv") == ([1, 2], ["first text", "second, quoted"])
+    (tmp_path / "a.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\n')
+    assert read_texts(tmp_path / "a.jsonl", "body") == ([1, 3], ["one", "two"])
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    assert read_texts(tmp_path / "a.txt") == ([1, 2], ["line one", "line two"])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("e.csv", 'text\nok\n""\n', "e.csv: row 2: text is empty"),
+        ("e.txt", "ok\n\nmore\n", "e.txt: line 2: text is empty"),
+        ("n.jsonl", '{"text": "ok"}\n{"text": 7}\n', "n.jsonl: line 2: text must be a string, got int 7"),
+        ("m.jsonl", '{"text": null}\n', "m.jsonl: line 1: text is missing"),
+        ("c.csv", "body\nok\n", "c.csv: column 'text' not found (columns: body)"),
+        ("k.jsonl", '{"body": "x"}\n', "k.jsonl: line 1: key 'text' not found (keys: body)"),
+        ("j.jsonl", '{"text": "x"\n', "j.jsonl: line 1: not valid JSON"),
+        ("l.jsonl", '["x"]\n', "l.jsonl: line 1: expected a JSON object, got list"),
+        ("x.parquet", "", "unsupported input type '.parquet'"),
+        ("empty.txt", "", "empty.txt: no texts to score"),
+    ],
+)
+def test_bad_predict_input_names_file_and_row(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(UserError) as err:
+        read_texts(tmp_path / name)
+    assert message in str(err.value)
+
+
+def test_unreadable_predict_input(tmp_path):
+    with pytest.raises(UserError, match="missing.csv: file not found"):
+        read_texts(tmp_path / "missing.csv")
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(UserError, match="dir.csv: is a directory"):
+        read_texts(tmp_path / "dir.csv")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin.txt: not valid UTF-8 \(byte 0xe9 at offset 3\)"):
+        read_texts(tmp_path / "latin.txt")

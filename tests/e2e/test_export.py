@@ -1,0 +1,353 @@
+"""The export stage for real: ``dvc repro`` on the tiny encoder, ONNX parity recomputed independently, the
+registry and its aliases, ``mlflow models serve`` answering HTTP on loopback, and ``lmpipe predict``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from lmpipe.metrics import classification_metrics
+from lmpipe.models import load_classifier
+from lmpipe.serving import OnnxTextClassifier, softmax
+from tests.conftest import BIN, new_repo, pipeline_env, run, write_params
+
+pytestmark = pytest.mark.slow
+
+NAME = "tiny-clf"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_encoder) -> Path:
+    overrides = {
+        "base": {"model": str(tiny_encoder), "max_length": 32},
+        "prepare": {"max_rows": 80},
+        "train": {"epochs": 1, "batch_size": 8, "logging_steps": 4},
+        "mlflow": {"experiment": "tiny-export"},
+        "export": {
+            "registered_model": NAME,
+            "latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "threads": 1},
+            # the tiny encoder learns little in one epoch: let the gate pass so aliases are exercised
+            "gate": {"min_macro_f1": 0.0, "must_beat_baseline": False},
+        },
+    }
+    repo = new_repo(tmp_path_factory.mktemp("export-repo"), overrides)
+    result = run(["dvc", "repro"], repo, timeout=900)
+    (repo / "repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+def metrics(repo: Path, stage: str = "export") -> dict:
+    return json.loads((repo / "reports" / stage / "metrics.json").read_text())
+
+
+def client(repo: Path) -> MlflowClient:
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_export_folder_and_parity(repo):
+    folder = repo / "models/export"
+    assert {"model.onnx", "model.int8.onnx", "classifier.json", "MODEL_CARD.md", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    m = metrics(repo)
+    assert m["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4 and m["onnx_fp32"]["labels_differing"] == 0
+    assert m["onnx_fp32"]["ok"] is True
+
+    # recompute independently: PyTorch vs ONNX Runtime one text at a time and in one padded batch
+    test = pd.read_parquet(repo / "data/split/test.parquet")
+    texts = test["text"].tolist()
+    model = load_classifier(repo / "models/model").eval()
+    fp32 = OnnxTextClassifier(folder)
+    session = fp32.session
+    assert [i.shape for i in session.get_inputs()] == [["batch", "sequence"]] * len(session.get_inputs())
+    ref_all, onnx_all = [], []
+    for batch in [[t] for t in texts] + [texts]:
+        features = fp32.encode(batch)
+        with torch.inference_mode():
+            ref = model(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.numpy()
+        got = fp32.logits(features)
+        assert np.abs(ref - got).max() <= 1e-4
+        assert (ref.argmax(1) == got.argmax(1)).all()
+        if len(batch) > 1:
+            ref_all, onnx_all = ref, got
+
+    # int8: the agreement and macro-F1 written are what ONNX Runtime gives on the test split
+    int8 = ort.InferenceSession(str(folder / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    int8_logits = np.concatenate(
+        [int8.run(None, fp32.encode(texts[i : i + 32]))[0] for i in range(0, len(texts), 32)]
+    )
+    agreement = float((int8_logits.argmax(1) == ref_all.argmax(1)).mean())
+    assert m["onnx_int8"]["label_agreement"] == pytest.approx(agreement)
+    labels = json.loads((folder / "classifier.json").read_text())["labels"]
+    y_true = test["label"].map({n: i for i, n in enumerate(labels)}).to_numpy()
+    assert m["onnx_int8"]["macro_f1"] == pytest.approx(
+        classification_metrics(y_true, int8_logits.argmax(1))["macro_f1"]
+    )
+    # and the PyTorch scores match the evaluate stage's on the same split
+    assert m["pytorch_fp32"]["macro_f1"] == pytest.approx(metrics(repo, "evaluate")["model"]["macro_f1"])
+    assert m["onnx_fp32"]["macro_f1"] == pytest.approx(
+        classification_metrics(y_true, onnx_all.argmax(1))["macro_f1"]
+    )
+
+
+def test_latency_metrics(repo):
+    m = metrics(repo)
+    assert set(m["latency"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    for cases in m["latency"].values():
+        assert set(cases) == {"batch_1", "batch_8"}
+        for case in cases.values():
+            assert 0 < case["p50_ms"] <= case["p95_ms"]
+    assert m["speedup"]["onnx_int8_vs_pytorch_batch_1"] == pytest.approx(
+        m["latency"]["pytorch_fp32"]["batch_1"]["p50_ms"] / m["latency"]["onnx_int8"]["batch_1"]["p50_ms"],
+        rel=1e-2,
+    )
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    assert "reports/export/metrics.json" in json.dumps(shown)
+
+
+def test_registered_version_links_run_commit_and_metrics(repo):
+    m, train, evaluate = metrics(repo), metrics(repo, "train"), metrics(repo, "evaluate")
+    mlflow = client(repo)
+    version = mlflow.get_model_version(NAME, m["registry"]["version"])
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert version.tags["train_run_id"] == train["mlflow_run_id"]
+    assert version.tags["evaluate_run_id"] == evaluate["mlflow_run_id"]
+    assert version.tags["export_run_id"] == m["mlflow_run_id"]
+    assert version.tags["git_commit"] == commit
+    assert float(version.tags["test_macro_f1"]) == pytest.approx(m["served"]["macro_f1"], abs=1e-6)
+    assert float(version.tags["baseline_test_macro_f1"]) == pytest.approx(evaluate["baseline"]["macro_f1"])
+    assert train["mlflow_run_id"] in version.description and commit in version.description
+    assert mlflow.get_run(m["mlflow_run_id"]).info.status == "FINISHED"
+    # the first passing version is both challenger and champion, and the metrics say why
+    assert m["gate"]["passed"] is True and m["gate"]["aliases"] == ["challenger", "champion"]
+    assert "no champion yet: becomes champion" in m["gate"]["reasons"]
+    for alias in ("challenger", "champion"):
+        assert str(mlflow.get_model_version_by_alias(NAME, alias).version) == m["registry"]["version"]
+    # the logged model holds ONNX, tokenizer and JSON: no pickled weights
+    files = {a.path for a in mlflow.list_artifacts(m["mlflow_run_id"])}
+    assert "MODEL_CARD.md" in files
+
+
+def test_model_card(repo):
+    card = (repo / "models/export/MODEL_CARD.md").read_text()
+    m, evaluate, split = metrics(repo), metrics(repo, "evaluate"), metrics(repo, "split")
+    sizes = split["sizes"]
+    assert f"train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" in card
+    assert f"| TF-IDF + logistic regression baseline | {evaluate['baseline']['macro_f1']:.4f} |" in card
+    assert f"| PyTorch fp32 (this model) | {evaluate['model']['macro_f1']:.4f} |" in card
+    p50 = m["latency"]["onnx_int8"]["batch_1"]["p50_ms"]
+    assert f"| onnx_int8 | {p50:.2f} |" in card
+    for heading in ("## Data", "## Model and training", "## Export", "## Compression", "## Intended use"):
+        assert heading in card
+    assert "## Limitations" in card and "first 32 tokens" in card
+    assert f"version {m['registry']['version']}" in card
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    """``mlflow models serve`` of version 1 on a free loopback port; stopped at the end of the module."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    log = open(repo / "serve.log", "w")  # noqa: SIM115 - closed below
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager", "local"]
+    proc = subprocess.Popen(
+        [*cmd, "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the uvicorn worker is stopped with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"mlflow models serve exited {proc.returncode}: {(repo / 'serve.log').read_text()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve not ready in 180 s: {(repo / 'serve.log').read_text()}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(
+        f"{url}/invocations", data=body, headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_served_model_predicts_like_pytorch(repo, server):
+    test = pd.read_parquet(repo / "data/split/test.parquet")
+    texts = test["text"].tolist()[:5]
+    status, body = post(server, json.dumps({"inputs": texts}).encode())
+    assert status == 200, body
+    predictions = body["predictions"]
+    labels = json.loads((repo / "models/export/classifier.json").read_text())["labels"]
+    served = np.array([[p["probabilities"][name] for name in labels] for p in predictions])
+    assert [p["label"] for p in predictions] == [labels[i] for i in served.argmax(1)]
+    # the same numbers as the PyTorch model on the same (truncated) inputs
+    model = load_classifier(repo / "models/model").eval()
+    features = OnnxTextClassifier(repo / "models/export").encode(texts)
+    with torch.inference_mode():
+        ref = softmax(model(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.numpy())
+    assert np.abs(served - ref).max() < 1e-5
+    # a one-column CSV body is a DataFrame of texts
+    csv = pd.DataFrame({"text": texts[:2]}).to_csv(index=False).encode()
+    status, body = post(server, csv, "text/csv")
+    assert status == 200 and [p["label"] for p in body["predictions"]] == [
+        p["label"] for p in predictions[:2]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"inputs": ["fine", ""]}', "row 2: text is empty"),
+        (b'{"inputs": ["fine", 5]}', "Expected type str, but got int"),
+        (b'{"inputs": [null]}', "Expected type str, but got NoneType"),
+        (b'{"inputs": []}', "input holds no texts"),
+        (b'{"texts": ["a"]}', "'inputs' key"),
+        (b"not json", "valid JSON"),
+    ],
+)
+def test_served_model_rejects_malformed_requests_with_4xx(server, body, message):
+    status, answer = post(server, body)
+    assert 400 <= status < 500, answer
+    assert message in answer["message"]
+
+
+def test_predict_cli_onnx_and_pytorch(repo, tmp_path):
+    short = ["Shares fell sharply on Wall Street.", "The striker scored twice in the final.", "A new phone."]
+    long_text = " ".join(["word"] * 400)
+    pd.DataFrame({"id": range(4), "text": [*short, long_text]}).to_csv(tmp_path / "in.csv", index=False)
+    result = run(["lmpipe", "predict", str(tmp_path / "in.csv"), "-o", str(tmp_path / "out.csv")], repo)
+    assert "1 of 4 texts were longer than the model's max_length and were truncated" in result.stderr
+    out = pd.read_csv(tmp_path / "out.csv")
+    labels = json.loads((repo / "models/export/classifier.json").read_text())["labels"]
+    proba = out[[f"p_{n}" for n in labels]].to_numpy()
+    assert out["row"].tolist() == [1, 2, 3, 4]
+    assert out["truncated"].tolist() == [False, False, False, True]
+    assert np.allclose(proba.sum(axis=1), 1, atol=1e-4)
+    assert out["label"].tolist() == [labels[i] for i in proba.argmax(1)]
+
+    run(
+        [
+            "lmpipe",
+            "predict",
+            str(tmp_path / "in.csv"),
+            "-o",
+            str(tmp_path / "out.jsonl"),
+            "--backend",
+            "pytorch",
+        ],
+        repo,
+    )
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    torch_proba = np.array([[r["probabilities"][n] for n in labels] for r in records])
+    assert [r["label"] for r in records] == out["label"].tolist()
+    assert np.abs(torch_proba - proba).max() < 1e-4
+
+
+def test_predict_cli_bad_input_is_one_line(repo, tmp_path):
+    (tmp_path / "in.csv").write_text("body\nsome text\n")
+    result = run(
+        ["lmpipe", "predict", str(tmp_path / "in.csv"), "-o", str(tmp_path / "out.csv")], repo, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'in.csv'}: column 'text' not found (columns: body); use --text-column"
+    ]
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_second_export_stays_challenger_on_a_tie(repo):
+    """Run after the server tests (it adds a version): the same model re-exported scores the same as the
+    champion on the same split, so it becomes challenger and the champion stays."""
+    first = metrics(repo)
+    run(["dvc", "repro", "--force", "--single-item", "export"], repo, timeout=600)
+    second = metrics(repo)
+    assert int(second["registry"]["version"]) == int(first["registry"]["version"]) + 1
+    gate = second["gate"]
+    assert gate["passed"] and gate["aliases"] == ["challenger"]
+    assert gate["champion_before"] == first["registry"]["version"]
+    # the champion was re-scored on this test split with its own ONNX model
+    assert gate["champion_before_macro_f1"] == pytest.approx(first["served"]["macro_f1"])
+    assert "does not beat champion" in gate["reasons"][-1]
+    mlflow = client(repo)
+    assert str(mlflow.get_model_version_by_alias(NAME, "champion").version) == first["registry"]["version"]
+    assert str(mlflow.get_model_version_by_alias(NAME, "challenger").version) == second["registry"]["version"]
+
+
+def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
+    write_params(tmp_path, {"export": {"max_logit_diff": 1e-15}})
+    out, metrics_file = tmp_path / "export", tmp_path / "metrics.json"
+    result = run(
+        [
+            "python",
+            "stages/export.py",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--source",
+            "model=models/model",
+            "--data",
+            "data/split",
+            "--prepare-metrics",
+            "reports/prepare/metrics.json",
+            "--split-metrics",
+            "reports/split/metrics.json",
+            "--train-metrics",
+            "reports/train/metrics.json",
+            "--eval-metrics",
+            "reports/evaluate/metrics.json",
+            "--out",
+            str(out),
+            "--metrics",
+            str(metrics_file),
+        ],
+        repo,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: export.max_logit_diff: the ONNX fp32 export differs from PyTorch by")
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not metrics_file.exists()
