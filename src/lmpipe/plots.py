@@ -100,3 +100,47 @@ def importance_figure(importance):
     ax.set_title("Hyperparameter importance")
     fig.tight_layout()
     return fig
+
+
+def comparison_figure(result: dict):
+    """``lmpipe compare``: each model's scores with CIs (left), pairwise differences with CIs (right)."""
+    metrics = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+    runs, pairs = result["runs"], result["pairs"]
+    conf = f"{round(100 * result['confidence'])}% CI"
+    height = 1.2 + 0.45 * max(len(runs) * 2, len(pairs) * 2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, height))
+    for k, (key, name) in enumerate(metrics):
+        ys = np.arange(len(runs)) * 2 + k * 0.6
+        vals = np.array([r[key]["value"] for r in runs])
+        lo = vals - np.array([r[key]["ci"][0] for r in runs])
+        hi = np.array([r[key]["ci"][1] for r in runs]) - vals
+        left.errorbar(100 * vals, ys, xerr=100 * np.vstack([lo, hi]), fmt="o", capsize=3, label=name)
+    left.set_yticks(np.arange(len(runs)) * 2 + 0.3, [r["label"] for r in runs])
+    left.invert_yaxis()
+    left.set_xlabel(f"test score, % ({conf})")
+    left.legend(fontsize=8)
+    left.set_title("Models")
+    labels = []
+    for i, pair in enumerate(pairs):
+        labels.append(f"{pair['b']}\n- {pair['a']}")
+        for k, (key, name) in enumerate(metrics):
+            d = pair[key]
+            y = i * 2 + k * 0.6
+            color = "tab:red" if d["significant"] else "tab:grey"
+            right.errorbar(
+                100 * d["diff"],
+                y,
+                xerr=[[100 * (d["diff"] - d["ci"][0])], [100 * (d["ci"][1] - d["diff"])]],
+                fmt="o" if key == "accuracy" else "s",
+                color=color,
+                capsize=3,
+                label=name if i == 0 else None,
+            )
+    right.axvline(0, color="black", linewidth=1)
+    right.set_yticks(np.arange(len(pairs)) * 2 + 0.3, labels, fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel(f"difference B - A, points ({conf}; red: excludes 0)")
+    right.legend(fontsize=8)
+    right.set_title("Paired differences (o accuracy, s macro-F1)")
+    fig.tight_layout()
+    return fig

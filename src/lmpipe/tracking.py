@@ -294,3 +294,47 @@ class MlflowTrainingLogger(TrainerCallback):
                 if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
             }
             log_metrics(vals, step=epoch, prefix=self.prefix)
+
+
+def get_run(run_id: str) -> Any | None:
+    """The run with this id in the current store, or None if there is none."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    path = sqlite_path(tracking_uri())
+    if path is not None and not path.is_file():
+        return None  # reading must not create an empty store
+    try:
+        return MlflowClient(tracking_uri=tracking_uri()).get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def evaluate_run_of(train_run_id: str) -> Any | None:
+    """The latest FINISHED evaluate run that scored the model of this train run, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.stage = 'evaluate' and tags.train_run_id = '{train_run_id}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def download_artifact(run_id: str, artifact_path: str, dest: str | Path) -> Path | None:
+    """Download one artefact of a run into ``dest``; None if the run has no such artefact."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dest), tracking_uri=tracking_uri()
+        )
+    except (MlflowException, OSError):
+        return None
+    return Path(local) if Path(local).is_file() else None
