@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from lmpipe.compare import Candidate, compare, holm, markdown, mcnemar, seed_groups, weighted_scores
 from lmpipe.errors import UserError
-from tests.conftest import ROOT, git_commit, run
+from tests.conftest import BIN, ROOT, git_commit, run
 
 CLASSES = ["business", "sport", "tech", "politics"]
 
@@ -161,13 +160,7 @@ def test_bad_inputs_are_user_errors():
 
 
 def lmpipe(*args: str, cwd) -> subprocess.CompletedProcess:
-    return run([str(Path_bin() / "lmpipe"), *args], cwd, check=False)
-
-
-def Path_bin():  # noqa: N802 - the venv's bin folder, where the console script lives
-    from pathlib import Path
-
-    return Path(sys.executable).parent
+    return run([str(BIN / "lmpipe"), *args], cwd, check=False)
 
 
 def test_cli_compares_git_revisions_and_rejects_bad_input(tmp_path):
