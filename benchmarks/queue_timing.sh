@@ -24,11 +24,12 @@ lmpipe queue-check
 dvc exp run --queue -S 'train.learning_rate=5e-5,2e-4' -S 'base.seed=1,2' > queue.log 2>&1
 start=$(date +%s.%N)
 dvc queue start --jobs 2 >> queue.log 2>&1
-while dvc queue status | grep -qE "Queued|Running"; do sleep 5; done
+# (not `dvc queue status | grep -q`: with pipefail, grep closing the pipe early ends the loop)
+while status="$(dvc queue status)" && grep -qE "Queued|Running" <<< "$status"; do sleep 5; done
 end=$(date +%s.%N)
 dvc queue status
 python3 -c "print('4-experiment queue, 2 workers: %.0f s' % ($end - $start))"
-dvc exp show --no-pager --md --drop 'prepare|split|search|evaluate\.baseline|mlflow|Created' 2>/dev/null | head -20 || true
+dvc exp show --no-pager --md --only-changed --drop 'Created|State|Executor|data/|models/|reports/|src/|stages/' 2>/dev/null || true
 mapfile -t names < <(dvc exp ls --name-only | sort)
 lmpipe compare "${names[@]}" --out reports/compare
 echo "report: $dest/reports/compare/report.md"

@@ -88,6 +88,8 @@ def _read_predictions(text: str, where: str) -> pd.DataFrame:
 
 def from_git(ref: str, root: Path, predictions: str = PREDICTIONS) -> Candidate | None:
     """A DVC experiment or a git revision; None if ``ref`` is neither. Ambiguous names are errors."""
+    if ref.startswith("-"):  # never let an input become a git option
+        return None
     refs = experiment_refs(root).get(ref, [])
     if len(refs) > 1:
         baselines = ", ".join(r.split("/")[2] + r.split("/")[3][:5] for r in refs)
@@ -96,7 +98,7 @@ def from_git(ref: str, root: Path, predictions: str = PREDICTIONS) -> Candidate 
         )
     rev = refs[0] if refs else ref
     parsed = _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    if parsed.returncode != 0 or ref.startswith("-"):
+    if parsed.returncode != 0:
         return None
     commit = parsed.stdout.strip()
 
