@@ -66,6 +66,12 @@ def _add_experiment_commands(sub) -> None:
         default="reports/evaluate/predictions.csv",
         help="the evaluate stage's per-example predictions, relative to the repo root",
     )
+    cmp.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="allow different test sets (runs with different base.seed): per-model CIs and means over "
+        "seeds, no paired tests",
+    )
     sub.add_parser(
         "queue-check",
         help="before `dvc exp run --queue`: files a queued run would miss, environment the workers lack",
@@ -84,7 +90,9 @@ def compare(args: argparse.Namespace) -> None:
         raise UserError(f"compare needs at least two experiments or runs, got {len(args.refs)}")
     root = tracking.repo_root()
     candidates = [experiments.resolve(ref, root, args.predictions) for ref in args.refs]
-    result = run_compare(candidates, resamples=args.resamples, seed=args.seed, alpha=args.alpha)
+    result = run_compare(
+        candidates, resamples=args.resamples, seed=args.seed, alpha=args.alpha, unpaired=args.unpaired
+    )
     report = markdown(result)
     fig = plots.comparison_figure(result)
     with io.staged_outputs(args.out) as out:
@@ -98,6 +106,13 @@ def compare(args: argparse.Namespace) -> None:
         print(
             f"{pair['b']} - {pair['a']}: accuracy {100 * acc['diff']:+.2f} pt "
             f"[{100 * acc['ci'][0]:+.2f}, {100 * acc['ci'][1]:+.2f}], McNemar p {mc['p_holm']:.4g}: {verdict}"
+        )
+    for diff in result["between_settings"]:
+        acc = diff["accuracy"]
+        p = "n/a" if acc["p_value"] is None else f"{acc['p_value']:.4g}"
+        print(
+            f"{' + '.join(diff['b'])} - {' + '.join(diff['a'])} (mean over seeds): accuracy "
+            f"{100 * acc['diff']:+.2f} pt, Welch p {p}: {'significant' if acc['significant'] else 'not significant'}"
         )
     print(f"report: {Path(args.out) / 'report.md'}")
 

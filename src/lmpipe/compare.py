@@ -45,10 +45,13 @@ class Candidate:
     run_id: str = ""  # the evaluate MLflow run, when known
 
 
-def aligned(candidates: Sequence[Candidate]) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
-    """Encode the candidates' predictions on their shared test set, ordered by example id.
+def aligned(
+    candidates: Sequence[Candidate], unpaired: bool = False
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str], bool]:
+    """Encode the candidates' predictions (true labels, predicted labels; rows ordered by example id).
 
-    Raises ``UserError`` when they were not made on the same examples with the same true labels.
+    Returns ``(truths, predictions, classes, paired)``. ``paired`` is True when all were made on the
+    same examples with the same true labels. Otherwise it raises ``UserError``, unless ``unpaired``.
     """
     if len(candidates) < 2:
         raise UserError(f"compare needs at least two experiments or runs, got {len(candidates)}")
@@ -66,23 +69,35 @@ def aligned(candidates: Sequence[Candidate]) -> tuple[np.ndarray, list[np.ndarra
             raise UserError(f"{c.label}: predictions repeat example ids")
         frames.append(frame.sort_values("id", kind="stable").reset_index(drop=True))
     ref = frames[0]
+    mismatch = ""
     for c, frame in zip(candidates[1:], frames[1:], strict=True):
         if len(frame) != len(ref) or not frame["id"].equals(ref["id"]):
-            raise UserError(
+            mismatch = (
                 f"predictions are on different test sets: {candidates[0].label} has {len(ref)} examples, "
                 f"{c.label} has {len(frame)}, and {len(set(frame['id']) ^ set(ref['id']))} ids differ"
             )
-        if not frame["actual"].equals(ref["actual"]):
+        elif not frame["actual"].equals(ref["actual"]):
             n = int((frame["actual"] != ref["actual"]).sum())
-            raise UserError(
+            mismatch = (
                 f"predictions are on different test sets: {n} examples have different true labels "
                 f"in {candidates[0].label} and {c.label}"
             )
-    classes = sorted(set(ref["actual"]).union(*(set(f["predicted"]) for f in frames)))
+        if mismatch:
+            break
+    if mismatch and not unpaired:
+        seeds = {c.params.get(SEED_KEY) for c in candidates}
+        hint = (
+            " (base.seed also draws the sample and the split: add --unpaired to compare the settings by "
+            "their mean over seeds, without paired tests)"
+            if len(seeds) > 1 and None not in seeds
+            else ""
+        )
+        raise UserError(mismatch + hint)
+    classes = sorted(set().union(*(set(f["actual"]) | set(f["predicted"]) for f in frames)))
     code = {name: i for i, name in enumerate(classes)}
-    y = ref["actual"].map(code).to_numpy()
+    truths = [f["actual"].map(code).to_numpy() for f in frames]
     preds = [f["predicted"].map(code).to_numpy() for f in frames]
-    return y, preds, classes
+    return truths, preds, classes, not mismatch
 
 
 def weighted_scores(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict:
@@ -199,24 +214,44 @@ def differing_params(candidates: Sequence[Candidate], members: Sequence[int] | N
 
 
 def compare(
-    candidates: Sequence[Candidate], resamples: int = 2000, seed: int = 0, alpha: float = 0.05
+    candidates: Sequence[Candidate],
+    resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    unpaired: bool = False,
 ) -> dict[str, Any]:
-    """All the numbers of the report, as a JSON-able dict."""
+    """All the numbers of the report, as a JSON-able dict.
+
+    ``unpaired=True`` accepts models scored on different test sets (runs with another ``base.seed``
+    draw another split): each model then gets its own CI, settings are compared by their mean over
+    seeds (Welch's t-test), and there are no paired tests, since no example is shared.
+    """
     if resamples < 100:
         raise UserError(f"--resamples must be >= 100, got {resamples}")
     if not 0 < alpha < 0.5:
         raise UserError(f"--alpha must be between 0 and 0.5, got {alpha}")
-    y, preds, classes = aligned(candidates)
-    n, k = len(y), len(classes)
-    point = [{m: float(v[0]) for m, v in weighted_scores(np.ones(n), y, p, k).items()} for p in preds]
+    truths, preds, classes, paired = aligned(candidates, unpaired)
+    k = len(classes)
+    point = [
+        {m: float(v[0]) for m, v in weighted_scores(np.ones(len(y)), y, p, k).items()}
+        for y, p in zip(truths, preds, strict=True)
+    ]
 
-    # one set of resamples for every candidate: single CIs and paired differences share them
+    # paired: one set of resamples for every candidate, so single CIs and differences share them;
+    # unpaired: each candidate resamples its own test set (same seed, so still reproducible)
     draws: list[dict[str, list[np.ndarray]]] = [{m: [] for m in METRICS} for _ in preds]
-    for w in bootstrap_weights(n, resamples, seed):
-        for i, p in enumerate(preds):
-            for m, v in weighted_scores(w, y, p, k).items():
-                draws[i][m].append(v)
+    if paired:
+        for w in bootstrap_weights(len(truths[0]), resamples, seed):
+            for i, p in enumerate(preds):
+                for m, v in weighted_scores(w, truths[0], p, k).items():
+                    draws[i][m].append(v)
+    else:
+        for i, (y, p) in enumerate(zip(truths, preds, strict=True)):
+            for w in bootstrap_weights(len(y), resamples, seed):
+                for m, v in weighted_scores(w, y, p, k).items():
+                    draws[i][m].append(v)
     samples = [{m: np.concatenate(d[m]) for m in METRICS} for d in draws]
+    y = truths[0]
     lo_q, hi_q = 100 * alpha / 2, 100 * (1 - alpha / 2)
 
     runs = []
@@ -238,7 +273,7 @@ def compare(
         )
 
     pairs = []
-    for i, j in itertools.combinations(range(len(candidates)), 2):
+    for i, j in itertools.combinations(range(len(candidates)) if paired else (), 2):
         entry: dict[str, Any] = {"a": candidates[i].label, "b": candidates[j].label}
         for m in METRICS:
             diff = samples[j][m] - samples[i][m]
@@ -262,11 +297,16 @@ def compare(
                 "members": [candidates[i].label for i in members],
                 "seeds": [candidates[i].params[SEED_KEY] for i in members],
                 **{m: {"mean": float(v.mean()), "std": float(v.std(ddof=1))} for m, v in values.items()},
+                "_values": {m: v.tolist() for m, v in values.items()},
             }
         )
+    setting_diffs = _between_settings(groups, alpha)
+    for g in groups:
+        del g["_values"]
 
     return {
-        "test_examples": n,
+        "paired": paired,
+        "test_examples": len(y) if paired else [len(t) for t in truths],
         "classes": classes,
         "resamples": resamples,
         "seed": seed,
@@ -276,7 +316,27 @@ def compare(
         "runs": runs,
         "pairs": pairs,
         "seed_groups": groups,
+        "between_settings": setting_diffs,
     }
+
+
+def _between_settings(groups: list[dict], alpha: float) -> list[dict]:
+    """Each pair of seed groups (two settings): difference of the means over seeds, Welch's t-test."""
+    from scipy.stats import ttest_ind
+
+    out = []
+    for ga, gb in itertools.combinations(groups, 2):
+        entry: dict[str, Any] = {"a": ga["members"], "b": gb["members"]}
+        for m in METRICS:
+            a, b = np.array(ga["_values"][m]), np.array(gb["_values"][m])
+            p = float(ttest_ind(b, a, equal_var=False).pvalue)
+            entry[m] = {
+                "diff": float(b.mean() - a.mean()),
+                "p_value": None if np.isnan(p) else p,
+                "significant": bool(not np.isnan(p) and p < alpha),
+            }
+        out.append(entry)
+    return out
 
 
 def _pct(x: float) -> str:
@@ -294,15 +354,22 @@ def _p(p: float) -> str:
 def markdown(result: dict[str, Any], figure_name: str | None = "comparison.png") -> str:
     """The report: tables, then one plain sentence per pair saying whether the difference is real."""
     conf = f"{round(100 * result['confidence'])}%"
-    lines = [
-        "# Experiment comparison",
-        "",
-        f"{len(result['runs'])} models on the same {result['test_examples']} test examples "
-        f"({len(result['classes'])} classes). Confidence intervals: {conf}, percentile bootstrap with "
-        f"{result['resamples']} resamples (seed {result['seed']}); differences use the paired bootstrap "
-        "(both models scored on the same resampled examples). Scores in percentage points.",
-        "",
-    ]
+    if result["paired"]:
+        intro = (
+            f"{len(result['runs'])} models on the same {result['test_examples']} test examples "
+            f"({len(result['classes'])} classes). Confidence intervals: {conf}, percentile bootstrap with "
+            f"{result['resamples']} resamples (seed {result['seed']}); differences use the paired bootstrap "
+            "(both models scored on the same resampled examples). Scores in percentage points."
+        )
+    else:
+        intro = (
+            f"{len(result['runs'])} models on **different test sets** "
+            f"({', '.join(map(str, result['test_examples']))} examples; another `base.seed` draws another "
+            "split), so no paired test is possible: each model's CI comes from its own test set "
+            f"({result['resamples']} bootstrap resamples, seed {result['seed']}), and settings are compared "
+            "by their mean over seeds (Welch's t-test). Scores in percentage points."
+        )
+    lines = ["# Experiment comparison", "", intro, ""]
     if result["differing_params"]:
         lines += [f"Params that differ: {', '.join(f'`{k}`' for k in result['differing_params'])}.", ""]
     lines += [
@@ -314,7 +381,66 @@ def markdown(result: dict[str, Any], figure_name: str | None = "comparison.png")
     for r in result["runs"]:
         cells = [f"{_pct(r[m]['value'])} [{_pct(r[m]['ci'][0])}, {_pct(r[m]['ci'][1])}]" for m in METRICS]
         lines.append(f"| {r['label']} | {r['source']} | {r['seed'] or '?'} | {cells[0]} | {cells[1]} |")
-    lines += [
+    if result["pairs"]:
+        lines += _pairs_markdown(result, conf)
+    if result["seed_groups"]:
+        lines += [
+            "",
+            "## Across seeds",
+            "",
+            "Models whose params differ only by `base.seed`: mean +- standard deviation over the seeds. "
+            "The spread is what a seed alone moves the score; a difference between settings smaller "
+            "than it is not evidence.",
+            "",
+            "| models | seeds | accuracy | macro-F1 |",
+            "|---|---|---|---|",
+        ]
+        for g in result["seed_groups"]:
+            cells = [f"{_pct(g[m]['mean'])} +- {_pct(g[m]['std'])}" for m in METRICS]
+            lines.append(f"| {', '.join(g['members'])} | {', '.join(g['seeds'])} | {cells[0]} | {cells[1]} |")
+    if result["between_settings"]:
+        lines += [
+            "",
+            "## Between settings (mean over seeds, B - A)",
+            "",
+            "| A | B | accuracy diff | Welch p | macro-F1 diff | Welch p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in result["between_settings"]:
+            cells = [
+                f"{_signed(e[m]['diff'])} | {'n/a' if e[m]['p_value'] is None else _p(e[m]['p_value'])}"
+                for m in METRICS
+            ]
+            lines.append(f"| {', '.join(e['a'])} | {', '.join(e['b'])} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+        for e in result["between_settings"]:
+            a, b = " + ".join(e["a"]), " + ".join(e["b"])
+            if any(e[m]["significant"] for m in METRICS):
+                said = "; ".join(
+                    f"{name} {_signed(e[m]['diff'])} pt ({'significant' if e[m]['significant'] else 'not significant'})"
+                    for m, name in zip(METRICS, ("accuracy", "macro-F1"), strict=True)
+                )
+                lines.append(f"- **{b} vs {a}:** {said} at {result['alpha']:g} (Welch's t-test over seeds).")
+            else:
+                lines.append(
+                    f"- **{b} vs {a}: no significant difference** over seeds (accuracy "
+                    f"{_signed(e['accuracy']['diff'])} pt, macro-F1 {_signed(e['macro_f1']['diff'])} pt). "
+                    "With few seeds per setting this test has little power: more seeds, or one shared split, "
+                    "would tell more."
+                )
+    if figure_name:
+        lines += ["", f"![accuracy and macro-F1 differences with {conf} CIs]({figure_name})"]
+    if len(result["pairs"]) > 1:
+        lines += [
+            "",
+            f"With {len(result['pairs'])} pairs, some CI will miss 0 by chance; the Holm-adjusted McNemar "
+            "p-values account for the number of comparisons.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _pairs_markdown(result: dict[str, Any], conf: str) -> list[str]:
+    lines = [
         "",
         "## Differences (B - A)",
         "",
@@ -336,30 +462,7 @@ def markdown(result: dict[str, Any], figure_name: str | None = "comparison.png")
     lines += ["", "`*`: the CI excludes 0.", "", "## Verdict", ""]
     for e in result["pairs"]:
         lines.append(f"- {verdict(e, conf, result['alpha'])}")
-    if result["seed_groups"]:
-        lines += [
-            "",
-            "## Across seeds",
-            "",
-            "Models whose params differ only by `base.seed`: mean +- standard deviation over the seeds. "
-            "The spread is what a seed alone moves the score; a difference between settings smaller "
-            "than it is not evidence.",
-            "",
-            "| models | seeds | accuracy | macro-F1 |",
-            "|---|---|---|---|",
-        ]
-        for g in result["seed_groups"]:
-            cells = [f"{_pct(g[m]['mean'])} +- {_pct(g[m]['std'])}" for m in METRICS]
-            lines.append(f"| {', '.join(g['members'])} | {', '.join(g['seeds'])} | {cells[0]} | {cells[1]} |")
-    if figure_name:
-        lines += ["", f"![accuracy and macro-F1 differences with {conf} CIs]({figure_name})"]
-    if len(result["pairs"]) > 1:
-        lines += [
-            "",
-            f"With {len(result['pairs'])} pairs, some CI will miss 0 by chance; the Holm-adjusted McNemar "
-            "p-values account for the number of comparisons.",
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def verdict(pair: dict[str, Any], conf: str, alpha: float) -> str:

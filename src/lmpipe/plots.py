@@ -120,6 +120,10 @@ def comparison_figure(result: dict):
     left.set_xlabel(f"test score, % ({conf})")
     left.legend(fontsize=8)
     left.set_title("Models")
+    if not pairs:  # different test sets: no paired differences, show each setting's spread over seeds
+        _seed_groups_panel(right, result)
+        fig.tight_layout()
+        return fig
     labels = []
     for i, pair in enumerate(pairs):
         labels.append(f"{pair['b']}\n- {pair['a']}")
@@ -144,3 +148,21 @@ def comparison_figure(result: dict):
     right.set_title("Paired differences (o accuracy, s macro-F1)")
     fig.tight_layout()
     return fig
+
+
+def _seed_groups_panel(ax, result: dict) -> None:
+    groups = result["seed_groups"]
+    if not groups:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "different test sets:\nno paired differences", ha="center", va="center")
+        return
+    for k, (key, name) in enumerate((("accuracy", "accuracy"), ("macro_f1", "macro-F1"))):
+        ys = np.arange(len(groups)) * 2 + k * 0.6
+        means = np.array([g[key]["mean"] for g in groups])
+        stds = np.array([g[key]["std"] for g in groups])
+        ax.errorbar(100 * means, ys, xerr=100 * stds, fmt="o", capsize=3, label=name)
+    ax.set_yticks(np.arange(len(groups)) * 2 + 0.3, [" + ".join(g["members"]) for g in groups], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test score, % (mean +- std over seeds)")
+    ax.legend(fontsize=8)
+    ax.set_title("Settings over seeds")

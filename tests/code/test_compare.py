@@ -204,3 +204,36 @@ def test_cli_compares_git_revisions_and_rejects_bad_input(tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert bad.stderr.startswith(message) and "Traceback" not in bad.stderr
         assert not (repo / "bad").exists()
+
+
+def test_different_splits_per_seed_need_unpaired_and_get_means_over_seeds():
+    """Another base.seed draws another split: no shared examples, so the paired tests are refused (with a
+    hint), and --unpaired compares the settings by their mean over seeds."""
+    from scipy.stats import ttest_ind
+
+    cands, accs = [], {}
+    for lr, acc_by_seed in (("0.0001", (0.60, 0.64, 0.62)), ("0.0003", (0.80, 0.86, 0.83))):
+        for seed, acc in zip((1, 2, 3), acc_by_seed, strict=True):
+            y = truth(100, seed=seed)  # a different test set per seed
+            c = candidate(f"lr{lr}-s{seed}", y, with_accuracy(y, acc, seed), seed=seed)
+            c.params["train.learning_rate"] = lr
+            c.predictions["id"] = c.predictions["id"] + f"-{seed}"
+            cands.append(c)
+            accs.setdefault(lr, []).append(acc)
+    with pytest.raises(UserError, match="different test sets.*add --unpaired"):
+        compare(cands, resamples=200)
+    result = compare(cands, resamples=200, seed=0, unpaired=True)
+    assert result["paired"] is False and result["pairs"] == []
+    assert result["test_examples"] == [100] * 6
+    assert [g["members"] for g in result["seed_groups"]] == [
+        [c.label for c in cands[:3]],
+        [c.label for c in cands[3:]],
+    ]
+    (between,) = result["between_settings"]
+    assert between["accuracy"]["diff"] == pytest.approx(np.mean(accs["0.0003"]) - np.mean(accs["0.0001"]))
+    expected_p = ttest_ind(accs["0.0003"], accs["0.0001"], equal_var=False).pvalue
+    assert between["accuracy"]["p_value"] == pytest.approx(expected_p)
+    assert between["accuracy"]["significant"]
+    report = markdown(result)
+    assert "**different test sets**" in report and "## Differences" not in report
+    assert "## Between settings" in report
