@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro test test-fast lint clean-venv
+.PHONY: setup repro test test-fast lint clean-venv queue-check queue-start
 
 setup: $(STAMP)
 
@@ -33,6 +33,16 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/ruff format --check src stages tests benchmarks
+
+# Experiments: check that queued runs will see every file and the right environment, then run the
+# queue with this Makefile's PATH (the venv's python and dvc) and HF_HUB_OFFLINE, which workers inherit.
+JOBS ?= 2
+
+queue-check: setup
+	$(BIN)/lmpipe queue-check
+
+queue-start: queue-check
+	$(BIN)/dvc queue start --jobs $(JOBS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lmpipe.errors import UserError
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     check = sub.add_parser("check-params", help="validate a params file and print its hash")
     check.add_argument("path", nargs="?", default="params.yaml")
     add_predict_parser(sub)
+    _add_experiment_commands(sub)
     args = parser.parse_args(argv)
 
     def check_params() -> None:
@@ -41,7 +43,13 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.path)
         print(f"{args.path}: ok (hash {params.digest()})")
 
-    run_stage({"check-params": check_params, "predict": lambda: predict(args)}[args.command])
+    commands = {
+        "check-params": check_params,
+        "predict": lambda: predict(args),
+        "compare": lambda: compare(args),
+        "queue-check": queue_check,
+    }
+    run_stage(commands[args.command])
 
 
 def add_predict_parser(sub) -> None:
@@ -102,3 +110,90 @@ def predict(args: argparse.Namespace) -> None:
         )
     counts = ", ".join(f"{k} {v}" for k, v in frame["label"].value_counts().sort_index().items())
     print(f"predict: {len(frame)} texts -> {args.output} ({counts})", file=sys.stderr)
+
+
+def _add_experiment_commands(sub) -> None:
+    cmp = sub.add_parser(
+        "compare",
+        help="compare two or more DVC experiments, git revisions or MLflow runs on their test predictions",
+    )
+    cmp.add_argument(
+        "refs",
+        nargs="*",
+        metavar="EXPERIMENT_OR_RUN",
+        help="a DVC experiment name, a git revision, 'workspace', or an MLflow run id (train or evaluate)",
+    )
+    cmp.add_argument("--out", default="reports/compare", help="report folder (default: reports/compare)")
+    cmp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    cmp.add_argument("--seed", type=int, default=0, help="bootstrap seed: same inputs, same report")
+    cmp.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level (default: 0.05)")
+    cmp.add_argument(
+        "--predictions",
+        default="reports/evaluate/predictions.csv",
+        help="the evaluate stage's per-example predictions, relative to the repo root",
+    )
+    cmp.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="allow different test sets (runs with different base.seed): per-model CIs and means over "
+        "seeds, no paired tests",
+    )
+    sub.add_parser(
+        "queue-check",
+        help="before `dvc exp run --queue`: files a queued run would miss, environment the workers lack",
+    )
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Resolve every input first (so bad input writes nothing), then write report.md, comparison.json
+    and comparison.png into ``--out``."""
+    from lmpipe import experiments, io, plots, tracking
+    from lmpipe.compare import compare as run_compare
+    from lmpipe.compare import markdown
+    from lmpipe.errors import UserError
+
+    if len(args.refs) < 2:
+        raise UserError(f"compare needs at least two experiments or runs, got {len(args.refs)}")
+    root = tracking.repo_root()
+    candidates = [experiments.resolve(ref, root, args.predictions) for ref in args.refs]
+    result = run_compare(
+        candidates, resamples=args.resamples, seed=args.seed, alpha=args.alpha, unpaired=args.unpaired
+    )
+    report = markdown(result)
+    fig = plots.comparison_figure(result)
+    with io.staged_outputs(args.out) as out:
+        fig.savefig(out / "comparison.png", dpi=110, metadata={"Software": None})
+        plots.close(fig)
+        io.write_json(out / "comparison.json", result)
+        (out / "report.md").write_text(report, encoding="utf-8")
+    for pair in result["pairs"]:
+        acc, mc = pair["accuracy"], pair["mcnemar"]
+        verdict = "significant" if acc["significant"] or mc["significant"] else "not significant"
+        print(
+            f"{pair['b']} - {pair['a']}: accuracy {100 * acc['diff']:+.2f} pt "
+            f"[{100 * acc['ci'][0]:+.2f}, {100 * acc['ci'][1]:+.2f}], McNemar p {mc['p_holm']:.4g}: {verdict}"
+        )
+    for diff in result["between_settings"]:
+        acc = diff["accuracy"]
+        p = "n/a" if acc["p_value"] is None else f"{acc['p_value']:.4g}"
+        print(
+            f"{' + '.join(diff['b'])} - {' + '.join(diff['a'])} (mean over seeds): accuracy "
+            f"{100 * acc['diff']:+.2f} pt, Welch p {p}: {'significant' if acc['significant'] else 'not significant'}"
+        )
+    print(f"report: {Path(args.out) / 'report.md'}")
+
+
+def queue_check() -> None:
+    from lmpipe import experiments, tracking
+    from lmpipe.errors import UserError
+
+    root = tracking.repo_root()
+    errors, warnings = experiments.queue_problems(root)
+    for message in warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    if errors:
+        for message in errors[1:]:
+            print(f"error: {message}", file=sys.stderr)
+        raise UserError(errors[0])
+    store = tracking.sqlite_path(tracking.tracking_uri()) or tracking.tracking_uri()
+    print(f"queue-check: ok; queued runs will log to {store}")

@@ -100,3 +100,69 @@ def importance_figure(importance):
     ax.set_title("Hyperparameter importance")
     fig.tight_layout()
     return fig
+
+
+def comparison_figure(result: dict):
+    """``lmpipe compare``: each model's scores with CIs (left), pairwise differences with CIs (right)."""
+    metrics = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+    runs, pairs = result["runs"], result["pairs"]
+    conf = f"{round(100 * result['confidence'])}% CI"
+    height = 1.2 + 0.45 * max(len(runs) * 2, len(pairs) * 2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, height))
+    for k, (key, name) in enumerate(metrics):
+        ys = np.arange(len(runs)) * 2 + k * 0.6
+        vals = np.array([r[key]["value"] for r in runs])
+        lo = vals - np.array([r[key]["ci"][0] for r in runs])
+        hi = np.array([r[key]["ci"][1] for r in runs]) - vals
+        left.errorbar(100 * vals, ys, xerr=100 * np.vstack([lo, hi]), fmt="o", capsize=3, label=name)
+    left.set_yticks(np.arange(len(runs)) * 2 + 0.3, [r["label"] for r in runs])
+    left.invert_yaxis()
+    left.set_xlabel(f"test score, % ({conf})")
+    left.legend(fontsize=8)
+    left.set_title("Models")
+    if not pairs:  # different test sets: no paired differences, show each setting's spread over seeds
+        _seed_groups_panel(right, result)
+        fig.tight_layout()
+        return fig
+    labels = []
+    for i, pair in enumerate(pairs):
+        labels.append(f"{pair['b']}\n- {pair['a']}")
+        for k, (key, name) in enumerate(metrics):
+            d = pair[key]
+            y = i * 2 + k * 0.6
+            color = "tab:red" if d["significant"] else "tab:grey"
+            right.errorbar(
+                100 * d["diff"],
+                y,
+                xerr=[[100 * (d["diff"] - d["ci"][0])], [100 * (d["ci"][1] - d["diff"])]],
+                fmt="o" if key == "accuracy" else "s",
+                color=color,
+                capsize=3,
+                label=name if i == 0 else None,
+            )
+    right.axvline(0, color="black", linewidth=1)
+    right.set_yticks(np.arange(len(pairs)) * 2 + 0.3, labels, fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel(f"difference B - A, points ({conf}; red: excludes 0)")
+    right.legend(fontsize=8)
+    right.set_title("Paired differences (o accuracy, s macro-F1)")
+    fig.tight_layout()
+    return fig
+
+
+def _seed_groups_panel(ax, result: dict) -> None:
+    groups = result["seed_groups"]
+    if not groups:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "different test sets:\nno paired differences", ha="center", va="center")
+        return
+    for k, (key, name) in enumerate((("accuracy", "accuracy"), ("macro_f1", "macro-F1"))):
+        ys = np.arange(len(groups)) * 2 + k * 0.6
+        means = np.array([g[key]["mean"] for g in groups])
+        stds = np.array([g[key]["std"] for g in groups])
+        ax.errorbar(100 * means, ys, xerr=100 * stds, fmt="o", capsize=3, label=name)
+    ax.set_yticks(np.arange(len(groups)) * 2 + 0.3, [" + ".join(g["members"]) for g in groups], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("test score, % (mean +- std over seeds)")
+    ax.legend(fontsize=8)
+    ax.set_title("Settings over seeds")

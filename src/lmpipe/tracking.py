@@ -2,6 +2,12 @@
 
 * Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else a SQLite store ``mlflow.db`` at the repo root,
   with artefacts in ``mlartifacts/`` beside it (what ``mlflow ui`` opens when started from the root).
+  The repo root is the ORIGINAL repo's even when ``dvc exp run --queue`` runs a stage in a temporary
+  copy under ``.dvc/tmp/exps/`` (DVC's ``DVC_ROOT``, else found by walking up), so that every queued
+  experiment lands in the one store and nothing is lost when DVC deletes the copy.
+* SQLite stores wait for each other instead of failing with "database is locked": a busy timeout in
+  the URI, WAL journal mode, and a file lock around the store's creation (two queue workers may create
+  it at once).
 * Each run is tagged with the git commit, whether the tree was dirty, a hash of the resolved params,
   the stage, and the DVC experiment name when DVC runs the stage as an experiment.
 * A run that raises is ended as FAILED (KILLED on Ctrl-C or SIGTERM), never left RUNNING.
@@ -23,13 +29,79 @@ STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 
 
+# seconds a writer waits for another process's lock on a SQLite store; two queue workers can hold
+# it for a while (the store's creation, migrations), far longer than sqlite3's default of 5 s
+SQLITE_BUSY_TIMEOUT = 60
+EXPS_TMP = (".dvc", "tmp", "exps")  # where DVC puts the temporary workspaces of queued experiments
+
+
 def repo_root() -> Path:
-    """The directory holding ``dvc.yaml``: DVC runs every stage from there."""
-    return Path.cwd().resolve()
+    """The root of the repo the user works in, where the MLflow store lives.
+
+    DVC runs every stage from the directory holding ``dvc.yaml``. For a queued (or ``--temp``)
+    experiment that is a temporary copy under ``<repo>/.dvc/tmp/exps/``; DVC then sets ``DVC_ROOT``
+    to the original repo, and failing that the original is found by walking up from the copy.
+    """
+    from_dvc = os.environ.get("DVC_ROOT")
+    if from_dvc and (Path(from_dvc) / ".dvc").is_dir():
+        return Path(from_dvc).resolve()
+    return _outside_exps_tmp(Path.cwd().resolve())
+
+
+def _outside_exps_tmp(path: Path) -> Path:
+    parts = path.parts
+    for i in range(len(parts) - len(EXPS_TMP), 0, -1):
+        if parts[i : i + len(EXPS_TMP)] == EXPS_TMP:
+            return Path(*parts[:i])
+    return path
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    """``MLFLOW_TRACKING_URI`` if set, else the repo's SQLite store; SQLite URIs get a busy timeout."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    return with_busy_timeout(uri)
+
+
+def with_busy_timeout(uri: str) -> str:
+    """Add ``timeout=`` (SQLAlchemy passes it to sqlite3) to a SQLite URI that has none."""
+    if not uri.startswith("sqlite:") or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_BUSY_TIMEOUT}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, None for other stores (or in-memory SQLite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def prepare_store(uri: str) -> None:
+    """Create a SQLite store once, under a file lock, and switch it to WAL journal mode.
+
+    MLflow creates the tables (and runs migrations) the first time a process opens a new store; two
+    queue workers doing so at the same moment would race. WAL lets readers and one writer work at
+    the same time, and it persists in the file, so this is cheap after the first call.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    import fcntl
+    import sqlite3
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # creates the tables
+            with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT)) as db:
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def git_info() -> dict[str, str]:
@@ -80,7 +152,9 @@ def run(
     import mlflow
 
     if not nested:
-        mlflow.set_tracking_uri(tracking_uri())
+        uri = tracking_uri()
+        prepare_store(uri)
+        mlflow.set_tracking_uri(uri)
         _ensure_experiment(mlflow, experiment)
     all_tags = {
         **git_info(),
@@ -114,10 +188,18 @@ def run(
         signal.signal(signal.SIGTERM, previous)
 
 
+def default_store_uri() -> str:
+    """The repo's own store: ``<repo root>/mlflow.db``, artefacts in ``<repo root>/mlartifacts``."""
+    return with_busy_timeout(f"sqlite:///{repo_root() / STORE_FILE}")
+
+
 def _ensure_experiment(mlflow: Any, name: str) -> None:
     if mlflow.get_experiment_by_name(name) is None:
         location = None
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # Compared with the URI, not with MLFLOW_TRACKING_URI being unset: mlflow.set_tracking_uri
+        # exports that variable, and MLflow's own default (./mlruns under the cwd) would put a queued
+        # experiment's artefacts in its temporary workspace, deleted when the experiment ends.
+        if mlflow.get_tracking_uri() == default_store_uri():
             location = (repo_root() / ARTIFACT_DIR).as_uri()
         try:
             mlflow.create_experiment(name, artifact_location=location)
@@ -281,6 +363,20 @@ def alias_version(name: str, alias: str) -> str | None:
         return None
 
 
+def get_run(run_id: str) -> Any | None:
+    """The run with this id in the current store, or None if there is none."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    path = sqlite_path(tracking_uri())
+    if path is not None and not path.is_file():
+        return None  # reading must not create an empty store
+    try:
+        return MlflowClient(tracking_uri=tracking_uri()).get_run(run_id)
+    except MlflowException:
+        return None
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
     _client().set_registered_model_alias(name, alias, version)
 
@@ -296,3 +392,33 @@ def download_model(uri: str, dest: str | Path) -> Path:
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+
+
+def evaluate_run_of(train_run_id: str) -> Any | None:
+    """The latest FINISHED evaluate run that scored the model of this train run, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri())
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.stage = 'evaluate' and tags.train_run_id = '{train_run_id}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def download_artifact(run_id: str, artifact_path: str, dest: str | Path) -> Path | None:
+    """Download one artefact of a run into ``dest``; None if the run has no such artefact."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dest), tracking_uri=tracking_uri()
+        )
+    except (MlflowException, OSError):
+        return None
+    return Path(local) if Path(local).is_file() else None

@@ -1,0 +1,493 @@
+"""Comparing experiments the way a careful researcher would, on their per-example test predictions.
+
+For two or more candidates (DVC experiments, git revisions or MLflow runs, see ``lmpipe.experiments``):
+
+* each candidate's test accuracy and macro-F1 with a bootstrap 95% confidence interval;
+* for every pair, the difference in accuracy and macro-F1 with a **paired** bootstrap 95% CI (both
+  models are scored on the same resampled examples, so the noise of the test set cancels out), and
+  McNemar's test on the examples where exactly one of the two is right (exact binomial when there are
+  fewer than 25 such examples, chi-square with continuity correction otherwise), Holm-adjusted when
+  there are several pairs;
+* for candidates whose params differ only by ``base.seed``: mean +- std across the seeds.
+
+A difference is called significant only when its CI excludes 0; the report says so plainly either way.
+The bootstrap is seeded, so the same inputs give the same report.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmpipe.errors import UserError
+
+METRICS = ("accuracy", "macro_f1")
+SEED_KEY = "base.seed"
+# params that do not change the model, so runs differing only in them still count as the same setting
+IGNORED_PREFIXES = ("mlflow.",)
+EXACT_BELOW = 25  # discordant pairs under which McNemar's test uses the exact binomial distribution
+CHUNK = 256  # bootstrap resamples drawn at a time (bounds memory on large test sets)
+
+
+@dataclass
+class Candidate:
+    """One model's test predictions and the params that produced it."""
+
+    label: str  # how the report names it (the DVC experiment name, a git rev, or "run:<id>")
+    source: str  # where it came from, for the reader
+    predictions: pd.DataFrame  # reports/evaluate/predictions.csv: id, actual, predicted, ...
+    params: dict[str, str] = field(default_factory=dict)  # flattened, values as strings; {} = unknown
+    run_id: str = ""  # the evaluate MLflow run, when known
+
+
+def aligned(
+    candidates: Sequence[Candidate], unpaired: bool = False
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str], bool]:
+    """Encode the candidates' predictions (true labels, predicted labels; rows ordered by example id).
+
+    Returns ``(truths, predictions, classes, paired)``. ``paired`` is True when all were made on the
+    same examples with the same true labels. Otherwise it raises ``UserError``, unless ``unpaired``.
+    """
+    if len(candidates) < 2:
+        raise UserError(f"compare needs at least two experiments or runs, got {len(candidates)}")
+    labels = [c.label for c in candidates]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise UserError(f"compare: {', '.join(dupes)} given more than once")
+    frames = []
+    for c in candidates:
+        missing = {"id", "actual", "predicted"} - set(c.predictions.columns)
+        if missing:
+            raise UserError(f"{c.label}: predictions lack column(s) {', '.join(sorted(missing))}")
+        frame = c.predictions[["id", "actual", "predicted"]].astype(str)
+        if frame["id"].duplicated().any():
+            raise UserError(f"{c.label}: predictions repeat example ids")
+        frames.append(frame.sort_values("id", kind="stable").reset_index(drop=True))
+    ref = frames[0]
+    mismatch = ""
+    for c, frame in zip(candidates[1:], frames[1:], strict=True):
+        if len(frame) != len(ref) or not frame["id"].equals(ref["id"]):
+            mismatch = (
+                f"predictions are on different test sets: {candidates[0].label} has {len(ref)} examples, "
+                f"{c.label} has {len(frame)}, and {len(set(frame['id']) ^ set(ref['id']))} ids differ"
+            )
+        elif not frame["actual"].equals(ref["actual"]):
+            n = int((frame["actual"] != ref["actual"]).sum())
+            mismatch = (
+                f"predictions are on different test sets: {n} examples have different true labels "
+                f"in {candidates[0].label} and {c.label}"
+            )
+        if mismatch:
+            break
+    if mismatch and not unpaired:
+        seeds = {c.params.get(SEED_KEY) for c in candidates}
+        hint = (
+            " (base.seed also draws the sample and the split: add --unpaired to compare the settings by "
+            "their mean over seeds, without paired tests)"
+            if len(seeds) > 1 and None not in seeds
+            else ""
+        )
+        raise UserError(mismatch + hint)
+    classes = sorted(set().union(*(set(f["actual"]) | set(f["predicted"]) for f in frames)))
+    code = {name: i for i, name in enumerate(classes)}
+    truths = [f["actual"].map(code).to_numpy() for f in frames]
+    preds = [f["predicted"].map(code).to_numpy() for f in frames]
+    return truths, preds, classes, not mismatch
+
+
+def weighted_scores(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict:
+    """Accuracy and macro-F1 of ``pred`` for each row of ``weights`` (how often each example is drawn).
+
+    Macro-F1 averages over the classes present in the (resampled) truth or predictions, with 0 for a
+    class never predicted right: the same as ``sklearn.metrics.f1_score(average="macro")`` and
+    ``lmpipe.metrics.classification_metrics``.
+    """
+    weights = np.atleast_2d(weights).astype(np.float64)
+    correct = (y == pred).astype(np.float64)
+    total = weights.sum(axis=1)
+    f1_sum = np.zeros(len(weights))
+    present = np.zeros(len(weights))
+    for c in range(n_classes):
+        is_true, is_pred = y == c, pred == c
+        tp = weights @ (is_true & is_pred).astype(np.float64)
+        fp = weights @ (~is_true & is_pred).astype(np.float64)
+        fn = weights @ (is_true & ~is_pred).astype(np.float64)
+        denom = 2 * tp + fp + fn
+        f1_sum += np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+        present += denom > 0
+    return {
+        "accuracy": weights @ correct / total,
+        "macro_f1": np.divide(f1_sum, present, out=np.zeros_like(f1_sum), where=present > 0),
+    }
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int):
+    """Yield blocks of resampling weights (rows: resamples, columns: how often each example is drawn)."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < resamples:
+        size = min(CHUNK, resamples - done)
+        yield rng.multinomial(n, np.full(n, 1.0 / n), size=size)
+        done += size
+
+
+def mcnemar(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """McNemar's test of equal accuracy on paired predictions.
+
+    ``a_only``/``b_only`` count the examples only A (only B) gets right. Exact two-sided binomial test
+    when they total fewer than 25, else the chi-square statistic with continuity correction.
+    """
+    from scipy.stats import binomtest, chi2
+
+    a_only = int(np.sum(correct_a & ~correct_b))
+    b_only = int(np.sum(~correct_a & correct_b))
+    n = a_only + b_only
+    if n == 0:
+        return {"a_only": 0, "b_only": 0, "method": "exact binomial", "statistic": None, "p_value": 1.0}
+    if n < EXACT_BELOW:
+        p = binomtest(a_only, n, 0.5, alternative="two-sided").pvalue
+        return {
+            "a_only": a_only,
+            "b_only": b_only,
+            "method": "exact binomial",
+            "statistic": None,
+            "p_value": float(min(1.0, p)),
+        }
+    stat = (abs(a_only - b_only) - 1) ** 2 / n
+    return {
+        "a_only": a_only,
+        "b_only": b_only,
+        "method": "chi-square, continuity-corrected",
+        "statistic": float(stat),
+        "p_value": float(chi2.sf(stat, df=1)),
+    }
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (controls the family-wise error over all pairs)."""
+    m = len(p_values)
+    order = np.argsort(p_values, kind="stable")
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def seed_groups(candidates: Sequence[Candidate]) -> list[list[int]]:
+    """Indices of candidates whose known params are identical except ``base.seed``, seeds distinct;
+    only groups of two or more."""
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(candidates):
+        if not c.params or SEED_KEY not in c.params:
+            continue
+        key = tuple(
+            sorted(
+                (k, v) for k, v in c.params.items() if k != SEED_KEY and not k.startswith(IGNORED_PREFIXES)
+            )
+        )
+        groups.setdefault(key, []).append(i)
+    out = []
+    for members in groups.values():
+        seeds = [candidates[i].params[SEED_KEY] for i in members]
+        if len(members) >= 2 and len(set(seeds)) == len(seeds):
+            out.append(members)
+    return out
+
+
+def differing_params(candidates: Sequence[Candidate], members: Sequence[int] | None = None) -> list[str]:
+    """The params keys whose values differ among the given candidates (all of them by default)."""
+    chosen = [candidates[i] for i in (members if members is not None else range(len(candidates)))]
+    chosen = [c for c in chosen if c.params]
+    keys = sorted(set().union(*(c.params for c in chosen))) if chosen else []
+    return [
+        k
+        for k in keys
+        if not k.startswith(IGNORED_PREFIXES) and len({c.params.get(k, "(absent)") for c in chosen}) > 1
+    ]
+
+
+def compare(
+    candidates: Sequence[Candidate],
+    resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    unpaired: bool = False,
+) -> dict[str, Any]:
+    """All the numbers of the report, as a JSON-able dict.
+
+    ``unpaired=True`` accepts models scored on different test sets (runs with another ``base.seed``
+    draw another split): each model then gets its own CI, settings are compared by their mean over
+    seeds (Welch's t-test), and there are no paired tests, since no example is shared.
+    """
+    if resamples < 100:
+        raise UserError(f"--resamples must be >= 100, got {resamples}")
+    if not 0 < alpha < 0.5:
+        raise UserError(f"--alpha must be between 0 and 0.5, got {alpha}")
+    truths, preds, classes, paired = aligned(candidates, unpaired)
+    k = len(classes)
+    point = [
+        {m: float(v[0]) for m, v in weighted_scores(np.ones(len(y)), y, p, k).items()}
+        for y, p in zip(truths, preds, strict=True)
+    ]
+
+    # paired: one set of resamples for every candidate, so single CIs and differences share them;
+    # unpaired: each candidate resamples its own test set (same seed, so still reproducible)
+    draws: list[dict[str, list[np.ndarray]]] = [{m: [] for m in METRICS} for _ in preds]
+    if paired:
+        for w in bootstrap_weights(len(truths[0]), resamples, seed):
+            for i, p in enumerate(preds):
+                for m, v in weighted_scores(w, truths[0], p, k).items():
+                    draws[i][m].append(v)
+    else:
+        for i, (y, p) in enumerate(zip(truths, preds, strict=True)):
+            for w in bootstrap_weights(len(y), resamples, seed):
+                for m, v in weighted_scores(w, y, p, k).items():
+                    draws[i][m].append(v)
+    samples = [{m: np.concatenate(d[m]) for m in METRICS} for d in draws]
+    y = truths[0]
+    lo_q, hi_q = 100 * alpha / 2, 100 * (1 - alpha / 2)
+
+    runs = []
+    for c, pt, s in zip(candidates, point, samples, strict=True):
+        runs.append(
+            {
+                "label": c.label,
+                "source": c.source,
+                "run_id": c.run_id,
+                "seed": c.params.get(SEED_KEY),
+                **{
+                    m: {
+                        "value": pt[m],
+                        "ci": [float(np.percentile(s[m], lo_q)), float(np.percentile(s[m], hi_q))],
+                    }
+                    for m in METRICS
+                },
+            }
+        )
+
+    pairs = []
+    for i, j in itertools.combinations(range(len(candidates)) if paired else (), 2):
+        entry: dict[str, Any] = {"a": candidates[i].label, "b": candidates[j].label}
+        for m in METRICS:
+            diff = samples[j][m] - samples[i][m]
+            lo, hi = float(np.percentile(diff, lo_q)), float(np.percentile(diff, hi_q))
+            entry[m] = {
+                "diff": point[j][m] - point[i][m],
+                "ci": [lo, hi],
+                "significant": bool(lo > 0 or hi < 0),
+            }
+        entry["mcnemar"] = mcnemar(y == preds[i], y == preds[j])
+        pairs.append(entry)
+    for entry, adj in zip(pairs, holm([e["mcnemar"]["p_value"] for e in pairs]), strict=True):
+        entry["mcnemar"]["p_holm"] = adj
+        entry["mcnemar"]["significant"] = bool(adj < alpha)
+
+    groups = []
+    for members in seed_groups(candidates):
+        values = {m: np.array([point[i][m] for i in members]) for m in METRICS}
+        groups.append(
+            {
+                "members": [candidates[i].label for i in members],
+                "seeds": [candidates[i].params[SEED_KEY] for i in members],
+                **{m: {"mean": float(v.mean()), "std": float(v.std(ddof=1))} for m, v in values.items()},
+                "_values": {m: v.tolist() for m, v in values.items()},
+            }
+        )
+    setting_diffs = _between_settings(groups, alpha)
+    for g in groups:
+        del g["_values"]
+
+    return {
+        "paired": paired,
+        "test_examples": len(y) if paired else [len(t) for t in truths],
+        "classes": classes,
+        "resamples": resamples,
+        "seed": seed,
+        "alpha": alpha,
+        "confidence": 1 - alpha,
+        "differing_params": differing_params(candidates),
+        "runs": runs,
+        "pairs": pairs,
+        "seed_groups": groups,
+        "between_settings": setting_diffs,
+    }
+
+
+def _between_settings(groups: list[dict], alpha: float) -> list[dict]:
+    """Each pair of seed groups (two settings): difference of the means over seeds, Welch's t-test."""
+    from scipy.stats import ttest_ind
+
+    out = []
+    for ga, gb in itertools.combinations(groups, 2):
+        entry: dict[str, Any] = {"a": ga["members"], "b": gb["members"]}
+        for m in METRICS:
+            a, b = np.array(ga["_values"][m]), np.array(gb["_values"][m])
+            p = float(ttest_ind(b, a, equal_var=False).pvalue)
+            entry[m] = {
+                "diff": float(b.mean() - a.mean()),
+                "p_value": None if np.isnan(p) else p,
+                "significant": bool(not np.isnan(p) and p < alpha),
+            }
+        out.append(entry)
+    return out
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _signed(x: float) -> str:
+    return f"{100 * x:+.2f}"
+
+
+def _p(p: float) -> str:
+    return "< 0.0001" if p < 1e-4 else f"{p:.4f}"
+
+
+def markdown(result: dict[str, Any], figure_name: str | None = "comparison.png") -> str:
+    """The report: tables, then one plain sentence per pair saying whether the difference is real."""
+    conf = f"{round(100 * result['confidence'])}%"
+    if result["paired"]:
+        intro = (
+            f"{len(result['runs'])} models on the same {result['test_examples']} test examples "
+            f"({len(result['classes'])} classes). Confidence intervals: {conf}, percentile bootstrap with "
+            f"{result['resamples']} resamples (seed {result['seed']}); differences use the paired bootstrap "
+            "(both models scored on the same resampled examples). Scores in percentage points."
+        )
+    else:
+        intro = (
+            f"{len(result['runs'])} models on **different test sets** "
+            f"({', '.join(map(str, result['test_examples']))} examples; another `base.seed` draws another "
+            "split), so no paired test is possible: each model's CI comes from its own test set "
+            f"({result['resamples']} bootstrap resamples, seed {result['seed']}), and settings are compared "
+            "by their mean over seeds (Welch's t-test). Scores in percentage points."
+        )
+    lines = ["# Experiment comparison", "", intro, ""]
+    if result["differing_params"]:
+        lines += [f"Params that differ: {', '.join(f'`{k}`' for k in result['differing_params'])}.", ""]
+    lines += [
+        "## Models",
+        "",
+        f"| model | source | seed | accuracy [{conf} CI] | macro-F1 [{conf} CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        cells = [f"{_pct(r[m]['value'])} [{_pct(r[m]['ci'][0])}, {_pct(r[m]['ci'][1])}]" for m in METRICS]
+        lines.append(f"| {r['label']} | {r['source']} | {r['seed'] or '?'} | {cells[0]} | {cells[1]} |")
+    if result["pairs"]:
+        lines += _pairs_markdown(result, conf)
+    if result["seed_groups"]:
+        lines += [
+            "",
+            "## Across seeds",
+            "",
+            "Models whose params differ only by `base.seed`: mean +- standard deviation over the seeds. "
+            "The spread is what a seed alone moves the score; a difference between settings smaller "
+            "than it is not evidence.",
+            "",
+            "| models | seeds | accuracy | macro-F1 |",
+            "|---|---|---|---|",
+        ]
+        for g in result["seed_groups"]:
+            cells = [f"{_pct(g[m]['mean'])} +- {_pct(g[m]['std'])}" for m in METRICS]
+            lines.append(f"| {', '.join(g['members'])} | {', '.join(g['seeds'])} | {cells[0]} | {cells[1]} |")
+    if result["between_settings"]:
+        lines += [
+            "",
+            "## Between settings (mean over seeds, B - A)",
+            "",
+            "| A | B | accuracy diff | Welch p | macro-F1 diff | Welch p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in result["between_settings"]:
+            cells = [
+                f"{_signed(e[m]['diff'])} | {'n/a' if e[m]['p_value'] is None else _p(e[m]['p_value'])}"
+                for m in METRICS
+            ]
+            lines.append(f"| {', '.join(e['a'])} | {', '.join(e['b'])} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+        for e in result["between_settings"]:
+            a, b = " + ".join(e["a"]), " + ".join(e["b"])
+            if any(e[m]["significant"] for m in METRICS):
+                said = "; ".join(
+                    f"{name} {_signed(e[m]['diff'])} pt ({'significant' if e[m]['significant'] else 'not significant'})"
+                    for m, name in zip(METRICS, ("accuracy", "macro-F1"), strict=True)
+                )
+                lines.append(f"- **{b} vs {a}:** {said} at {result['alpha']:g} (Welch's t-test over seeds).")
+            else:
+                lines.append(
+                    f"- **{b} vs {a}: no significant difference** over seeds (accuracy "
+                    f"{_signed(e['accuracy']['diff'])} pt, macro-F1 {_signed(e['macro_f1']['diff'])} pt). "
+                    "With few seeds per setting this test has little power: more seeds, or one shared split, "
+                    "would tell more."
+                )
+    if figure_name:
+        lines += ["", f"![accuracy and macro-F1 differences with {conf} CIs]({figure_name})"]
+    if len(result["pairs"]) > 1:
+        lines += [
+            "",
+            f"With {len(result['pairs'])} pairs, some CI will miss 0 by chance; the Holm-adjusted McNemar "
+            "p-values account for the number of comparisons.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _pairs_markdown(result: dict[str, Any], conf: str) -> list[str]:
+    lines = [
+        "",
+        "## Differences (B - A)",
+        "",
+        f"| A | B | accuracy diff [{conf} CI] | macro-F1 diff [{conf} CI] | only A right | only B right "
+        "| McNemar p | p (Holm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in result["pairs"]:
+        mc = e["mcnemar"]
+        cells = [
+            f"{_signed(e[m]['diff'])} [{_signed(e[m]['ci'][0])}, {_signed(e[m]['ci'][1])}]"
+            + (" *" if e[m]["significant"] else "")
+            for m in METRICS
+        ]
+        lines.append(
+            f"| {e['a']} | {e['b']} | {cells[0]} | {cells[1]} | {mc['a_only']} | {mc['b_only']} "
+            f"| {_p(mc['p_value'])} ({'exact' if mc['statistic'] is None else 'chi2'}) | {_p(mc['p_holm'])} |"
+        )
+    lines += ["", "`*`: the CI excludes 0.", "", "## Verdict", ""]
+    for e in result["pairs"]:
+        lines.append(f"- {verdict(e, conf, result['alpha'])}")
+    return lines
+
+
+def verdict(pair: dict[str, Any], conf: str, alpha: float) -> str:
+    """One plain sentence on one pair."""
+    a, b = pair["a"], pair["b"]
+    acc, f1, mc = pair["accuracy"], pair["macro_f1"], pair["mcnemar"]
+    if not acc["significant"] and not f1["significant"] and not mc["significant"]:
+        return (
+            f"**{b} vs {a}: no significant difference.** Accuracy {_signed(acc['diff'])} pt "
+            f"({conf} CI {_signed(acc['ci'][0])} to {_signed(acc['ci'][1])}), macro-F1 "
+            f"{_signed(f1['diff'])} pt ({_signed(f1['ci'][0])} to {_signed(f1['ci'][1])}); both CIs include 0 "
+            f"and McNemar's p = {_p(mc['p_holm'])}. On this test set the two cannot be told apart."
+        )
+    parts = []
+    for name, m in (("accuracy", acc), ("macro-F1", f1)):
+        better = b if m["diff"] > 0 else a
+        if m["significant"]:
+            parts.append(
+                f"{name}: {better} is better by {abs(100 * m['diff']):.2f} pt "
+                f"({conf} CI {_signed(m['ci'][0])} to {_signed(m['ci'][1])}, significant)"
+            )
+        else:
+            parts.append(f"{name}: {_signed(m['diff'])} pt, not significant (the CI includes 0)")
+    test = "significant" if mc["significant"] else "not significant"
+    return (
+        f"**{b} vs {a}:** {'; '.join(parts)}. McNemar's test on accuracy: p = {_p(mc['p_holm'])}, "
+        f"{test} at {alpha:g}."
+    )

@@ -1,0 +1,223 @@
+"""The experiment workflow for real: a queue of tiny experiments run by two DVC queue workers against one
+MLflow SQLite store, a failing experiment, `lmpipe compare` on the results, and push/pull through the
+default local DVC remote into a fresh clone."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import BIN, git_commit, new_repo, run
+
+pytestmark = pytest.mark.slow
+
+# none equal to params.yaml's 1e-4: DVC would restore that one from its run cache and log no new run
+LEARNING_RATES = ["5e-05", "0.0002", "0.0003"]
+FAILING = "bad-fp16"  # train.precision=fp16 has no GPU here: the train stage fails inside its MLflow run
+
+
+def tiny(encoder) -> dict:
+    return {
+        "base": {"model": str(encoder), "max_length": 32},
+        "prepare": {"max_rows": 60},
+        "train": {"epochs": 1, "batch_size": 8, "logging_steps": 2},
+        "mlflow": {"experiment": "queue"},
+    }
+
+
+def wait_for_queue(repo, timeout=900) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+        time.sleep(3)
+
+
+def experiments_in(show: list) -> dict[str, dict]:
+    """name -> data, from `dvc exp show --json` (baseline entries hold their experiments)."""
+    out = {}
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                out[rev["name"]] = rev["data"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def queued(tiny_encoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    repo = new_repo(root / "repo", tiny(tiny_encoder))
+    run(["dvc", "repro"], repo, timeout=900)
+    git_commit(repo, "baseline run")
+    baseline = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+
+    # the untracked-file trap is caught before queueing, then the check passes
+    (repo / "notes.txt").write_text("not in git")
+    trapped = run([str(BIN / "lmpipe"), "queue-check"], repo, check=False)
+    (repo / "notes.txt").unlink()
+    ok = run([str(BIN / "lmpipe"), "queue-check"], repo, check=False)
+
+    run(["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(LEARNING_RATES)}"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", FAILING, "-S", "train.precision=fp16"], repo)
+    started = time.monotonic()
+    run(["dvc", "queue", "start", "--jobs", "2"], repo)
+    try:
+        status = wait_for_queue(repo)
+    finally:
+        run(["dvc", "queue", "stop"], repo, check=False)
+    seconds = time.monotonic() - started
+    show = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    return {
+        "repo": repo,
+        "root": root,
+        "baseline": baseline,
+        "trapped": trapped,
+        "ok": ok,
+        "status": status,
+        "seconds": seconds,
+        "show": show,
+        "exps": experiments_in(show),
+    }
+
+
+def runs_of(repo, stage: str) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("queue")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{stage}'", max_results=100)
+
+
+def test_queue_check_catches_untracked_files(queued):
+    trapped = queued["trapped"]
+    assert trapped.returncode == 2
+    assert "error: 1 untracked file(s) would be silently left out of queued experiments: notes.txt" in (
+        trapped.stderr
+    )
+    assert "Traceback" not in trapped.stderr
+    assert queued["ok"].returncode == 0, queued["ok"].stderr
+    assert f"queued runs will log to {queued['repo'] / 'mlflow.db'}" in queued["ok"].stdout
+
+
+def test_exp_show_lists_every_experiment_with_metrics(queued):
+    exps = {n: d for n, d in queued["exps"].items() if n != FAILING}
+    assert len(exps) == 3, queued["status"]
+    rates = []
+    for data in exps.values():
+        metrics = data["metrics"]["reports/evaluate/metrics.json"]["data"]
+        assert 0 <= metrics["model"]["accuracy"] <= 1 and len(metrics["mlflow_run_id"]) == 32
+        train = data["metrics"]["reports/train/metrics.json"]["data"]
+        assert len(train["mlflow_run_id"]) == 32
+        rates.append(data["params"]["params.yaml"]["data"]["train"]["learning_rate"])
+    assert sorted(map(float, rates)) == sorted(map(float, LEARNING_RATES))
+
+
+def test_each_experiment_has_one_finished_train_and_evaluate_run(queued):
+    repo = queued["repo"]
+    exps = {n: d for n, d in queued["exps"].items() if n != FAILING}
+    trains, evals = runs_of(repo, "train"), runs_of(repo, "evaluate")
+    assert not [r for r in trains + evals if r.info.status == "RUNNING"]
+    hashes = set()
+    for name, data in exps.items():
+        train = [r for r in trains if r.data.tags.get("dvc_exp_name") == name]
+        evaluate = [r for r in evals if r.data.tags.get("dvc_exp_name") == name]
+        assert [r.info.status for r in train] == ["FINISHED"], name
+        assert [r.info.status for r in evaluate] == ["FINISHED"], name
+        (train,), (evaluate,) = train, evaluate
+        metrics = data["metrics"]
+        assert train.info.run_id == metrics["reports/train/metrics.json"]["data"]["mlflow_run_id"]
+        assert evaluate.info.run_id == metrics["reports/evaluate/metrics.json"]["data"]["mlflow_run_id"]
+        assert train.data.tags["dvc_exp_baseline_rev"] == queued["baseline"]
+        assert train.data.tags["params_hash"] == evaluate.data.tags["params_hash"]
+        hashes.add(train.data.tags["params_hash"])
+        lr = data["params"]["params.yaml"]["data"]["train"]["learning_rate"]
+        assert float(train.data.params["train.learning_rate"]) == float(lr)
+        assert train.data.metrics["test_accuracy"] == pytest.approx(
+            metrics["reports/evaluate/metrics.json"]["data"]["model"]["accuracy"]
+        )
+    assert len(hashes) == 3
+
+
+def test_nothing_is_tracked_inside_temporary_workspaces(queued):
+    repo = queued["repo"]
+    artefacts = (repo / "mlartifacts").resolve().as_uri()
+    for r in runs_of(repo, "train") + runs_of(repo, "evaluate"):
+        assert r.info.artifact_uri.startswith(artefacts), r.info.artifact_uri
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    for r in runs_of(repo, "train"):
+        if (
+            r.data.tags.get("dvc_exp_name") and r.info.status == "FINISHED"
+        ):  # the model outlived its workspace
+            assert "model/model.safetensors" in {
+                a.path for a in client.list_artifacts(r.info.run_id, "model")
+            }
+    stray = [p for pattern in ("mlflow.db", "mlruns", "mlartifacts") for p in (repo / ".dvc").rglob(pattern)]
+    assert stray == []
+    assert not (repo / "mlruns").exists()
+
+
+def test_a_failed_experiment_leaves_its_log_and_a_failed_run(queued):
+    repo = queued["repo"]
+    assert any(FAILING in line and "Failed" in line for line in queued["status"].splitlines()), queued[
+        "status"
+    ]
+    logs = run(["dvc", "queue", "logs", FAILING], repo, check=False)
+    assert "error: train.precision: fp16 needs a CUDA GPU" in logs.stdout + logs.stderr
+    failed = [r for r in runs_of(repo, "train") if r.data.tags.get("dvc_exp_name") == FAILING]
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert "fp16 needs a CUDA GPU" in failed[0].data.tags["error"]
+
+
+def test_compare_experiments_and_runs(queued):
+    repo = queued["repo"]
+    names = sorted(n for n in queued["exps"] if n != FAILING)
+    result = run([str(BIN / "lmpipe"), "compare", *names, "--resamples", "300"], repo)
+    report = (repo / "reports/compare/report.md").read_text()
+    data = json.loads((repo / "reports/compare/comparison.json").read_text())
+    assert [r["label"] for r in data["runs"]] == names
+    assert all(r["source"].startswith("DVC experiment") for r in data["runs"])
+    assert data["differing_params"] == ["train.learning_rate"]
+    assert len(data["pairs"]) == 3 and data["test_examples"] == 6
+    for r in data["runs"]:
+        metrics = queued["exps"][r["label"]]["metrics"]["reports/evaluate/metrics.json"]["data"]
+        assert r["accuracy"]["value"] == pytest.approx(metrics["model"]["accuracy"])
+        assert r["run_id"] == metrics["mlflow_run_id"]
+    assert "## Verdict" in report and result.stdout.count(" pt [") == 3
+    # the same two models named by MLflow run ids (a train run, an evaluate run) give the same numbers
+    m0 = queued["exps"][names[0]]["metrics"]
+    m1 = queued["exps"][names[1]]["metrics"]
+    ids = [
+        m0["reports/train/metrics.json"]["data"]["mlflow_run_id"],
+        m1["reports/evaluate/metrics.json"]["data"]["mlflow_run_id"],
+    ]
+    run([str(BIN / "lmpipe"), "compare", *ids, "--resamples", "300", "--out", "by-run"], repo)
+    by_run = json.loads((repo / "by-run/comparison.json").read_text())
+    assert [r["accuracy"]["value"] for r in by_run["runs"]] == [
+        r["accuracy"]["value"] for r in data["runs"][:2]
+    ]
+    assert by_run["runs"][0]["label"] == f"{names[0]}@{ids[0][:8]}"
+    assert by_run["pairs"][0]["accuracy"] == data["pairs"][0]["accuracy"]  # same seed, same CIs
+
+
+def test_push_then_pull_into_a_fresh_clone(queued):
+    repo, root = queued["repo"], queued["root"]
+    pushed = run(["dvc", "push"], repo)
+    storage = root / "lmpipe-dvc-storage"  # the default remote: ../../lmpipe-dvc-storage from .dvc/
+    assert storage.is_dir() and any(storage.rglob("*")), pushed.stdout
+    clone = root / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], root)
+    assert not (clone / "models/model").exists()
+    run(["dvc", "pull"], clone)
+    assert (clone / "models/model/model.safetensors").read_bytes() == (
+        repo / "models/model/model.safetensors"
+    ).read_bytes()
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(clone / "data/split/test.parquet"), pd.read_parquet(repo / "data/split/test.parquet")
+    )
+    assert "up to date" in run(["dvc", "status"], clone).stdout
+    assert "Running stage" not in run(["dvc", "repro"], clone).stdout
