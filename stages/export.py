@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="export metrics (JSON, DVC metrics)")
     args = parser.parse_args()
 
+    from pathlib import Path
+
     from lmpipe import data, io, tracking
     from lmpipe.errors import UserError
     from lmpipe.export import run_export
@@ -47,6 +49,12 @@ def main() -> None:
         raise UserError(
             f"export.source: '{params.export.source}' is not among the models this stage was given "
             f"({', '.join(sorted(sources))}); add --source {params.export.source}=<folder> in dvc.yaml"
+        )
+    chosen = sources[params.export.source]
+    if not (Path(chosen) / "config.json").is_file():
+        raise UserError(
+            f"export.source: '{params.export.source}' has no model in {chosen} (is that compress variant "
+            "enabled in params.yaml?)"
         )
     records = {
         "prepare": io.read_json(args.prepare_metrics),
@@ -68,9 +76,7 @@ def main() -> None:
             "export_source": params.export.source,
         },
     ) as active:
-        metrics = run_export(
-            params, sources[params.export.source], test, records, args.out, args.metrics, active.info.run_id
-        )
+        metrics = run_export(params, chosen, test, records, args.out, args.metrics, active.info.run_id)
     gate, lat = metrics["gate"], metrics["latency"]
     print(
         f"export: ONNX fp32 max |dlogit| {metrics['onnx_fp32']['max_abs_logit_diff']:.1e}, int8 agreement "

@@ -102,10 +102,26 @@ def render(
             cells += [_f(case.get("p50_ms"), 2), _f(case.get("p95_ms"), 2)]
         lines.append(f"| {backend} | " + " | ".join(cells) + " |")
     lines += ["", "## Compression", ""]
-    if compression:
-        lines += [f"- {k}: {v}" for k, v in sorted(compression.items())]
-    else:
-        lines.append("None: this export is the trained model itself (`export.source: model`).")
+    lines.append(
+        "This export is the trained model itself (`export.source: model`)."
+        if params.export.source == "model"
+        else f"This export is the compress stage's `{params.export.source}` variant."
+    )
+    variants = (compression or {}).get("variants", {})
+    if variants:
+        lines += [
+            "",
+            "The compress stage's variants on the same test split (CPU, batch 1):",
+            "",
+            "| variant | macro-F1 | change | size (MB) | non-zero params | p50 latency (ms) | speed-up |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, v in variants.items():
+            lines.append(
+                f"| {name} | {_f(v.get('macro_f1'), 4)} | {_f(v.get('delta_macro_f1'), 4)} | "
+                f"{_f(v.get('size_mb'), 1)} | {v.get('nonzero_parameters', 'n/a')} | "
+                f"{_f(v.get('latency_b1_p50_ms'), 1)} | {_f(v.get('speedup_b1'), 2)} |"
+            )
     lines += [
         "",
         "## Promotion gate",

@@ -459,7 +459,7 @@ class GateParams(_Section):
 
 @dataclass(frozen=True)
 class ExportParams(_Section):
-    source: Literal["model"]
+    source: Literal["model", "pruned", "student"]
     opset: int
     registered_variant: Literal["fp32", "int8"]
     batch_size: int

@@ -351,3 +351,34 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
     assert last.startswith("error: export.max_logit_diff: the ONNX fp32 export differs from PyTorch by")
     assert "Traceback" not in result.stderr
     assert not out.exists() and not metrics_file.exists()
+
+
+def test_export_of_a_compress_variant(repo):
+    """``export.source: student`` ships the compress stage's distilled student: the ONNX model has the
+    student's depth, matches the student (not the trained model) and the card says which it is."""
+    write_params(repo, {"export": {"source": "student"}})
+    status = run(["dvc", "status"], repo).stdout
+    assert "export:" in status and "compress:" not in status and "train:" not in status
+    try:
+        run(["dvc", "repro", "export"], repo, timeout=600)
+        m = metrics(repo)
+        assert m["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4 and m["onnx_fp32"]["labels_differing"] == 0
+        texts = pd.read_parquet(repo / "data/split/test.parquet")["text"].tolist()[:8]
+        exported = OnnxTextClassifier(repo / "models/export")
+        features = exported.encode(texts)
+        got = exported.logits(features)
+        inputs = {k: torch.from_numpy(v) for k, v in features.items()}
+        student = load_classifier(repo / "models/compress/student").eval()
+        trained = load_classifier(repo / "models/model").eval()
+        assert student.config.num_hidden_layers == 2  # every other layer of the 4-layer encoder
+        with torch.inference_mode():
+            assert np.abs(student(**inputs).logits.numpy() - got).max() <= 1e-4
+            assert np.abs(trained(**inputs).logits.numpy() - got).max() > 1e-3
+        card = (repo / "models/export/MODEL_CARD.md").read_text()
+        assert "compress stage's `student` variant" in card
+        compress = metrics(repo, "compress")
+        f1 = compress["variants"]["student"]["macro_f1"]
+        assert f"| student | {f1:.4f} |" in card
+        assert m["served"]["macro_f1"] == pytest.approx(f1, abs=1e-9)
+    finally:
+        write_params(repo, {"export": {"source": "model"}})
