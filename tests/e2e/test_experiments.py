@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, git_commit, new_repo, run
+from tests.conftest import BIN, TINY, git_commit, new_repo, run
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +25,8 @@ def tiny(encoder) -> dict:
         "base": {"model": str(encoder), "max_length": 32},
         "prepare": {"max_rows": 60},
         "train": {"epochs": 1, "batch_size": 8, "logging_steps": 2},
+        "compress": TINY["compress"],  # every experiment runs the whole pipeline: keep its tail cheap
+        "export": TINY["export"],
         "mlflow": {"experiment": "queue"},
     }
 

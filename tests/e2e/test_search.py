@@ -54,7 +54,7 @@ def searched(tmp_path_factory):
     data["search"]["space"] = SEARCH["search"]["space"]
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     git_commit(repo, "tiny search")
-    result = run(["dvc", "repro"], repo, timeout=900)
+    result = run(["dvc", "repro", "train"], repo, timeout=900)  # search hands over to train
     (repo / "repro.log").write_text(result.stdout + result.stderr)
     return repo
 
