@@ -37,6 +37,9 @@ def main() -> None:
 
     params = load_params(args.params)
     base, cfg, lat = params.base, params.compress, params.compress.latency
+    # the recovery and distillation fine-tunes train every weight of their model, whatever train.strategy
+    # says (a LoRA wrapper or a frozen encoder would undo pruning or starve the student)
+    plain_train = dataclasses.replace(params.train, strategy="full", fgm_epsilon=0.0)
     model_dir = Path(args.model)
     train, val, test = (data.read_split(args.data, s) for s in ("train", "val", "test"))
     texts, eval_bs = test["text"].tolist(), params.train.eval_batch_size
@@ -125,7 +128,7 @@ def main() -> None:
         if cfg.prune.enabled:
             p = cfg.prune
             recovery = dataclasses.replace(
-                params.train, epochs=max(p.recovery_epochs, 1), learning_rate=p.learning_rate
+                plain_train, epochs=max(p.recovery_epochs, 1), learning_rate=p.learning_rate
             )
             section = {"prune": dataclasses.asdict(p)}
             if p.recovery_epochs:
@@ -165,7 +168,7 @@ def main() -> None:
 
         if cfg.distill.enabled:
             d = cfg.distill
-            student_cfg = dataclasses.replace(params.train, epochs=d.epochs, learning_rate=d.learning_rate)
+            student_cfg = dataclasses.replace(plain_train, epochs=d.epochs, learning_rate=d.learning_rate)
             with child(
                 "student", {"distill": dataclasses.asdict(d), "train": dataclasses.asdict(student_cfg)}
             ) as run:
