@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lmpipe.errors import UserError
+from lmpipe.errors import Terminated, UserError
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -20,6 +20,9 @@ def run_stage(main: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated as err:
+        print(str(err) or "terminated", file=sys.stderr)
+        sys.exit(143)
 
 
 def stage_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -11,3 +11,9 @@ class ParamsError(UserError):
     def __init__(self, key: str, message: str, source: str = "params.yaml"):
         self.key = key
         super().__init__(f"{source}: {key}: {message}")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised from the handler that ``tracking.run`` installs so that ``finally`` blocks and the
+    MLflow run's bookkeeping still run; the stage runner turns it into exit code 143, like an unhandled
+    SIGTERM, without a traceback."""

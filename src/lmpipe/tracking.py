@@ -25,6 +25,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lmpipe.errors import Terminated
+
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 
@@ -127,12 +129,8 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class _Terminated(BaseException):
-    """Raised from the SIGTERM handler so that ``finally`` blocks and run bookkeeping still run."""
-
-
 def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise _Terminated(f"terminated by signal {signum}")
+    raise Terminated(f"terminated by signal {signum}")
 
 
 @contextlib.contextmanager
@@ -174,7 +172,7 @@ def run(
         mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
         mlflow.log_dict(dict(params), "params.json")
         yield active
-    except (KeyboardInterrupt, _Terminated) as err:
+    except (KeyboardInterrupt, Terminated) as err:
         mlflow.set_tag("error", str(err) or type(err).__name__)
         mlflow.end_run(status="KILLED")
         raise
