@@ -39,7 +39,7 @@ def test_export_params_load():
 @pytest.mark.parametrize(
     ("mutate", "key", "fragment"),
     [
-        (lambda e: e.update(source="pruned"), "export.source", "must be one of model"),
+        (lambda e: e.update(source="int8"), "export.source", "must be one of model, pruned, student"),
         (lambda e: e.update(registered_variant="fp16"), "export.registered_variant", "must be one of"),
         (lambda e: e.update(opset=11), "export.opset", "between 18 and 23"),
         (lambda e: e.update(max_logit_diff=0), "export.max_logit_diff", "must be > 0"),
