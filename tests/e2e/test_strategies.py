@@ -119,7 +119,7 @@ def test_full_is_the_default_through_dvc_repro(repo, tiny_encoder):
         "adapter": None,
     }
     assert not any((repo / "checkpoints/train").iterdir())  # a finished run leaves no checkpoints
-    assert run(["dvc", "status"], repo).stdout.strip().endswith("up to date.")
+    assert run(["dvc", "status", "evaluate"], repo).stdout.strip().endswith("up to date.")
     evaluated = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert 0 <= evaluated["model"]["macro_f1"] <= 1
 
