@@ -15,10 +15,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(STAMP)
 
+# torch comes first, through pip (which finds the CPU wheel on disk, or the index in TORCH); the rest
+# through uv, which resolves and installs in parallel (about 1 min instead of pip's 2.5) and keeps torch.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
 	touch $@
 
 repro: setup

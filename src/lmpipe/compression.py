@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -35,7 +33,7 @@ from transformers import (
     TrainerCallback,
 )
 
-from lmpipe import io
+from lmpipe import io, latency
 from lmpipe.errors import UserError
 
 INT8_WEIGHTS = "int8.safetensors"
@@ -293,27 +291,48 @@ class DistillationLoss:
 
     The Trainer passes the hook the student's outputs and the labels, not the inputs, so a forward
     pre-hook on the student records each batch's inputs and the frozen teacher (eval mode, no grad) is run
-    on exactly those. Call ``close()`` afterwards to remove the pre-hook.
+    on exactly those. The teacher is deterministic, so its logits are kept per example (keyed by the
+    unpadded token ids) and every epoch after the first reuses them instead of running it again. Call
+    ``close()`` afterwards to remove the pre-hook.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, temperature: float, alpha: float):
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = temperature
         self.alpha = alpha
+        self.teacher_passes = 0
         self._inputs: dict[str, Any] | None = None
+        self._cache: dict[bytes, torch.Tensor] = {}
         self._handle = student.register_forward_pre_hook(self._capture, with_kwargs=True)
 
     def _capture(self, module, args, kwargs):
         self._inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch")}
 
+    def _keys(self, inputs: Mapping[str, torch.Tensor]) -> list[bytes]:
+        ids = inputs["input_ids"].cpu()
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.cpu().bool()
+        return [row[keep].numpy().tobytes() for row, keep in zip(ids, mask, strict=True)]
+
+    def teacher_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's fp32 logits for a batch: from the cache when every example is in it."""
+        keys = self._keys(inputs)
+        if all(k in self._cache for k in keys):
+            device = inputs["input_ids"].device
+            return torch.stack([self._cache[k] for k in keys]).to(device)
+        with torch.no_grad():
+            logits = self.teacher(**inputs).logits.float()
+        self.teacher_passes += 1
+        for key, row in zip(keys, logits.detach().cpu(), strict=True):
+            self._cache[key] = row
+        return logits
+
     def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
         if self._inputs is None:
             raise RuntimeError("DistillationLoss: no student forward seen before the loss")
-        with torch.no_grad():
-            teacher_logits = self.teacher(**self._inputs).logits
         return distillation_loss(
             outputs.logits.float(),
-            teacher_logits.float(),
+            self.teacher_logits(self._inputs),
             labels,
             self.temperature,
             self.alpha,
@@ -366,38 +385,25 @@ def time_models(
     threads: int,
     desc: str = "latency",
 ) -> dict[str, np.ndarray]:
-    """Seconds per forward pass of each model on ``batch``, on the CPU with ``threads`` threads.
-
-    After ``warmup`` untimed passes each, the models are timed round by round, one pass each per round and
-    the order rotated, so a change in machine load during the measurement affects them all alike.
-    """
+    """Seconds per forward pass of each model on ``batch``, on the CPU with ``threads`` threads, timed
+    round by round (``latency.time_interleaved``)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    calls = {name: (lambda m=model: m(**batch)) for name, model in models.items()}
     try:
         with torch.inference_mode():
-            for model in models.values():
-                for _ in range(warmup):
-                    model(**batch)
-            for r in tqdm(range(repeats), desc=desc, unit="round"):
-                shift = r % len(names)
-                for name in names[shift:] + names[:shift]:
-                    start = time.perf_counter()
-                    models[name](**batch)
-                    times[name].append(time.perf_counter() - start)
+            return latency.time_interleaved(calls, warmup, repeats, desc)
     finally:
         torch.set_num_threads(previous)
-    return {name: np.asarray(t) for name, t in times.items()}
 
 
 def latency_summary(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
     """p50/p95 latency in milliseconds and throughput (examples per second at the median)."""
-    p50, p95 = np.percentile(seconds, [50, 95])
+    ms = latency.milliseconds(seconds)
     return {
-        f"latency_b{batch_size}_p50_ms": round(float(p50) * 1000, 3),
-        f"latency_b{batch_size}_p95_ms": round(float(p95) * 1000, 3),
-        f"throughput_b{batch_size}_per_s": round(batch_size / float(p50), 2),
+        f"latency_b{batch_size}_p50_ms": ms["p50_ms"],
+        f"latency_b{batch_size}_p95_ms": ms["p95_ms"],
+        f"throughput_b{batch_size}_per_s": round(batch_size * 1000 / ms["p50_ms"], 2),
     }
 
 

@@ -11,9 +11,7 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lmpipe import serving
+from lmpipe import latency, serving
 from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier, load_tokenizer
@@ -132,26 +130,6 @@ def parity_report(
     return out
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
-def time_call(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
-    """Wall-clock milliseconds of ``fn``: ``warmup`` untimed calls, then p50/p95/mean of ``repeats``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return {
-        "p50_ms": round(percentile(times, 50), 3),
-        "p95_ms": round(percentile(times, 95), 3),
-        "mean_ms": round(statistics.fmean(times), 3),
-    }
-
-
 def latency_benchmark(
     runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]],
     classifier: OnnxTextClassifier,
@@ -161,13 +139,14 @@ def latency_benchmark(
     repeats: int,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{backend: {"batch_<n>": {p50_ms, p95_ms, mean_ms}}}``. Each batch is the first ``n`` test texts
-    (cycled if the split is smaller), tokenised once at ``max_length`` and padded to its longest text."""
+    (cycled if the split is smaller), tokenised once at ``max_length`` and padded to its longest text;
+    the backends are timed in rotating rounds on it (``latency.time_interleaved``)."""
     out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in runners}
-    steps = [(name, n) for n in batch_sizes for name in runners]
-    for name, n in tqdm(steps, desc="latency", unit="case"):
-        batch = [texts[i % len(texts)] for i in range(n)]
-        features = classifier.encode(batch)
-        out[name][f"batch_{n}"] = time_call(lambda f=features, r=runners[name]: r(f), warmup, repeats)
+    for n in batch_sizes:
+        features = classifier.encode([texts[i % len(texts)] for i in range(n)])
+        calls = {name: (lambda r=run, f=features: r(f)) for name, run in runners.items()}
+        for name, seconds in latency.time_interleaved(calls, warmup, repeats, f"latency batch {n}").items():
+            out[name][f"batch_{n}"] = latency.milliseconds(seconds)
     return out
 
 

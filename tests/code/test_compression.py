@@ -129,6 +129,16 @@ def test_distillation_hook_runs_the_teacher_on_the_student_inputs(model, tokeniz
     loss = hook(outputs, labels)
     expected = lib.distillation_loss(outputs.logits, model(**batch).logits, labels, 2.0, 1.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.requires_grad
+    assert hook.teacher_passes == 1
+    # the next epoch: the same examples in another order come from the cache, with the same loss
+    order = torch.tensor([2, 0, 1])
+    shuffled = {k: v[order] for k, v in batch.items()}
+    again = hook(student(**shuffled), labels[order])
+    assert hook.teacher_passes == 1
+    assert again.item() == pytest.approx(loss.item(), rel=1e-5)
+    # a new example makes the teacher run again
+    hook(student(**lib.fixed_batch(tokenizer, texts[3:], 3, 16)), labels)
+    assert hook.teacher_passes == 2
     hook.close()
     assert not student._forward_pre_hooks
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from lmpipe.errors import ParamsError, UserError
-from lmpipe.export import parity_report, time_call
+from lmpipe.export import parity_report
+from lmpipe.latency import milliseconds, time_interleaved
 from lmpipe.params import GateParams, load_params
 from lmpipe.predict import read_texts
 from lmpipe.promotion import decide
@@ -116,11 +117,13 @@ def test_parity_report_measures_difference_and_agreement():
     assert report["accuracy"] == pytest.approx(0.75)
 
 
-def test_time_call_runs_warmup_then_repeats():
+def test_time_interleaved_warms_up_then_rotates_the_cases():
     calls = []
-    timing = time_call(lambda: calls.append(1), warmup=3, repeats=7)
-    assert len(calls) == 10
-    assert 0 <= timing["p50_ms"] <= timing["p95_ms"]
+    seconds = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
+    assert set(seconds) == {"a", "b"} and all(len(s) == 3 and (s >= 0).all() for s in seconds.values())
+    ms = milliseconds(np.array([0.010, 0.020, 0.030, 0.040, 0.050]))
+    assert ms == {"p50_ms": 30.0, "p95_ms": 48.0, "mean_ms": 30.0}
 
 
 def test_softmax_rows_sum_to_one():
