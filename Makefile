@@ -39,13 +39,16 @@ lint: setup
 
 # Experiments: check that queued runs will see every file and the right environment, then run the
 # queue with this Makefile's PATH (the venv's python and dvc) and HF_HUB_OFFLINE, which workers inherit.
-JOBS ?= 2
+# Each worker gets an equal share of the cores (OMP_NUM_THREADS): torch's default of one thread per core
+# in every worker oversubscribes the CPU, and its threads then wait on each other several times over.
+JOBS    ?= 2
+THREADS ?= $(shell n=$$(( $$(nproc) / $(JOBS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
 queue-check: setup
 	$(BIN)/lmpipe queue-check
 
 queue-start: queue-check
-	$(BIN)/dvc queue start --jobs $(JOBS)
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/dvc queue start --jobs $(JOBS)
 
 clean-venv:
 	rm -rf $(VENV)

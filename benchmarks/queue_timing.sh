@@ -23,7 +23,7 @@ git -c user.name=bench -c user.email=bench@example.com commit -qam "tiny setting
 lmpipe queue-check
 dvc exp run --queue -S 'train.learning_rate=5e-5,2e-4' -S 'base.seed=1,2' > queue.log 2>&1
 start=$(date +%s.%N)
-dvc queue start --jobs 2 >> queue.log 2>&1
+OMP_NUM_THREADS=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 )) dvc queue start --jobs 2 >> queue.log 2>&1  # a core share per worker
 # (not `dvc queue status | grep -q`: with pipefail, grep closing the pipe early ends the loop)
 while status="$(dvc queue status)" && grep -qE "Queued|Running" <<< "$status"; do sleep 5; done
 end=$(date +%s.%N)

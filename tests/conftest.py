@@ -39,7 +39,8 @@ def pipeline_env() -> dict[str, str]:
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, **kwargs)
+    kwargs.setdefault("env", pipeline_env())
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
@@ -102,24 +103,25 @@ def tiny_repo(tmp_path_factory) -> Path:
     return repo
 
 
+def tiny_bert_config(vocab_size: int, **overrides):
+    """The shape of every tiny test model: a 4-layer, 32-wide BERT (2 heads, 64-wide feed-forward)."""
+    from transformers import BertConfig
+
+    shape = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+    return BertConfig(vocab_size=vocab_size, **{**shape, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
-    """A real ``save_pretrained`` encoder folder that trains in seconds: a 4-layer, 32-wide BERT built
-    from a config (random weights, seeded) with MiniLM's tokenizer. Point ``base.model`` at it."""
+    """A real ``save_pretrained`` encoder folder that trains in seconds: ``tiny_bert_config`` with random
+    weights (seeded) and MiniLM's tokenizer. Point ``base.model`` at it."""
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     from lmpipe.models import load_tokenizer, resolve_model_dir
 
     tokenizer = load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-    )
+    config = tiny_bert_config(tokenizer.vocab_size, max_position_embeddings=512)
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny-encoder")
     BertModel(config).save_pretrained(out)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 from lmpipe import compression as lib
 from lmpipe.data import load_bbc_news
 from lmpipe.errors import ParamsError, UserError
 from lmpipe.evaluation import predict_proba_model
 from lmpipe.models import load_tokenizer, resolve_model_dir
+from tests.conftest import tiny_bert_config
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 
@@ -29,12 +30,8 @@ def texts() -> list[str]:
 @pytest.fixture
 def model(tokenizer):
     """A 4-layer, 32-wide classifier whose wide random init gives clearly input-dependent predictions."""
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
+    config = tiny_bert_config(
+        tokenizer.vocab_size,
         initializer_range=0.2,
         num_labels=len(LABELS),
         id2label=dict(enumerate(LABELS)),

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, TINY, git_commit, new_repo, run
+from tests.conftest import BIN, TINY, git_commit, new_repo, pipeline_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,8 @@ def queued(tiny_encoder, tmp_path_factory):
     run(["dvc", "exp", "run", "--queue", "-S", f"train.learning_rate={','.join(LEARNING_RATES)}"], repo)
     run(["dvc", "exp", "run", "--queue", "-n", FAILING, "-S", "train.precision=fp16"], repo)
     started = time.monotonic()
-    run(["dvc", "queue", "start", "--jobs", "2"], repo)
+    # one thread per worker, as `make queue-start` sets on 2 cores: 2 x 2 threads would oversubscribe them
+    run(["dvc", "queue", "start", "--jobs", "2"], repo, env={**pipeline_env(), "OMP_NUM_THREADS": "1"})
     try:
         status = wait_for_queue(repo)
     finally:
