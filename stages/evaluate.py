@@ -27,6 +27,7 @@ def main() -> None:
         predict_proba,
         predictions_frame,
         score,
+        versus_baseline,
     )
     from lmpipe.params import load_params
 
@@ -58,9 +59,7 @@ def main() -> None:
         metrics = {
             "model": model_scores["metrics"],
             "baseline": base_scores["metrics"],
-            "model_minus_baseline": {
-                k: model_scores["metrics"][k] - base_scores["metrics"][k] for k in ("accuracy", "macro_f1")
-            },
+            "model_minus_baseline": versus_baseline(test, proba, base_proba, names, params.base.seed),
             "test_rows": len(test),
             "mlflow_run_id": run.info.run_id,
             "train_mlflow_run_id": train_run_id,
@@ -81,6 +80,7 @@ def main() -> None:
 
             tracking.log_metrics(metrics["model"], prefix="test_")
             tracking.log_metrics(metrics["baseline"], prefix="baseline_test_")
+            tracking.log_metrics(metrics["model_minus_baseline"], prefix="model_minus_baseline_")
             tracking.log_metrics(
                 {n: c["roc_auc"] for n, c in model_scores["curves"].items()}, prefix="test_roc_auc_"
             )
@@ -109,10 +109,15 @@ def main() -> None:
                 tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_")
             io.write_json(out / "metrics.json", metrics)
 
-    m, b = metrics["model"], metrics["baseline"]
+    m, b, d = metrics["model"], metrics["baseline"], metrics["model_minus_baseline"]
     print(
         f"evaluate: model macro-F1 {m['macro_f1']:.4f} acc {m['accuracy']:.4f} | "
-        f"baseline macro-F1 {b['macro_f1']:.4f} acc {b['accuracy']:.4f} | {len(test)} test rows"
+        f"baseline macro-F1 {b['macro_f1']:.4f} acc {b['accuracy']:.4f} | {len(test)} test rows\n"
+        f"evaluate: model minus baseline {100 * d['macro_f1']:+.2f} pt macro-F1, 95% CI "
+        f"[{100 * d['macro_f1_ci95_low']:+.2f}, {100 * d['macro_f1_ci95_high']:+.2f}] "
+        f"({'significant' if d['macro_f1_significant'] else 'not significant'}); only the model right on "
+        f"{d['model_only_right']} texts, only the baseline on {d['baseline_only_right']}, "
+        f"McNemar p = {d['mcnemar_p']:.3f}"
     )
 
 

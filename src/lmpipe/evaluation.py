@@ -14,6 +14,7 @@ from sklearn.pipeline import make_pipeline
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from lmpipe.compare import Candidate, compare
 from lmpipe.metrics import classification_metrics, confusion, one_vs_rest_curves, per_class_report
 from lmpipe.models import device, load_classifier, load_tokenizer
 from lmpipe.params import BaselineParams
@@ -105,6 +106,35 @@ def predictions_frame(test: pd.DataFrame, proba: np.ndarray, names: Sequence[str
     for j, name in enumerate(names):
         frame[f"p_{name}"] = np.round(proba[:, j], 6)
     return frame
+
+
+def versus_baseline(
+    test: pd.DataFrame, proba: np.ndarray, base_proba: np.ndarray, names: Sequence[str], seed: int
+) -> dict:
+    """Is the model's lead over the baseline (or its deficit) real, or test-set noise?
+
+    The difference (model minus baseline) in accuracy and macro-F1 with its paired bootstrap 95% CI,
+    and McNemar's test on the texts exactly one of the two gets right: ``lmpipe.compare``, the code of
+    ``lmpipe compare``. Flat keys, so that ``dvc metrics show`` and ``dvc metrics diff`` list them. With ~200 test texts one error is ~0.5 pt, so a gap of a few texts
+    is usually not significant, and the metrics file should say so beside the two scores.
+    """
+    result = compare(
+        [
+            Candidate("baseline", "evaluate", predictions_frame(test, base_proba, names)),
+            Candidate("model", "evaluate", predictions_frame(test, proba, names)),
+        ],
+        seed=seed,
+    )
+    pair = result["pairs"][0]
+    out: dict = {}
+    for m in ("accuracy", "macro_f1"):
+        low, high = pair[m]["ci"]
+        out.update({m: pair[m]["diff"], f"{m}_ci95_low": low, f"{m}_ci95_high": high})
+    out["macro_f1_significant"] = pair["macro_f1"]["significant"]
+    out["model_only_right"] = pair["mcnemar"]["b_only"]
+    out["baseline_only_right"] = pair["mcnemar"]["a_only"]
+    out["mcnemar_p"] = pair["mcnemar"]["p_value"]
+    return out
 
 
 def misclassified_frame(test: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:

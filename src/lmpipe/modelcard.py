@@ -73,6 +73,7 @@ def render(
         "",
         f"{evaluate.get('test_rows', sizes.get('test', 'n/a'))} test rows. The served variant is "
         f"**{params.export.registered_variant}** (test macro-F1 {_f(served.get('macro_f1'))}).",
+        *_versus_baseline(evaluate.get("model_minus_baseline", {})),
         "",
         "## Export",
         "",
@@ -148,3 +149,17 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def _versus_baseline(gap: dict) -> list[str]:
+    """One sentence on whether the model's gap to the baseline is more than test-set noise."""
+    if "macro_f1_ci95_low" not in gap:
+        return []
+    verdict = "significant" if gap["macro_f1_significant"] else "not significant"
+    return [
+        "",
+        f"Model minus baseline: {100 * gap['macro_f1']:+.2f} pt macro-F1, paired bootstrap 95% CI "
+        f"[{100 * gap['macro_f1_ci95_low']:+.2f}, {100 * gap['macro_f1_ci95_high']:+.2f}] pt ({verdict}); "
+        f"the model alone is right on {gap['model_only_right']} test texts, the baseline alone on "
+        f"{gap['baseline_only_right']} (McNemar p = {gap['mcnemar_p']:.3f}).",
+    ]

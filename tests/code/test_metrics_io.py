@@ -44,3 +44,35 @@ def test_staged_outputs_all_or_nothing(tmp_path):
         (out / "plots").mkdir()
         (out / "plots" / "a.csv").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "metrics.json", "plots"]
+
+
+def _onehot(pred: np.ndarray, k: int) -> np.ndarray:
+    return np.eye(k)[pred]
+
+
+def test_versus_baseline_tells_a_real_gap_from_noise():
+    import pandas as pd
+
+    from lmpipe.evaluation import versus_baseline
+
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c"]
+    y = rng.integers(0, 3, size=200)
+    test = pd.DataFrame({"id": [f"t{i}" for i in range(200)], "label": [names[i] for i in y]})
+    model = y.copy()
+    model[:4] = (y[:4] + 1) % 3  # 4 errors
+    baseline = y.copy()
+    baseline[150:190] = (y[150:190] + 1) % 3  # 40 other errors
+
+    gap = versus_baseline(test, _onehot(model, 3), _onehot(baseline, 3), names, seed=0)
+    assert gap["accuracy"] == pytest.approx((196 - 160) / 200)
+    assert gap["model_only_right"] == 40 and gap["baseline_only_right"] == 4
+    assert gap["mcnemar_p"] < 1e-6 and gap["macro_f1_significant"]
+    assert 0 < gap["macro_f1_ci95_low"] < gap["macro_f1"] < gap["macro_f1_ci95_high"]
+
+    baseline = y.copy()
+    baseline[150:154] = (y[150:154] + 1) % 3  # as many errors, on other texts
+    tie = versus_baseline(test, _onehot(model, 3), _onehot(baseline, 3), names, seed=0)
+    assert tie["accuracy"] == 0 and tie["model_only_right"] == tie["baseline_only_right"] == 4
+    assert tie["mcnemar_p"] == pytest.approx(1.0) and not tie["macro_f1_significant"]
+    assert tie["macro_f1_ci95_low"] < 0 < tie["macro_f1_ci95_high"]

@@ -150,6 +150,8 @@ def test_model_card(repo):
     assert f"train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" in card
     assert f"| TF-IDF + logistic regression baseline | {evaluate['baseline']['macro_f1']:.4f} |" in card
     assert f"| PyTorch fp32 (this model) | {evaluate['model']['macro_f1']:.4f} |" in card
+    gap = evaluate["model_minus_baseline"]
+    assert f"the model alone is right on {gap['model_only_right']} test texts" in card
     p50 = m["latency"]["onnx_int8"]["batch_1"]["p50_ms"]
     assert f"| onnx_int8 | {p50:.2f} |" in card
     for heading in ("## Data", "## Model and training", "## Export", "## Compression", "## Intended use"):

@@ -62,6 +62,11 @@ def test_evaluate_metrics_match_predictions(tiny_repo):
     predictions = pd.read_csv(tiny_repo / "reports/evaluate/predictions.csv")
     assert len(predictions) == 8
     assert m["model"]["accuracy"] == pytest.approx((predictions["actual"] == predictions["predicted"]).mean())
+    gap = m["model_minus_baseline"]
+    assert gap["macro_f1"] == pytest.approx(m["model"]["macro_f1"] - m["baseline"]["macro_f1"])
+    assert gap["macro_f1_ci95_low"] <= gap["macro_f1"] <= gap["macro_f1_ci95_high"]
+    assert gap["model_only_right"] + gap["baseline_only_right"] <= len(predictions)
+    assert 0 <= gap["mcnemar_p"] <= 1
     prob_cols = [c for c in predictions if c.startswith("p_")]
     assert predictions[prob_cols].sum(axis=1).round(3).eq(1.0).all()
     wrong = pd.read_csv(tiny_repo / "reports/evaluate/misclassified.csv")
