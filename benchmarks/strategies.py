@@ -17,23 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-import yaml
+from scratch import Scratch, default_params
 
-ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("full", "linear_probe", "lora", "gradual_unfreezing")
 LR_OVERRIDES = {"linear_probe": 1.0e-3, "lora": 5.0e-4}
-
-
-def stage(args: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:1])} failed:\n{result.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -44,18 +32,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="lmpipe-bench-strategies-"))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = default_params()
     params["prepare"]["max_rows"] = args.max_rows
-    params["mlflow"]["experiment"] = "benchmark-strategies"
-    base_file = scratch / "params.yaml"
-    base_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    stage(["stages/prepare.py", "--params", str(base_file), "--out", str(scratch / "prepared"),
-           "--report", str(scratch / "prepare.json")], env)  # fmt: skip
-    stage(["stages/split.py", "--params", str(base_file), "--data", str(scratch / "prepared/data.parquet"),
-           "--out", str(scratch / "split"), "--metrics", str(scratch / "split.json")], env)  # fmt: skip
-    (scratch / "best_params.json").write_text(json.dumps({"enabled": False, "params": {}}))
+    scratch = Scratch(params, "benchmark-strategies", keep=args.keep)
+    params = scratch.params
 
     rows = []
     for name in args.strategies:
@@ -65,21 +45,9 @@ def main() -> None:
         if args.epochs is not None:
             train["epochs"] = args.epochs
             train["phases"] = [dict(p, epochs=args.epochs) for p in train["phases"]]
-        out = scratch / name
-        out.mkdir()
-        pfile = out / "params.yaml"
-        pfile.write_text(yaml.safe_dump({**params, "train": train}, sort_keys=False))
         print(f"{name}: training ...", flush=True)
-        stage(["stages/train.py", "--params", str(pfile), "--data", str(scratch / "split"),
-               "--labels", str(scratch / "prepared/labels.json"), "--search", str(scratch / "best_params.json"),
-               "--out", str(out / "model"), "--adapter", str(out / "adapter"),
-               "--checkpoints", str(scratch / "checkpoints"), "--metrics", str(out / "train.json"),
-               "--history", str(out / "history.csv")], env)  # fmt: skip
-        stage(["stages/evaluate.py", "--params", str(pfile), "--data", str(scratch / "split"),
-               "--model", str(out / "model"), "--train-metrics", str(out / "train.json"),
-               "--out", str(out / "evaluate")], env)  # fmt: skip
-        trained = json.loads((out / "train.json").read_text())
-        tested = json.loads((out / "evaluate/metrics.json").read_text())
+        result = scratch.train_and_evaluate(name, {**params, "train": train})
+        trained, tested = result["train"], result["evaluate"]
         rows.append(
             {
                 "strategy": name,
@@ -95,7 +63,7 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    sizes = json.loads((scratch / "split.json").read_text()).get("sizes", {})
+    sizes = scratch.split_sizes()
     print(f"\nrows: {sizes}; max_rows={args.max_rows}, epochs={args.epochs or 'default'}")
     print(
         "| strategy | test macro-F1 | test accuracy | train time (s) | trainable params | share | epochs | lr |"
@@ -111,12 +79,7 @@ def main() -> None:
         print(
             f"TF-IDF + logistic regression baseline, same split: test macro-F1 {rows[0]['baseline_macro_f1']:.4f}"
         )
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(scratch, ignore_errors=True)
-    else:
-        print(f"scratch folder: {scratch}")
+    scratch.close()
 
 
 if __name__ == "__main__":
