@@ -68,7 +68,7 @@ def main() -> None:
                 direction="maximize",
                 load_if_exists=True,
                 sampler=lib.make_sampler(cfg, params.base.seed),
-                pruner=lib.make_pruner(cfg, cfg.trial.epochs * cfg.folds),
+                pruner=lib.make_pruner(cfg, lib.max_trial_steps(params)),
             )
         except Exception as err:  # a wrong URL, an unreachable server, a missing driver
             raise UserError(
@@ -97,7 +97,7 @@ def main() -> None:
                 timeout=cfg.timeout,
                 catch=(Exception,),
                 gc_after_trial=True,
-                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=None)],
+                callbacks=[lib.TrialBudget(n_trials, lib.space_size(cfg))],
             )
             seconds = time.perf_counter() - start
             trials = lib.trials_frame(study)

@@ -176,6 +176,11 @@ class TrainParams(_Section):
     lora: LoraParams
     phases: list[PhaseParams]
 
+    @property
+    def planned_epochs(self) -> int:
+        """Epochs the training loop runs at most: the phases' sum for gradual unfreezing, else ``epochs``."""
+        return sum(p.epochs for p in self.phases) if self.strategy == "gradual_unfreezing" else self.epochs
+
     def problems(self):
         if not 0 <= self.label_smoothing < 1:
             yield "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}"

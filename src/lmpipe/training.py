@@ -248,7 +248,7 @@ def train_model(
     seed_everything(seed)
     model = strategies.prepare_model(model, cfg)
     plan = parts = None
-    epochs, phase_counts = cfg.epochs, []
+    epochs, phase_counts = cfg.planned_epochs, []
     if cfg.strategy == "gradual_unfreezing":
         parts = strategies.anatomy(model)
         for phase in cfg.phases:
@@ -256,7 +256,6 @@ def train_model(
                 strategies.set_trainable(model, strategies.trainable_names(parts, phase.layers))
             )
         strategies.set_trainable(model, strategies.trainable_names(parts, cfg.phases[0].layers))
-        epochs = sum(p.epochs for p in cfg.phases)
     extra: list[TrainerCallback] = [_NanGuard(), *callbacks]
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
