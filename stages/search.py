@@ -97,7 +97,7 @@ def main() -> None:
                 timeout=cfg.timeout,
                 catch=(Exception,),
                 gc_after_trial=True,
-                callbacks=[lib.TrialBudget(n_trials, lib.space_size(cfg))],
+                callbacks=[lib.StopAfterTrained(n_trials, lib.space_size(cfg))],
             )
             seconds = time.perf_counter() - start
             trials = lib.trials_frame(study)

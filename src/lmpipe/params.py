@@ -401,7 +401,8 @@ class TrialBudget(_Section):
 class SearchParams(_Section):
     enabled: bool
     strategy: Literal["tpe", "random", "grid"]
-    pruner: Literal["median", "hyperband", "successive_halving", "none"]
+    pruner: Literal["median", "percentile", "hyperband", "successive_halving", "none"]
+    percentile: float
     n_trials: int
     timeout: float | None
     folds: int
@@ -411,6 +412,8 @@ class SearchParams(_Section):
     space: dict[str, SpaceParam]
 
     def problems(self):
+        if not 0 < self.percentile < 100:
+            yield "percentile", f"must be between 0 and 100, got {self.percentile}"
         if self.n_trials < 1:
             yield "n_trials", f"must be >= 1, got {self.n_trials}"
         if self.timeout is not None and self.timeout <= 0:

@@ -62,9 +62,10 @@ def make_sampler(search: SearchParams, seed: int) -> optuna.samplers.BaseSampler
 
 
 def make_pruner(search: SearchParams, max_steps: int) -> optuna.pruners.BasePruner:
-    if search.pruner == "median":
+    if search.pruner in ("median", "percentile"):
         # one finished trial is enough to compare against; judge from the first epoch on
-        return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+        percentile = 50.0 if search.pruner == "median" else search.percentile
+        return optuna.pruners.PercentilePruner(percentile, n_startup_trials=1, n_warmup_steps=0)
     if search.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     if search.pruner == "hyperband":
@@ -101,7 +102,7 @@ def space_size(search: SearchParams) -> int | None:
         return None
 
 
-class TrialBudget:
+class StopAfterTrained:
     """Stops the study once ``n_trials`` trials have trained (in this process or any other sharing the
     storage). Duplicates (``completed_twin``) cost no training and do not count; the study also stops
     when every point of a finite space has trained, or after ``4 * n_trials`` trials in all."""

@@ -72,7 +72,7 @@ def _toy_objective(trial: optuna.Trial) -> float:
 def test_duplicates_do_not_use_up_the_trial_budget():
     study = _study()
     study.sampler = optuna.samplers.RandomSampler(seed=0)
-    study.optimize(_toy_objective, callbacks=[search.TrialBudget(2)])
+    study.optimize(_toy_objective, callbacks=[search.StopAfterTrained(2)])
     trained = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
     assert len(trained) == 2 and len({t.params["x"] for t in trained}) == 2
 
@@ -80,7 +80,24 @@ def test_duplicates_do_not_use_up_the_trial_budget():
 def test_a_finite_space_stops_when_every_point_has_trained():
     study = _study()
     study.sampler = optuna.samplers.RandomSampler(seed=0)
-    study.optimize(_toy_objective, callbacks=[search.TrialBudget(10, space_points=3)])
+    study.optimize(_toy_objective, callbacks=[search.StopAfterTrained(10, space_points=3)])
     trained = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
     assert sorted(t.params["x"] for t in trained) == [1, 2, 3]
     assert len(study.trials) < 40
+
+
+def test_the_percentile_pruner_keeps_the_top_share_and_median_the_top_half():
+    def pruned(pruner_name: str, value: float) -> bool:
+        params = load_params(ROOT / "params.yaml", {"search": {"pruner": pruner_name, "percentile": 75}})
+        study = _study(search.make_pruner(params.search, max_steps=2))
+        for v in (0.2, 0.4, 0.6, 0.8):  # four finished trials, their epoch-1 scores
+            trial = study.ask()
+            trial.report(v, 1)
+            study.tell(trial, v)
+        trial = study.ask()
+        trial.report(value, 1)
+        return trial.should_prune()
+
+    # optuna keeps the *top* `percentile` per cent when maximising: 75 prunes only the bottom quarter
+    assert pruned("percentile", 0.3) and not pruned("percentile", 0.45)
+    assert pruned("median", 0.45) and not pruned("median", 0.55)
