@@ -30,10 +30,13 @@ def main() -> None:
         "--settings", nargs="+", type=setting, default=[(128, 2), (256, 1), (256, 2)],
         help="MAX_LENGTHxEPOCHS pairs",
     )  # fmt: skip
+    parser.add_argument("--max-rows", type=int, default=None, help="prepare.max_rows (default: all rows)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
 
-    scratch = Scratch(default_params(), "benchmark-context-length", keep=args.keep)
+    params = default_params()
+    params["prepare"]["max_rows"] = args.max_rows
+    scratch = Scratch(params, "benchmark-context-length", keep=args.keep)
     params = scratch.params
     rows = []
     for length, epochs in args.settings:
