@@ -27,11 +27,15 @@ $(STAMP): pyproject.toml
 repro: setup
 	$(BIN)/dvc repro
 
+# Two pytest workers, one test file each at a time: most of the suite's time is stage processes starting
+# (single-threaded imports), which two workers overlap. Each worker's torch gets a share of the cores.
+PYTEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src stages tests benchmarks

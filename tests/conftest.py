@@ -31,11 +31,27 @@ TINY = {
 }
 
 
+def worker_threads() -> int | None:
+    """Under pytest-xdist (``make test``), each worker's share of the cores; None when run serially.
+    Workers that all use every core oversubscribe the CPU, and torch's threads then wait on each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+
 def pipeline_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["HF_HUB_OFFLINE"] = "1"
+    if worker_threads() is not None:
+        env["OMP_NUM_THREADS"] = str(worker_threads())
     return env
+
+
+def pytest_configure(config):
+    if worker_threads() is not None:
+        import torch
+
+        torch.set_num_threads(worker_threads())
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
