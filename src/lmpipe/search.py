@@ -82,10 +82,8 @@ def max_trial_steps(params: Params) -> int:
     spec = search.space.get("epochs")
     if spec is not None:
         epochs = int(spec.high) if spec.type == "int" else max(int(x) for x in spec.choices or [epochs])
-    strategy = search.space.get("strategy")
-    if "gradual_unfreezing" in (
-        [train.strategy] + list(strategy.choices or []) if strategy else [train.strategy]
-    ):
+    searched = search.space.get("strategy")
+    if "gradual_unfreezing" in (searched.choices or [] if searched else [train.strategy]):
         epochs = max(epochs, sum(p.epochs for p in train.phases))  # the phases replace `epochs`
     return epochs * search.folds
 
