@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from scratch import Scratch, default_params
+from scratch import Scratch, add_arguments
 
 
 def setting(text: str) -> tuple[int, int]:
@@ -30,13 +30,10 @@ def main() -> None:
         "--settings", nargs="+", type=setting, default=[(128, 2), (256, 1), (256, 2)],
         help="MAX_LENGTHxEPOCHS pairs",
     )  # fmt: skip
-    parser.add_argument("--max-rows", type=int, default=None, help="prepare.max_rows (default: all rows)")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    add_arguments(parser)
     args = parser.parse_args()
 
-    params = default_params()
-    params["prepare"]["max_rows"] = args.max_rows
-    scratch = Scratch(params, "benchmark-context-length", keep=args.keep)
+    scratch = Scratch.from_args(args, "benchmark-context-length")
     params = scratch.params
     rows = []
     for length, epochs in args.settings:

@@ -25,7 +25,20 @@ def default_params() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
+def add_arguments(parser) -> None:
+    """The options every scratch benchmark takes (see ``Scratch.from_args``)."""
+    parser.add_argument("--max-rows", type=int, default=None, help="prepare.max_rows (default: all rows)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+
+
 class Scratch:
+    @classmethod
+    def from_args(cls, args, experiment: str) -> Scratch:
+        """The default params with ``--max-rows`` applied, prepared and split in a new scratch folder."""
+        params = default_params()
+        params["prepare"]["max_rows"] = args.max_rows
+        return cls(params, experiment, keep=args.keep)
+
     def __init__(self, params: dict[str, Any], experiment: str, keep: bool = False):
         self.folder = Path(tempfile.mkdtemp(prefix=f"lmpipe-{experiment}-"))
         self.keep = keep

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from scratch import Scratch, default_params
+from scratch import Scratch, add_arguments
 
 STRATEGIES = ("full", "linear_probe", "lora", "gradual_unfreezing")
 LR_OVERRIDES = {"linear_probe": 1.0e-3, "lora": 5.0e-4}
@@ -26,15 +26,12 @@ LR_OVERRIDES = {"linear_probe": 1.0e-3, "lora": 5.0e-4}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-rows", type=int, default=None, help="prepare.max_rows (default: all rows)")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs and each phase's epochs")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    add_arguments(parser)
     args = parser.parse_args()
 
-    params = default_params()
-    params["prepare"]["max_rows"] = args.max_rows
-    scratch = Scratch(params, "benchmark-strategies", keep=args.keep)
+    scratch = Scratch.from_args(args, "benchmark-strategies")
     params = scratch.params
 
     rows = []
