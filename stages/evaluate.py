@@ -55,16 +55,18 @@ def main() -> None:
             train, test["text"].tolist(), names, params.evaluate.baseline, params.base.seed
         )
         base_scores = score(y_true, base_proba, names)
+        predictions = predictions_frame(test, proba, names)
 
         metrics = {
             "model": model_scores["metrics"],
             "baseline": base_scores["metrics"],
-            "model_minus_baseline": versus_baseline(test, proba, base_proba, names, params.base.seed),
+            "model_minus_baseline": versus_baseline(
+                predictions, predictions_frame(test, base_proba, names), params.base.seed
+            ),
             "test_rows": len(test),
             "mlflow_run_id": run.info.run_id,
             "train_mlflow_run_id": train_run_id,
         }
-        predictions = predictions_frame(test, proba, names)
         roc, pr = curve_frames(model_scores["curves"])
         with io.staged_outputs(args.out) as out:  # all outputs appear together, or none
             for kind, frames in (("roc", roc), ("pr", pr)):
@@ -105,8 +107,11 @@ def main() -> None:
                 plots.close(fig)
             for file in ("per_class.json", "misclassified.csv", "predictions.csv"):
                 tracking.log_artifact(out / file, "evaluation")
-            if train_run_id:
-                tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_")
+            if train_run_id and not tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_"):
+                print(
+                    f"evaluate: train run {train_run_id} is not in the MLflow store {tracking.tracking_uri()}; "
+                    "the test scores are logged on the evaluate run only"
+                )
             io.write_json(out / "metrics.json", metrics)
 
     m, b, d = metrics["model"], metrics["baseline"], metrics["model_minus_baseline"]

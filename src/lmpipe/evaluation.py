@@ -108,22 +108,17 @@ def predictions_frame(test: pd.DataFrame, proba: np.ndarray, names: Sequence[str
     return frame
 
 
-def versus_baseline(
-    test: pd.DataFrame, proba: np.ndarray, base_proba: np.ndarray, names: Sequence[str], seed: int
-) -> dict:
+def versus_baseline(model: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> dict:
     """Is the model's lead over the baseline (or its deficit) real, or test-set noise?
 
-    The difference (model minus baseline) in accuracy and macro-F1 with its paired bootstrap 95% CI,
-    and McNemar's test on the texts exactly one of the two gets right: ``lmpipe.compare``, the code of
-    ``lmpipe compare``. Flat keys, so that ``dvc metrics show`` and ``dvc metrics diff`` list them. With ~200 test texts one error is ~0.5 pt, so a gap of a few texts
-    is usually not significant, and the metrics file should say so beside the two scores.
+    Takes both ``predictions_frame``s on the same test split. Returns the difference (model minus
+    baseline) in accuracy and macro-F1 with its paired bootstrap 95% CI, and McNemar's test on the texts
+    exactly one of the two gets right: ``lmpipe.compare``, the code of ``lmpipe compare``. Flat keys, so
+    that ``dvc metrics show`` and ``dvc metrics diff`` list them. With ~200 test texts one error is
+    ~0.5 pt, so a gap of a few texts is usually not significant, and the metrics should say so.
     """
     result = compare(
-        [
-            Candidate("baseline", "evaluate", predictions_frame(test, base_proba, names)),
-            Candidate("model", "evaluate", predictions_frame(test, proba, names)),
-        ],
-        seed=seed,
+        [Candidate("baseline", "evaluate", baseline), Candidate("model", "evaluate", model)], seed=seed
     )
     pair = result["pairs"][0]
     out: dict = {}

@@ -236,14 +236,21 @@ def log_dict(obj: Any, name: str) -> None:
     mlflow.log_dict(obj, name)
 
 
-def log_metrics_to(run_id: str, metrics: Mapping[str, Any], prefix: str = "") -> None:
-    """Log numeric metrics to another (finished) run, e.g. test scores onto the train run."""
+def log_metrics_to(run_id: str, metrics: Mapping[str, Any], prefix: str = "") -> bool:
+    """Log numeric metrics to another (finished) run, e.g. test scores onto the train run.
+
+    Returns False, logging nothing, when that run is not in this store: a clone whose train outputs
+    came from ``dvc pull`` or a committed ``dvc.lock`` has the train run id but not the run.
+    """
     from mlflow.tracking import MlflowClient
 
+    if get_run(run_id) is None:
+        return False
     client = MlflowClient(tracking_uri=tracking_uri())
     for key, value in flatten(metrics).items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             client.log_metric(run_id, f"{prefix}{key}", float(value))
+    return True
 
 
 def mark_resumed(run_id: str, by_run_id: str, from_step: int) -> None:

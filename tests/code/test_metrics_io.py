@@ -53,7 +53,11 @@ def _onehot(pred: np.ndarray, k: int) -> np.ndarray:
 def test_versus_baseline_tells_a_real_gap_from_noise():
     import pandas as pd
 
-    from lmpipe.evaluation import versus_baseline
+    from lmpipe.evaluation import predictions_frame, versus_baseline
+
+    def gap_of(model, baseline):
+        frames = [predictions_frame(test, _onehot(pred, 3), names) for pred in (model, baseline)]
+        return versus_baseline(*frames, seed=0)
 
     rng = np.random.default_rng(0)
     names = ["a", "b", "c"]
@@ -64,7 +68,7 @@ def test_versus_baseline_tells_a_real_gap_from_noise():
     baseline = y.copy()
     baseline[150:190] = (y[150:190] + 1) % 3  # 40 other errors
 
-    gap = versus_baseline(test, _onehot(model, 3), _onehot(baseline, 3), names, seed=0)
+    gap = gap_of(model, baseline)
     assert gap["accuracy"] == pytest.approx((196 - 160) / 200)
     assert gap["model_only_right"] == 40 and gap["baseline_only_right"] == 4
     assert gap["mcnemar_p"] < 1e-6 and gap["macro_f1_significant"]
@@ -72,7 +76,7 @@ def test_versus_baseline_tells_a_real_gap_from_noise():
 
     baseline = y.copy()
     baseline[150:154] = (y[150:154] + 1) % 3  # as many errors, on other texts
-    tie = versus_baseline(test, _onehot(model, 3), _onehot(baseline, 3), names, seed=0)
+    tie = gap_of(model, baseline)
     assert tie["accuracy"] == 0 and tie["model_only_right"] == tie["baseline_only_right"] == 4
     assert tie["mcnemar_p"] == pytest.approx(1.0) and not tie["macro_f1_significant"]
     assert tie["macro_f1_ci95_low"] < 0 < tie["macro_f1_ci95_high"]

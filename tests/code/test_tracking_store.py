@@ -108,3 +108,14 @@ def test_two_writers_on_a_fresh_store_lose_nothing(tmp_path):
     assert len(runs) == 24
     assert {r.data.metrics["step"] for r in runs} == set(range(12))
     assert all(r.info.artifact_uri.startswith((tmp_path / "mlartifacts").resolve().as_uri()) for r in runs)
+
+
+def test_log_metrics_to_skips_a_run_from_another_store(tmp_path, monkeypatch):
+    """A clone whose train outputs came from ``dvc pull`` has the train run id, not the run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with tracking.run("exp", "train", {"lr": 1e-4}, "h", "train") as train:
+        pass
+    assert tracking.log_metrics_to(train.info.run_id, {"macro_f1": 0.9, "ok": True}, prefix="test_")
+    assert tracking.get_run(train.info.run_id).data.metrics == {"test_macro_f1": 0.9}
+    assert not tracking.log_metrics_to("0" * 32, {"macro_f1": 0.9}, prefix="test_")
