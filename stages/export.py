@@ -25,7 +25,9 @@ def main() -> None:
     parser.add_argument("--prepare-metrics", required=True, help="prepare stage metrics (for the card)")
     parser.add_argument("--split-metrics", required=True, help="split stage metrics (for the card)")
     parser.add_argument("--train-metrics", required=True, help="train stage metrics (run id, for the card)")
-    parser.add_argument("--eval-metrics", required=True, help="evaluate metrics (baseline, run ids)")
+    parser.add_argument(
+        "--eval-metrics", required=True, help="evaluate metrics (scores for the gate and model card)"
+    )
     parser.add_argument("--compress-metrics", help="optional: metrics of the exported compressed variant")
     parser.add_argument("--out", required=True, help="export folder to write")
     parser.add_argument("--metrics", required=True, help="export metrics (JSON, DVC metrics)")
@@ -71,7 +73,7 @@ def main() -> None:
         params.digest(),
         "export",
         tags={
-            "train_run_id": records["evaluate"].get("train_mlflow_run_id", ""),
+            "train_run_id": records["train"].get("mlflow_run_id", ""),
             "evaluate_run_id": records["evaluate"].get("mlflow_run_id", ""),
             "export_source": params.export.source,
         },

@@ -282,7 +282,9 @@ def run_export(
             model_uri,
             name,
             tags={
-                "train_run_id": evaluate.get("train_mlflow_run_id", ""),
+                "train_run_id": records["train"].get("mlflow_run_id", ""),
+                # the evaluate run that gave these scores; an evaluate re-run that gave the same scores
+                # (a new run id only) does not re-run export, so this can name the earlier, identical run
                 "evaluate_run_id": evaluate.get("mlflow_run_id", ""),
                 "export_run_id": run_id,
                 "git_commit": git["git_commit"],
@@ -299,7 +301,7 @@ def run_export(
             },
             description=(
                 f"ONNX {cfg.registered_variant} export of '{cfg.source}' from training run "
-                f"{evaluate.get('train_mlflow_run_id', 'n/a')} at git commit {git['git_commit']}. "
+                f"{records['train'].get('mlflow_run_id', 'n/a')} at git commit {git['git_commit']}. "
                 f"Test macro-F1 {served['macro_f1']:.4f} (accuracy {served['accuracy']:.4f}) on "
                 f"{len(test)} rows; TF-IDF baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
             ),

@@ -56,7 +56,7 @@ def render(
         + ", ".join(f"{k}={v}" for k, v in params.to_dict()["train"].items())
         + f"; max_length={params.base.max_length}.",
         f"- Best val macro-F1 {_f(train.get('best_val_macro_f1'))} at epoch {train.get('best_epoch', 'n/a')}.",
-        f"- MLflow training run: `{evaluate.get('train_mlflow_run_id') or train.get('mlflow_run_id', 'n/a')}`; "
+        f"- MLflow training run: `{train.get('mlflow_run_id', 'n/a')}`; "
         f"git commit `{export.get('git_commit', 'n/a')}`.",
         "",
         "## Test metrics",

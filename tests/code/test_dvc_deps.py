@@ -61,3 +61,30 @@ def test_stage_depends_on_every_module_it_imports(stage):
 def test_the_check_sees_lazy_imports():
     # the stages import lmpipe inside main(): the walk must find those, or the test above proves nothing
     assert {"evaluation", "compare", "training", "tracking"} <= closure(ROOT / "stages/evaluate.py")
+
+
+def _declared(stage: dict) -> set[str]:
+    """Every path a stage declares: deps, params files other than params.yaml, outs, metrics, plots."""
+    paths = set(stage.get("deps", []))
+    for section in ("params", "outs", "metrics", "plots"):
+        for entry in stage.get(section, []):
+            paths.update(entry if isinstance(entry, dict) else [] if section == "params" else [entry])
+    return paths
+
+
+# kept out of DVC on purpose: DVC deletes a stage's outputs before re-running it, and the checkpoints
+# must survive an interrupted run for the re-run to resume (README, "Resume after interruption")
+UNDECLARED = {"train": {"checkpoints/train"}}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_path_in_the_command_is_declared(stage):
+    """A path the script is given but DVC is not told of would be read (or written) behind its back."""
+    declared = _declared(STAGES[stage]) | UNDECLARED.get(stage, set())
+    given = [t.partition("=")[2] or t for t in STAGES[stage]["cmd"].split() if "/" in t]
+    undeclared = [
+        path
+        for path in given
+        if not any(d == path or d.startswith(f"{path}/") or path.startswith(f"{d}/") for d in declared)
+    ]
+    assert not undeclared, f"{stage}: dvc.yaml does not declare {undeclared}"
