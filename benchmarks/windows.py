@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 from lmpipe import data, models
+from lmpipe.evaluation import batches_proba
 from lmpipe.metrics import classification_metrics
 from lmpipe.params import load_params
 
@@ -26,12 +26,8 @@ def window_proba(model, tokenizer, texts: list[str], max_length: int, stride: in
         padding=True, return_tensors="pt",
     )  # fmt: skip
     owner = enc.pop("overflow_to_sample_mapping").numpy()
-    chunks = []
-    with torch.inference_mode():
-        for i in range(0, len(owner), batch_size):
-            logits = model(**{k: v[i : i + batch_size] for k, v in enc.items()}).logits
-            chunks.append(torch.softmax(logits.float(), dim=-1).numpy())
-    return np.concatenate(chunks), owner
+    batches = ({k: v[i : i + batch_size] for k, v in enc.items()} for i in range(0, len(owner), batch_size))
+    return batches_proba(model, batches), owner
 
 
 def main() -> None:

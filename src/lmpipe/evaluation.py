@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,20 +39,23 @@ def predict_proba_model(
 ) -> tuple[np.ndarray, list[str]]:
     """``predict_proba`` for a model already in memory (e.g. a quantized one), on the device it is on."""
     model = model.eval()
-    model_device = next(model.parameters()).device
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     dataset = TextDataset(tokenizer, texts, None, max_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer)
     )
+    return batches_proba(model, tqdm(loader, desc=desc, unit="batch")), names
+
+
+def batches_proba(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> np.ndarray:
+    """Softmax class probabilities, row by row, of batches of encoded inputs, on the model's device."""
+    model_device = next(model.parameters()).device
     chunks = []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit="batch"):
-            batch = {k: v.to(model_device) for k, v in batch.items()}
-            logits = model(**batch).logits.float()
+        for batch in batches:
+            logits = model(**{k: v.to(model_device) for k, v in batch.items()}).logits.float()
             chunks.append(torch.softmax(logits, dim=-1).cpu().numpy())
-    proba = np.concatenate(chunks) if chunks else np.zeros((0, len(names)))
-    return proba, names
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.config.num_labels))
 
 
 def baseline_proba(

@@ -244,7 +244,7 @@ def run_export(
             if ms["p50_ms"] > 0
         }
         served = {"fp32": onnx_fp32, "int8": onnx_int8}[cfg.registered_variant]
-        evaluate = records["evaluate"]
+        evaluate, train_run_id = records["evaluate"], records["train"].get("mlflow_run_id", "")
         baseline_f1 = float(evaluate["baseline"]["macro_f1"])
         git = tracking.git_info()
 
@@ -282,7 +282,7 @@ def run_export(
             model_uri,
             name,
             tags={
-                "train_run_id": records["train"].get("mlflow_run_id", ""),
+                "train_run_id": train_run_id,
                 # the evaluate run that gave these scores; an evaluate re-run that gave the same scores
                 # (a new run id only) does not re-run export, so this can name the earlier, identical run
                 "evaluate_run_id": evaluate.get("mlflow_run_id", ""),
@@ -301,7 +301,7 @@ def run_export(
             },
             description=(
                 f"ONNX {cfg.registered_variant} export of '{cfg.source}' from training run "
-                f"{records['train'].get('mlflow_run_id', 'n/a')} at git commit {git['git_commit']}. "
+                f"{train_run_id or 'n/a'} at git commit {git['git_commit']}. "
                 f"Test macro-F1 {served['macro_f1']:.4f} (accuracy {served['accuracy']:.4f}) on "
                 f"{len(test)} rows; TF-IDF baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
             ),

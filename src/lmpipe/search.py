@@ -83,7 +83,7 @@ def max_trial_steps(params: Params) -> int:
     if spec is not None:
         epochs = int(spec.high) if spec.type == "int" else max(int(x) for x in spec.choices or [epochs])
     searched = search.space.get("strategy")
-    if "gradual_unfreezing" in (searched.choices or [] if searched else [train.strategy]):
+    if "gradual_unfreezing" in ((searched.choices or []) if searched else [train.strategy]):
         epochs = max(epochs, sum(p.epochs for p in train.phases))  # the phases replace `epochs`
     return epochs * search.folds
 

@@ -68,7 +68,10 @@ def _declared(stage: dict) -> set[str]:
     paths = set(stage.get("deps", []))
     for section in ("params", "outs", "metrics", "plots"):
         for entry in stage.get(section, []):
-            paths.update(entry if isinstance(entry, dict) else [] if section == "params" else [entry])
+            if isinstance(entry, dict):  # {path: options}, or {params file: keys}
+                paths.update(entry)
+            elif section != "params":  # a bare params entry is a key of params.yaml, not a path
+                paths.add(entry)
     return paths
 
 
