@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 
 from lmpipe import data, models
-from lmpipe.evaluation import batches_proba
+from lmpipe.inference import batches_proba
 from lmpipe.metrics import classification_metrics
 from lmpipe.params import load_params
 

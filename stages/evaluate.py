@@ -8,7 +8,7 @@ Logs:   an MLflow run with the test metrics, per-class report and PNG plots; the
         are also added to the train run, so one row in the MLflow UI shows params and test scores.
 """
 
-from lmpipe.cli import run_stage, stage_parser
+from lmpipe.runner import paths_of, run_stage, stage_parser
 
 
 def main() -> None:
@@ -19,111 +19,10 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for the evaluation outputs")
     args = parser.parse_args()
 
-    from lmpipe import data, io, plots, tracking
-    from lmpipe.evaluation import (
-        baseline_proba,
-        curve_frames,
-        misclassified_frame,
-        predict_proba,
-        predictions_frame,
-        score,
-        versus_baseline,
-    )
     from lmpipe.params import load_params
+    from lmpipe.stages import evaluate
 
-    params = load_params(args.params)
-    train, test = data.read_split(args.data, "train"), data.read_split(args.data, "test")
-    train_run_id = io.read_json(args.train_metrics).get("mlflow_run_id", "")
-
-    with tracking.run(
-        params.mlflow.experiment,
-        "evaluate",
-        params.to_dict(),
-        params.digest(),
-        "evaluate",
-        tags={"train_run_id": train_run_id},
-    ) as run:
-        proba, names = predict_proba(
-            args.model, test["text"].tolist(), params.base.max_length, params.evaluate.batch_size, desc="test"
-        )
-        unknown = sorted(set(test["label"]) - set(names))
-        if unknown:
-            raise ValueError(f"test labels {unknown} are unknown to the model in {args.model}")
-        y_true = test["label"].map({n: i for i, n in enumerate(names)}).to_numpy()
-        model_scores = score(y_true, proba, names)
-        base_proba = baseline_proba(
-            train, test["text"].tolist(), names, params.evaluate.baseline, params.base.seed
-        )
-        base_scores = score(y_true, base_proba, names)
-        predictions = predictions_frame(test, proba, names)
-
-        metrics = {
-            "model": model_scores["metrics"],
-            "baseline": base_scores["metrics"],
-            "model_minus_baseline": versus_baseline(
-                predictions, predictions_frame(test, base_proba, names), params.base.seed
-            ),
-            "test_rows": len(test),
-            "mlflow_run_id": run.info.run_id,
-            "train_mlflow_run_id": train_run_id,
-        }
-        roc, pr = curve_frames(model_scores["curves"])
-        with io.staged_outputs(args.out) as out:  # all outputs appear together, or none
-            for kind, frames in (("roc", roc), ("pr", pr)):
-                (out / "plots" / kind).mkdir(parents=True)
-                for name, frame in frames.items():
-                    frame.to_csv(out / "plots" / kind / f"{name}.csv", index=False)
-            predictions.to_csv(out / "predictions.csv", index=False)
-            misclassified_frame(test, predictions).to_csv(out / "misclassified.csv", index=False)
-            io.write_json(
-                out / "per_class.json",
-                {"model": model_scores["per_class"], "baseline": base_scores["per_class"]},
-            )
-
-            tracking.log_metrics(metrics["model"], prefix="test_")
-            tracking.log_metrics(metrics["baseline"], prefix="baseline_test_")
-            tracking.log_metrics(metrics["model_minus_baseline"], prefix="model_minus_baseline_")
-            tracking.log_metrics(
-                {n: c["roc_auc"] for n, c in model_scores["curves"].items()}, prefix="test_roc_auc_"
-            )
-            for name, fig in (
-                (
-                    "confusion_matrix",
-                    plots.confusion_figure(model_scores["confusion"], names, "Test confusion matrix"),
-                ),
-                (
-                    "baseline_confusion_matrix",
-                    plots.confusion_figure(
-                        base_scores["confusion"], names, "Baseline (TF-IDF + LR) confusion"
-                    ),
-                ),
-                ("roc", plots.curves_figure(model_scores["curves"], "roc", "One-vs-rest ROC (test)")),
-                (
-                    "pr",
-                    plots.curves_figure(model_scores["curves"], "pr", "One-vs-rest precision-recall (test)"),
-                ),
-            ):
-                tracking.log_figure(fig, f"plots/{name}.png")
-                plots.close(fig)
-            for file in ("per_class.json", "misclassified.csv", "predictions.csv"):
-                tracking.log_artifact(out / file, "evaluation")
-            if train_run_id and not tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_"):
-                print(
-                    f"evaluate: train run {train_run_id} is not in the MLflow store {tracking.tracking_uri()}; "
-                    "the test scores are logged on the evaluate run only"
-                )
-            io.write_json(out / "metrics.json", metrics)
-
-    m, b, d = metrics["model"], metrics["baseline"], metrics["model_minus_baseline"]
-    print(
-        f"evaluate: model macro-F1 {m['macro_f1']:.4f} acc {m['accuracy']:.4f} | "
-        f"baseline macro-F1 {b['macro_f1']:.4f} acc {b['accuracy']:.4f} | {len(test)} test rows\n"
-        f"evaluate: model minus baseline {100 * d['macro_f1']:+.2f} pt macro-F1, 95% CI "
-        f"[{100 * d['macro_f1_ci95_low']:+.2f}, {100 * d['macro_f1_ci95_high']:+.2f}] "
-        f"({'significant' if d['macro_f1_significant'] else 'not significant'}); only the model right on "
-        f"{d['model_only_right']} texts, only the baseline on {d['baseline_only_right']}, "
-        f"McNemar p = {d['mcnemar_p']:.3f}"
-    )
+    print(evaluate.run(load_params(args.params), paths_of(evaluate.Paths, args)))
 
 
 if __name__ == "__main__":

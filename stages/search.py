@@ -8,7 +8,7 @@ Logs:   one MLflow parent run per study (space, strategy, best value) with a chi
 With `search.enabled: false` it writes empty results at once, and train uses its own params.
 """
 
-from lmpipe.cli import run_stage, stage_parser
+from lmpipe.runner import paths_of, run_stage, stage_parser
 
 
 def main() -> None:
@@ -19,144 +19,10 @@ def main() -> None:
     parser.add_argument("--db", required=True, help="folder for the study storage")
     args = parser.parse_args()
 
-    import dataclasses
-    import time
-    from pathlib import Path
-
-    import optuna
-    import pandas as pd
-
-    from lmpipe import data, io, models, plots, tracking
-    from lmpipe import search as lib
-    from lmpipe.errors import UserError
     from lmpipe.params import load_params
+    from lmpipe.stages import search
 
-    params = load_params(args.params)
-    cfg = params.search
-    name = lib.study_name(params)
-    if not cfg.enabled:
-        with io.staged_outputs(args.out) as out:
-            io.write_json(out / "best_params.json", {"enabled": False, "params": {}})
-            io.write_json(out / "metrics.json", {"enabled": False})
-            pd.DataFrame(columns=["number", "state", "value"]).to_csv(out / "trials.csv", index=False)
-            pd.DataFrame(columns=["trial", "value", "best_so_far"]).to_csv(out / "history.csv", index=False)
-            pd.DataFrame(columns=["param", "importance"]).to_csv(out / "importance.csv", index=False)
-        with io.atomic_dir(args.db) as db:
-            io.write_json(db / "study.json", {"enabled": False})
-        print("search: disabled (search.enabled: false); train uses its own params")
-        return
-
-    label2id = data.read_label_map(args.labels)
-    model_dir = models.resolve_model_dir(params.base.model)
-    train, val = data.read_split(args.data, "train"), data.read_split(args.data, "val")
-    n_trials = lib.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    with io.atomic_dir(args.db) as db, io.staged_outputs(args.out) as out:
-        storage = cfg.storage or f"sqlite:///{Path(db).resolve() / 'optuna.db'}"
-        if cfg.storage is None:
-            # the default file moves into place with the rest of the outputs; record where it will be
-            shown_storage = f"sqlite:///{Path(args.db) / 'optuna.db'}"
-        else:
-            from sqlalchemy.engine import make_url
-
-            shown_storage = make_url(cfg.storage).render_as_string(hide_password=True)
-        try:
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage,
-                direction="maximize",
-                load_if_exists=True,
-                sampler=lib.make_sampler(cfg, params.base.seed),
-                pruner=lib.make_pruner(cfg, lib.max_trial_steps(params)),
-            )
-        except Exception as err:  # a wrong URL, an unreachable server, a missing driver
-            raise UserError(
-                f"search.storage: cannot open {shown_storage}: {type(err).__name__}: {err}"
-            ) from None
-        space = {k: dataclasses.asdict(v) for k, v in cfg.space.items()}
-        with tracking.run(
-            params.mlflow.experiment,
-            f"search-{name}",
-            params.to_dict(),
-            params.digest(),
-            "search",
-            tags={
-                "study_name": name,
-                "strategy": cfg.strategy,
-                "pruner": cfg.pruner,
-                "folds": str(cfg.folds),
-            },
-        ) as parent:
-            tracking.log_dict(space, "search_space.json")
-            start = time.perf_counter()
-            objective = lib.Objective(params, train, val, label2id, model_dir)
-            study.optimize(
-                objective,
-                n_trials=None,
-                timeout=cfg.timeout,
-                catch=(Exception,),
-                gc_after_trial=True,
-                callbacks=[lib.StopAfterTrained(n_trials, lib.space_size(cfg))],
-            )
-            seconds = time.perf_counter() - start
-            trials = lib.trials_frame(study)
-            counts = trials["state"].value_counts().to_dict()
-            if not counts.get("COMPLETE"):
-                reasons = trials.loc[trials["state"] == "FAIL", "fail_reason"].tolist()
-                first = reasons[0] if reasons else "every trial was pruned or none started"
-                raise UserError(
-                    f"search: no trial of {len(trials)} completed ({counts}); first failure: {first}"
-                )
-            best = study.best_trial
-            metrics = {
-                "enabled": True,
-                "study_name": name,
-                "strategy": cfg.strategy,
-                "pruner": cfg.pruner,
-                "trials": len(trials),
-                "complete": int(counts.get("COMPLETE", 0)),
-                "pruned": int(counts.get("PRUNED", 0)),
-                "failed": int(counts.get("FAIL", 0)),
-                "best_trial": best.number,
-                "best_value": best.value,
-                "best_value_std": best.user_attrs.get("value_std"),
-                "seconds": round(seconds, 1),
-                "mlflow_run_id": parent.info.run_id,
-            }
-            best_params = {
-                "enabled": True,
-                "params": dict(best.params),
-                "value": best.value,
-                "value_std": best.user_attrs.get("value_std"),
-                "trial": best.number,
-                "study_name": name,
-                "storage": shown_storage,
-                "mlflow_run_id": parent.info.run_id,
-            }
-            history, importance = lib.history_frame(trials), lib.importance_frame(study)
-            trials.to_csv(out / "trials.csv", index=False)
-            history.to_csv(out / "history.csv", index=False)
-            importance.to_csv(out / "importance.csv", index=False)
-            io.write_json(out / "metrics.json", metrics)
-            io.write_json(out / "best_params.json", best_params)
-            io.write_json(db / "study.json", {"enabled": True, "study_name": name, "storage": shown_storage})
-
-            tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("best_trial",)})
-            tracking.set_tags({f"best.{k}": v for k, v in best.params.items()})
-            tracking.log_artifact(out / "trials.csv")
-            fig = plots.search_history_figure(history)
-            tracking.log_figure(fig, "plots/optimisation_history.png")
-            plots.close(fig)
-            if len(importance):
-                fig = plots.importance_figure(importance)
-                tracking.log_figure(fig, "plots/param_importance.png")
-                plots.close(fig)
-    print(
-        f"search: best val macro-F1 {best.value:.4f} (trial {best.number}: {best.params}); "
-        f"{metrics['complete']} complete, {metrics['pruned']} pruned, {metrics['failed']} failed "
-        f"in {seconds:.0f} s"
-    )
+    print(search.run(load_params(args.params), paths_of(search.Paths, args)))
 
 
 if __name__ == "__main__":

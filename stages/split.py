@@ -4,7 +4,7 @@ Reads:  params.yaml (base.seed, split), <data>/data.parquet
 Writes: <out>/{train,val,test}.parquet, <metrics> (split sizes and class counts)
 """
 
-from lmpipe.cli import run_stage, stage_parser
+from lmpipe.runner import paths_of, run_stage, stage_parser
 
 
 def main() -> None:
@@ -14,19 +14,10 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="split report (JSON metrics)")
     args = parser.parse_args()
 
-    import pandas as pd
-
-    from lmpipe import data, io
     from lmpipe.params import load_params
+    from lmpipe.stages import split
 
-    params = load_params(args.params)
-    parts = data.split_frame(pd.read_parquet(args.data), params.split, params.base.seed)
-    with io.atomic_dir(args.out) as tmp:
-        for name, part in parts.items():
-            part.to_parquet(tmp / f"{name}.parquet", index=False)
-    report = data.split_report(parts)
-    io.write_json(args.metrics, report)
-    print("split: " + ", ".join(f"{k} {v}" for k, v in report["sizes"].items()))
+    print(split.run(load_params(args.params), paths_of(split.Paths, args)))
 
 
 if __name__ == "__main__":

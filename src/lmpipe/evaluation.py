@@ -1,61 +1,19 @@
-"""Scoring a saved model and the TF-IDF baseline on a split, and writing the evaluation outputs."""
+"""Scoring predictions against the truth, the TF-IDF baseline, and the evaluation tables (the model's own
+predictions come from ``lmpipe.inference``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
-from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lmpipe.compare import Candidate, compare
 from lmpipe.metrics import classification_metrics, confusion, one_vs_rest_curves, per_class_report
-from lmpipe.models import device, load_classifier, load_tokenizer
 from lmpipe.params import BaselineParams
-from lmpipe.training import TextDataset
-
-
-def predict_proba(
-    model_dir: str | Path, texts: Sequence[str], max_length: int, batch_size: int, desc: str = "predict"
-) -> tuple[np.ndarray, list[str]]:
-    """Class probabilities for ``texts`` from a saved classifier, and its class names in id order."""
-    model = load_classifier(model_dir).to(device())
-    return predict_proba_model(model, load_tokenizer(model_dir), texts, max_length, batch_size, desc)
-
-
-def predict_proba_model(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    max_length: int,
-    batch_size: int,
-    desc: str = "predict",
-) -> tuple[np.ndarray, list[str]]:
-    """``predict_proba`` for a model already in memory (e.g. a quantized one), on the device it is on."""
-    model = model.eval()
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    dataset = TextDataset(tokenizer, texts, None, max_length)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer)
-    )
-    return batches_proba(model, tqdm(loader, desc=desc, unit="batch")), names
-
-
-def batches_proba(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> np.ndarray:
-    """Softmax class probabilities, row by row, of batches of encoded inputs, on the model's device."""
-    model_device = next(model.parameters()).device
-    chunks = []
-    with torch.inference_mode():
-        for batch in batches:
-            logits = model(**{k: v.to(model_device) for k, v in batch.items()}).logits.float()
-            chunks.append(torch.softmax(logits, dim=-1).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, model.config.num_labels))
 
 
 def baseline_proba(

@@ -241,10 +241,8 @@ def queue_problems(root: Path) -> tuple[list[str], list[str]]:
 
 
 def _untracked_deps(root: Path) -> list[str]:
-    """Stage deps and the prepare source that neither git nor DVC tracks: a queued run would miss them."""
+    """Stage deps (the prepare source among them) that neither git nor DVC tracks: a queued run would miss them."""
     from dvc.repo import Repo
-
-    from lmpipe.params import BUILTIN_SOURCE, load_params
 
     git_files = set(_git(root, "ls-files").stdout.splitlines())
     paths: set[str] = set()
@@ -257,12 +255,6 @@ def _untracked_deps(root: Path) -> list[str]:
                 if getattr(dep, "def_repo", None):  # imported from another repo: DVC fetches it
                     continue
                 paths.add(Path(os.path.relpath(dep.fs_path, root)).as_posix())
-    try:
-        source = load_params(root / PARAMS_FILE).prepare.source
-    except ParamsError as err:
-        return [str(err)]
-    if source != BUILTIN_SOURCE:
-        paths.add(Path(source).as_posix())
 
     def tracked(path: str) -> bool:
         if path in git_files or any(f.startswith(path.rstrip("/") + "/") for f in git_files):

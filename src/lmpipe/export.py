@@ -9,26 +9,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lmpipe import latency, serving
-from lmpipe.errors import UserError
+from lmpipe import latency
+from lmpipe.inference import batches_logits
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier, load_tokenizer
-from lmpipe.params import Params
-from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, VARIANT_FILES, OnnxTextClassifier, softmax
+from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OnnxTextClassifier
 
 
 def write_classifier_folder(model_dir: str | Path, out_dir: str | Path, max_length: int, opset: int) -> Path:
@@ -72,7 +68,7 @@ def write_classifier_folder(model_dir: str | Path, out_dir: str | Path, max_leng
     return out_dir
 
 
-def quantize_int8(folder: str | Path) -> Path:
+def quantize_onnx_int8(folder: str | Path) -> Path:
     """ONNX Runtime dynamic quantisation: int8 weights of MatMul/Gemm, activations quantised per batch."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -101,12 +97,7 @@ class Batches:
 def torch_runner(model_dir: str | Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """PyTorch fp32 logits on the CPU for numpy features (the reference the exports are checked against)."""
     model = load_classifier(model_dir).eval()
-
-    def run(features: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return model(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.float().numpy()
-
-    return run
+    return lambda features: batches_logits(model, [features])
 
 
 def all_logits(run: Callable, batches: Batches, desc: str) -> np.ndarray:
@@ -137,24 +128,21 @@ def latency_benchmark(
     batch_sizes: Sequence[int],
     warmup: int,
     repeats: int,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """``{backend: {"batch_<n>": {p50_ms, p95_ms, mean_ms}}}``. Each batch is the first ``n`` test texts
+) -> dict[str, dict[str, float]]:
+    """``{backend: {latency_b<n>_p50_ms, latency_b<n>_p95_ms, throughput_b<n>_per_s, ...}}`` (the shape of
+    ``latency.summary``, as in compress) for each batch size ``n``. Each batch is the first ``n`` test texts
     (cycled if the split is smaller), tokenised once at ``max_length`` and padded to its longest text;
     the backends are timed in rotating rounds on it (``latency.time_interleaved``)."""
-    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in runners}
+    out: dict[str, dict[str, float]] = {name: {} for name in runners}
     for n in batch_sizes:
         features = classifier.encode([texts[i % len(texts)] for i in range(n)])
         calls = {name: (lambda r=run, f=features: r(f)) for name, run in runners.items()}
         for name, seconds in latency.time_interleaved(calls, warmup, repeats, f"latency batch {n}").items():
-            out[name][f"batch_{n}"] = latency.milliseconds(seconds)
+            out[name].update(latency.summary(seconds, n))
     return out
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    return softmax(logits.astype(np.float64))
-
-
-# ------------------------------------------------------------------------------------- the whole stage
+# ------------------------------------------------------------------------------------------ the registry
 def split_fingerprint(test: pd.DataFrame) -> str:
     """A hash of the test split's texts and labels: versions scored on the same split share it."""
     blob = "\n".join(f"{t}\t{y}" for t, y in zip(test["text"], test["label"], strict=True))
@@ -184,177 +172,3 @@ def score_registered(uri: str, texts: Sequence[str], y_true: np.ndarray, labels:
             return None
         proba = classifier.predict_proba(list(texts))
     return classification_metrics(y_true, proba.argmax(axis=1))["macro_f1"]
-
-
-def run_export(
-    params: Params,
-    model_dir: str | Path,
-    test: pd.DataFrame,
-    records: dict[str, Any],
-    out_dir: str | Path,
-    metrics_path: str | Path,
-    run_id: str,
-) -> dict[str, Any]:
-    """Export, check, benchmark, log, register, gate and describe ``model_dir``; write ``out_dir`` (the
-    export folder with its model card) and ``metrics_path``, both only if everything succeeded."""
-    from lmpipe import io, modelcard, promotion, tracking
-
-    cfg = params.export
-    texts = test["text"].tolist()
-    torch.set_num_threads(cfg.latency.threads)
-    with io.atomic_dir(out_dir) as tmp:
-        write_classifier_folder(model_dir, tmp, params.base.max_length, cfg.opset)
-        quantize_int8(tmp)
-        fp32 = OnnxTextClassifier(tmp, FP32_FILE, threads=cfg.latency.threads)
-        int8 = OnnxTextClassifier(tmp, INT8_FILE, threads=cfg.latency.threads)
-        labels = fp32.labels
-        unknown = sorted(set(test["label"]) - set(labels))
-        if unknown:
-            raise UserError(f"{model_dir}: test labels {unknown} are unknown to the model (labels: {labels})")
-        y_true = test["label"].map({n: i for i, n in enumerate(labels)}).to_numpy()
-
-        batches = Batches.of(fp32, texts, cfg.batch_size)
-        pytorch = torch_runner(model_dir)
-        ref = all_logits(pytorch, batches, "pytorch fp32")
-        torch_scores = classification_metrics(y_true, ref.argmax(axis=1))
-        onnx_fp32 = parity_report(ref, all_logits(fp32.logits, batches, "onnx fp32"), y_true)
-        onnx_int8 = parity_report(ref, all_logits(int8.logits, batches, "onnx int8"), y_true)
-        onnx_int8["macro_f1_minus_pytorch"] = onnx_int8["macro_f1"] - torch_scores["macro_f1"]
-        fp32_ok = onnx_fp32["max_abs_logit_diff"] <= cfg.max_logit_diff and onnx_fp32["labels_differing"] == 0
-        onnx_fp32["ok"] = fp32_ok
-        onnx_int8["ok"] = onnx_int8["label_agreement"] >= cfg.min_int8_agreement
-        if not fp32_ok:
-            raise UserError(
-                f"export.max_logit_diff: the ONNX fp32 export differs from PyTorch by "
-                f"{onnx_fp32['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
-                f"{onnx_fp32['labels_differing']} label(s) changed on {model_dir}; not registering it"
-            )
-
-        latency = latency_benchmark(
-            {"pytorch_fp32": pytorch, "onnx_fp32": fp32.logits, "onnx_int8": int8.logits},
-            fp32,
-            texts,
-            cfg.latency.batch_sizes,
-            cfg.latency.warmup,
-            cfg.latency.repeats,
-        )
-        speedup = {
-            f"onnx_int8_vs_pytorch_{case}": round(latency["pytorch_fp32"][case]["p50_ms"] / ms["p50_ms"], 3)
-            for case, ms in latency["onnx_int8"].items()
-            if ms["p50_ms"] > 0
-        }
-        served = {"fp32": onnx_fp32, "int8": onnx_int8}[cfg.registered_variant]
-        evaluate, train_run_id = records["evaluate"], records["train"].get("mlflow_run_id", "")
-        baseline_f1 = float(evaluate["baseline"]["macro_f1"])
-        git = tracking.git_info()
-
-        # the registered model: the served ONNX variant as model.onnx, with tokenizer and labels
-        with tempfile.TemporaryDirectory() as staging_root:
-            staging = Path(staging_root) / "classifier"
-            shutil.copytree(tmp, staging, ignore=shutil.ignore_patterns("*.onnx", "*.md"))
-            shutil.copy2(tmp / VARIANT_FILES[cfg.registered_variant], staging / FP32_FILE)
-            info = json.loads((staging / CLASSIFIER_FILE).read_text())
-            info.update(onnx_file=FP32_FILE, variant=cfg.registered_variant)
-            (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            example = [t[:300] for t in texts[:2]]
-            model_uri = tracking.log_pyfunc_model(
-                serving.__file__, {"classifier": staging}, example, pip_requirements()
-            )
-
-        name = cfg.registered_model
-        champion_version = tracking.alias_version(name, promotion.CHAMPION)
-        champion_f1 = None
-        if champion_version is not None:
-            champion_f1 = score_registered(f"models:/{name}@{promotion.CHAMPION}", texts, y_true, labels)
-        checks = []
-        if cfg.registered_variant == "int8":
-            checks.append(
-                (
-                    onnx_int8["ok"],
-                    f"int8 label agreement {onnx_int8['label_agreement']:.4f} vs min_int8_agreement "
-                    f"{cfg.min_int8_agreement}",
-                )
-            )
-        decision = promotion.decide(
-            served["macro_f1"], baseline_f1, cfg.gate, champion_f1, champion_version, checks
-        )
-        version = tracking.register_model_version(
-            model_uri,
-            name,
-            tags={
-                "train_run_id": train_run_id,
-                # the evaluate run that gave these scores; an evaluate re-run that gave the same scores
-                # (a new run id only) does not re-run export, so this can name the earlier, identical run
-                "evaluate_run_id": evaluate.get("mlflow_run_id", ""),
-                "export_run_id": run_id,
-                "git_commit": git["git_commit"],
-                "git_dirty": git["git_dirty"],
-                "params_hash": params.digest(),
-                "source": cfg.source,
-                "variant": cfg.registered_variant,
-                "test_macro_f1": f"{served['macro_f1']:.6f}",
-                "test_accuracy": f"{served['accuracy']:.6f}",
-                "baseline_test_macro_f1": f"{baseline_f1:.6f}",
-                "test_rows": len(test),
-                "test_split_sha256": split_fingerprint(test),
-                "gate_passed": str(decision.passed).lower(),
-            },
-            description=(
-                f"ONNX {cfg.registered_variant} export of '{cfg.source}' from training run "
-                f"{train_run_id or 'n/a'} at git commit {git['git_commit']}. "
-                f"Test macro-F1 {served['macro_f1']:.4f} (accuracy {served['accuracy']:.4f}) on "
-                f"{len(test)} rows; TF-IDF baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
-            ),
-        )
-        for alias in decision.aliases:
-            tracking.set_alias(name, alias, version)
-
-        metrics = {
-            "source": cfg.source,
-            "labels": labels,
-            "test_rows": len(test),
-            "pytorch_fp32": {"macro_f1": torch_scores["macro_f1"], "accuracy": torch_scores["accuracy"]},
-            "onnx_fp32": onnx_fp32,
-            "onnx_int8": onnx_int8,
-            "served": {
-                "variant": cfg.registered_variant,
-                "macro_f1": served["macro_f1"],
-                "accuracy": served["accuracy"],
-            },
-            "latency": latency,
-            "speedup": speedup,
-            "latency_threads": cfg.latency.threads,
-            # other processes on the machine skew the timings: the 1-minute load average when they were taken
-            "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "size_mb": {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()},
-            "registry": {"name": name, "version": version, "model_uri": model_uri},
-            "gate": {
-                **decision.to_dict(),
-                "baseline_macro_f1": baseline_f1,
-                "champion_before": champion_version,
-                "champion_before_macro_f1": champion_f1,
-            },
-            "git_commit": git["git_commit"],
-            "mlflow_run_id": run_id,
-        }
-        card = modelcard.render(
-            params,
-            records["prepare"],
-            records["split"],
-            records["train"],
-            evaluate,
-            metrics,
-            records.get("compression"),
-        )
-        (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
-        tracking.log_metrics(
-            {
-                k: metrics[k]
-                for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8", "latency", "speedup", "size_mb")
-            }
-        )
-        tracking.log_metrics({"gate_passed": int(decision.passed), "registered_version": int(version)})
-        tracking.log_artifact(tmp / "MODEL_CARD.md")
-        tracking.log_dict(metrics, "export_metrics.json")
-        io.write_json(metrics_path, metrics)
-    return metrics

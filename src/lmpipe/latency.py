@@ -32,11 +32,12 @@ def time_interleaved(
     return {name: np.asarray(t) for name, t in times.items()}
 
 
-def milliseconds(seconds: np.ndarray) -> dict[str, float]:
-    """p50, p95 and mean of timings in seconds, as milliseconds."""
-    p50, p95 = np.percentile(seconds, [50, 95])
+def summary(seconds: np.ndarray, batch_size: int) -> dict[str, float]:
+    """The one shape of a latency figure, in compress and export alike: p50/p95 in milliseconds and
+    throughput (examples per second at the median), keyed by the batch size."""
+    p50, p95 = (float(x) * 1000 for x in np.percentile(seconds, [50, 95]))
     return {
-        "p50_ms": round(float(p50) * 1000, 3),
-        "p95_ms": round(float(p95) * 1000, 3),
-        "mean_ms": round(float(np.mean(seconds)) * 1000, 3),
+        f"latency_b{batch_size}_p50_ms": round(p50, 3),
+        f"latency_b{batch_size}_p95_ms": round(p95, 3),
+        f"throughput_b{batch_size}_per_s": round(batch_size * 1000 / round(p50, 3), 2),
     }

@@ -22,8 +22,7 @@ def render(
 ) -> str:
     """Markdown covering data, base model and training params, test metrics against the baseline,
     compression and export figures, intended use and limitations."""
-    source = params.prepare.source
-    data_name = "BBC News (built-in, 5 topics)" if source == "bbc_news" else f"`{source}`"
+    data_name = prepare.get("source") or f"`{params.prepare.source}`"
     sizes = split.get("sizes", {})
     labels = export.get("labels", [])
     model, baseline = evaluate.get("model", {}), evaluate.get("baseline", {})
@@ -99,8 +98,7 @@ def render(
     for backend, cases in export.get("latency", {}).items():
         cells = []
         for n in params.export.latency.batch_sizes:
-            case = cases.get(f"batch_{n}", {})
-            cells += [_f(case.get("p50_ms"), 2), _f(case.get("p95_ms"), 2)]
+            cells += [_f(cases.get(f"latency_b{n}_p50_ms"), 2), _f(cases.get(f"latency_b{n}_p95_ms"), 2)]
         lines.append(f"| {backend} | " + " | ".join(cells) + " |")
     lines += ["", "## Compression", ""]
     lines.append(

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmpipe.errors import UserError
-from lmpipe.io import atomic_dir
 from lmpipe.params import EMBEDDED_MODEL
 
 
@@ -56,12 +55,6 @@ def write_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_
     """Write a ``save_pretrained`` folder: safetensors weights, config with label maps, tokenizer."""
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
-    """``write_model`` into a temporary sibling, then rename: the folder is complete or absent."""
-    with atomic_dir(out_dir) as tmp:
-        write_model(model, tokenizer, tmp)
 
 
 def device() -> torch.device:

@@ -22,7 +22,6 @@ import yaml
 from lmpipe.errors import ParamsError
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
-BUILTIN_SOURCE = "bbc_news"
 
 
 class _Section:
@@ -58,13 +57,21 @@ class PrepareParams(_Section):
 
     def problems(self):
         if not self.source.strip():
-            yield "source", "must be 'bbc_news' or a path to a .csv, .jsonl or .parquet file"
-        elif self.source != BUILTIN_SOURCE and Path(self.source).suffix.lower() not in {
-            ".csv",
-            ".jsonl",
-            ".parquet",
-        }:
-            yield "source", f"'{self.source}' must be 'bbc_news' or end in .csv, .jsonl or .parquet"
+            yield (
+                "source",
+                (
+                    "must be a path: a .csv, .jsonl or .parquet file, a folder of <label>/*.txt files, or a "
+                    "built-in descriptor such as data/builtin/bbc_news.yaml"
+                ),
+            )
+        elif Path(self.source).suffix.lower() not in {"", ".csv", ".jsonl", ".parquet", ".yaml", ".yml"}:
+            yield (
+                "source",
+                (
+                    f"'{self.source}' must be a .csv, .jsonl or .parquet file, a folder of <label>/*.txt "
+                    "files, or a built-in descriptor (.yaml) such as data/builtin/bbc_news.yaml"
+                ),
+            )
         try:
             "".encode(self.encoding)
         except LookupError:
@@ -149,9 +156,6 @@ class AugmentParams(_Section):
                 yield name, f"must be in [0, 1), got {getattr(self, name)}"
         if self.copies > 0 and self.deletion == self.swap == self.replacement == 0:
             yield "copies", "augmentation is on but deletion, swap and replacement are all 0"
-
-
-STRATEGIES = ("full", "linear_probe", "lora", "gradual_unfreezing")
 
 
 @dataclass(frozen=True)

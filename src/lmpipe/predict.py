@@ -131,7 +131,7 @@ def predict_file(
             raise UserError(
                 "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
             )
-        from lmpipe.evaluation import predict_proba
+        from lmpipe.inference import predict_proba
         from lmpipe.models import load_tokenizer
 
         proba, labels = predict_proba(model, texts, max_length, batch_size, desc="predict (pytorch)")

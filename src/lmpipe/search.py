@@ -22,9 +22,10 @@ from sklearn.model_selection import StratifiedKFold
 from transformers import TrainerCallback
 
 from lmpipe import data, models, tracking
+from lmpipe.encoding import frame_dataset
 from lmpipe.errors import UserError
 from lmpipe.params import Params, SearchParams, SpaceParam, TrainParams
-from lmpipe.training import SELECTION_METRIC, frame_dataset, train_model
+from lmpipe.training import SELECTION_METRIC, train_model
 
 
 def trial_seed(base_seed: int) -> int:
@@ -188,14 +189,8 @@ class Objective:
             trial.set_user_attr("duplicate_of", twin.number)
             tags["duplicate_of"] = str(twin.number)
         state, outcome = "COMPLETE", None
-        with tracking.run(
-            self.params.mlflow.experiment,
-            f"trial-{trial.number}",
-            dataclasses.asdict(cfg),
-            self.params.digest(),
-            "search-trial",
-            nested=True,
-            tags=tags,
+        with tracking.child_run(
+            self.params, f"trial-{trial.number}", dataclasses.asdict(cfg), "search-trial", tags
         ) as child:
             trial.set_user_attr("mlflow_run_id", child.info.run_id)
             try:

@@ -95,13 +95,6 @@ class OnnxTextClassifier:
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), dtype=np.float32)
 
-    def frame(self, proba: np.ndarray) -> pd.DataFrame:
-        """``label`` plus one ``p_<class>`` column per class, in the model's class order."""
-        out = pd.DataFrame({"label": [self.labels[i] for i in proba.argmax(axis=1)]})
-        for j, name in enumerate(self.labels):
-            out[f"p_{name}"] = proba[:, j].astype(float)
-        return out
-
 
 def texts_from_input(model_input: Any) -> list[str]:
     """A list, Series, ndarray or DataFrame (a ``text`` column, or a single column) of texts."""

@@ -8,7 +8,8 @@
 * SQLite stores wait for each other instead of failing with "database is locked": a busy timeout in
   the URI, WAL journal mode, and a file lock around the store's creation (two queue workers may create
   it at once).
-* Each run is tagged with the git commit, whether the tree was dirty, a hash of the resolved params,
+* Each run is tagged with the git commit, whether code, params or data differ from it (``git_dirty``:
+  the pipeline's own outputs and ``dvc.lock`` do not count), a hash of the resolved params,
   the stage, and the DVC experiment name when DVC runs the stage as an experiment.
 * A run that raises is ended as FAILED (KILLED on Ctrl-C or SIGTERM), never left RUNNING.
 """
@@ -106,17 +107,62 @@ def prepare_store(uri: str) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def git_info() -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
-            return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+def pipeline_outputs(root: Path) -> set[str]:
+    """What the pipeline itself writes, as dvc.yaml declares it: every stage's outs, metrics and plots,
+    and ``dvc.lock``."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return {"dvc.lock"}
+    paths = {"dvc.lock"}
+    for stage in stages.values():
+        for section in ("outs", "metrics", "plots"):
+            for entry in stage.get(section) or []:
+                paths.update(entry if isinstance(entry, dict) else [entry])
+    return {str(p).rstrip("/") for p in paths}
+
+
+def changed_inputs(root: Path | None = None) -> list[str]:
+    """Files that differ from the commit (``git status``: changed, staged, deleted or untracked, not
+    ignored), other than the pipeline's own outputs and ``dvc.lock``: the code, params or data a run used
+    that the commit does not hold. ``dvc repro`` rewrites its outputs, so counting them would call every
+    run of a fresh clone dirty."""
+    root = Path.cwd() if root is None else root
+    outputs = pipeline_outputs(root)
+    entries = _git("-C", str(root), "status", "--porcelain=v1", "-z", "--untracked-files=all").split("\0")
+    changed, skip = [], False
+    for entry in entries:
+        if skip or not entry:  # the second path of a rename, or the end
+            skip = False
+            continue
+        status, path = entry[:2], entry[3:]
+        skip = "R" in status or "C" in status
+        if not any(path == o or path.startswith(f"{o}/") for o in outputs):
+            changed.append(path)
+    return changed
+
+
+def git_info() -> dict[str, str]:
+    """The commit, and ``git_dirty``: whether code, params or data differ from it (``changed_inputs``).
+    When dirty, ``git_changed`` names the first few changed files."""
+    commit = _git("rev-parse", "HEAD").strip() or "unknown"
+    changed = changed_inputs()
+    info = {"git_commit": commit, "git_dirty": str(bool(changed)).lower()}
+    if changed:
+        info["git_changed"] = ", ".join(changed[:10]) + (
+            f" (+{len(changed) - 10} more)" if len(changed) > 10 else ""
+        )
+    return info
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -184,6 +230,19 @@ def run(
         mlflow.end_run(status="FINISHED")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def stage_run(params: Any, stage: str, run_name: str | None = None, tags: Mapping[str, str] | None = None):
+    """The MLflow run of a stage: in ``mlflow.experiment``, with every resolved param and their hash."""
+    return run(params.mlflow.experiment, run_name or stage, params.to_dict(), params.digest(), stage, tags)
+
+
+def child_run(
+    params: Any, run_name: str, section: Mapping[str, Any], stage: str, tags: Mapping[str, str] | None = None
+):
+    """A child of the active stage run (a search trial, a compressed variant) with its own params
+    ``section``, tagged with the stage's params hash."""
+    return run(params.mlflow.experiment, run_name, section, params.digest(), stage, tags, nested=True)
 
 
 def default_store_uri() -> str:
@@ -384,10 +443,6 @@ def get_run(run_id: str) -> Any | None:
 
 def set_alias(name: str, alias: str, version: str) -> None:
     _client().set_registered_model_alias(name, alias, version)
-
-
-def model_version_tags(name: str, version: str) -> dict[str, str]:
-    return dict(_client().get_model_version(name, version).tags)
 
 
 def download_model(uri: str, dest: str | Path) -> Path:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from transformers import (
     DataCollatorWithPadding,
@@ -36,44 +35,11 @@ from transformers import (
 )
 
 from lmpipe import checkpoints, strategies
-from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import precision_flags, seed_everything
 from lmpipe.params import TrainParams
 
 SELECTION_METRIC = "macro_f1"
-
-
-class TextDataset(torch.utils.data.Dataset):
-    """Tokenised texts (truncated to ``max_length``, padded per batch by the collator) and label ids."""
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        texts: Sequence[str],
-        labels: Sequence[int] | None,
-        max_length: int,
-    ):
-        self.encodings = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.labels = None if labels is None else [int(x) for x in labels]
-
-    def __len__(self) -> int:
-        return len(self.encodings["input_ids"])
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {k: v[i] for k, v in self.encodings.items()}
-        if self.labels is not None:
-            item["labels"] = self.labels[i]
-        return item
-
-
-def frame_dataset(
-    tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, label2id: dict[str, int], max_length: int
-) -> TextDataset:
-    unknown = sorted(set(frame["label"]) - set(label2id))
-    if unknown:
-        raise UserError(f"labels {unknown} are not in the label map of the prepared data")
-    return TextDataset(tokenizer, frame["text"].tolist(), frame["label"].map(label2id).tolist(), max_length)
 
 
 def eval_metrics(prediction) -> dict[str, float]:

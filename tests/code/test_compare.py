@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from lmpipe.compare import Candidate, compare, holm, markdown, mcnemar, seed_groups, weighted_scores
+from lmpipe.compare import Candidate, compare, holm, mcnemar, seed_groups, weighted_scores
+from lmpipe.compare_report import markdown
 from lmpipe.errors import UserError
 from tests.conftest import BIN, ROOT, git_commit, run
 

@@ -8,9 +8,10 @@ import torch
 from transformers import BertForSequenceClassification
 
 from lmpipe import compression as lib
+from lmpipe import latency
 from lmpipe.data import load_bbc_news
 from lmpipe.errors import ParamsError, UserError
-from lmpipe.evaluation import predict_proba_model
+from lmpipe.inference import predict_proba_model
 from lmpipe.models import load_tokenizer, resolve_model_dir
 from tests.conftest import tiny_bert_config
 
@@ -42,7 +43,7 @@ def model(tokenizer):
 
 
 def test_int8_round_trip_is_exact_and_agrees_with_fp32(model, tokenizer, texts, tmp_path):
-    quantized = lib.quantize_int8(model)
+    quantized = lib.quantize_dynamic_int8(model)
     lib.save_int8(quantized, tokenizer, tmp_path, {"path": "in-memory"})
     reloaded = lib.load_int8(tmp_path)
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
@@ -143,7 +144,7 @@ def test_distillation_hook_runs_the_teacher_on_the_student_inputs(model, tokeniz
 def test_fixed_batch_and_latency_summary(tokenizer):
     batch = lib.fixed_batch(tokenizer, ["short", "a longer text here"], 5, 24)
     assert batch["input_ids"].shape == (5, 24)
-    summary = lib.latency_summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 4)
+    summary = latency.summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 4)
     assert summary == {
         "latency_b4_p50_ms": 30.0,
         "latency_b4_p95_ms": 48.0,

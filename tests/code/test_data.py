@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -6,6 +7,8 @@ import pytest
 from lmpipe import data
 from lmpipe.errors import UserError
 from lmpipe.params import PrepareParams, SplitParams
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def prep(**kw) -> PrepareParams:
@@ -149,3 +152,37 @@ def test_split_report_counts(tmp_path):
     assert report["sizes"]["test"] == 9
     assert report["class_counts"]["train"] == {"a": 24, "b": 24, "c": 24}
     json.dumps(report)  # plain JSON types only
+
+
+def test_builtin_descriptor_and_bad_sources(tmp_path):
+    from lmpipe.data import builtin_name, load_source
+
+    assert builtin_name(ROOT / "data/builtin/bbc_news.yaml") == "bbc_news"
+    bad = tmp_path / "other.yaml"
+    bad.write_text("builtin: imdb\n")
+    with pytest.raises(UserError, match=r"prepare.source: .*other.yaml must be a built-in descriptor"):
+        builtin_name(bad)
+    text = tmp_path / "data.tsv"
+    text.write_text("a\tb\n")
+    prep = PrepareParams(str(text), "utf-8", "text", "label", "drop", None)
+    with pytest.raises(
+        UserError, match=r"prepare.source: .*data.tsv must be a .csv, .jsonl or .parquet file"
+    ):
+        load_source(prep)
+
+
+def test_a_folder_source_reads_label_subfolders(tmp_path):
+    from lmpipe.data import load_source
+
+    for label, names in {"b": ["2.txt", "1.txt"], "a": ["x.txt"]}.items():
+        (tmp_path / label).mkdir()
+        for name in names:
+            (tmp_path / label / name).write_text(f" {label} {name} ", encoding="utf-8")
+    (tmp_path / "a" / "notes.md").write_text("ignored")
+    frame, description = load_source(PrepareParams(str(tmp_path), "utf-8", "text", "label", "drop", None))
+    assert frame["id"].tolist() == ["a/x.txt", "b/1.txt", "b/2.txt"]
+    assert frame["label"].tolist() == ["a", "b", "b"] and frame["text"].iloc[0] == " a x.txt "
+    assert "folder" in description
+    (tmp_path / "b" / "3.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(UserError, match=r"prepare.encoding: b/3.txt .* is not valid utf-8"):
+        load_source(PrepareParams(str(tmp_path), "utf-8", "text", "label", "drop", None))

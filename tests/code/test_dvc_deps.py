@@ -13,37 +13,45 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "src" / "lmpipe"
 
 
-# lmpipe.cli is both the stages' runner (module level) and the `lmpipe` command, whose subcommands
-# (predict, compare, queue-check) import their modules lazily; stages never run those
-TOP_LEVEL_ONLY = {"cli"}
+def module_file(name: str) -> Path | None:
+    """``stages.train`` -> src/lmpipe/stages/train.py (or the package's ``__init__.py``); None if neither."""
+    base = PACKAGE.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def lmpipe_imports(path: Path) -> set[str]:
-    """Names of the lmpipe modules ``path`` imports: at any depth of its code (lazy imports included),
-    or only at module level for ``TOP_LEVEL_ONLY`` modules."""
+    """Dotted names (below ``lmpipe``) of the lmpipe modules ``path`` imports, at any depth of its code
+    (lazy imports included). ``from lmpipe.stages import train`` names ``stages.train``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    nodes = tree.body if path.stem in TOP_LEVEL_ONLY and path.parent == PACKAGE else ast.walk(tree)
     found = set()
-    for node in nodes:
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "lmpipe":
-                found.update(alias.name for alias in node.names)
-            elif node.module.startswith("lmpipe."):
-                found.add(node.module.split(".")[1])
+            if node.module == "lmpipe" or node.module.startswith("lmpipe."):
+                parent = node.module.removeprefix("lmpipe").lstrip(".")
+                found.add(parent)
+                found.update(f"{parent}.{a.name}".lstrip(".") for a in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("lmpipe."))
-    return {name for name in found if (PACKAGE / f"{name}.py").is_file()}
+            found.update(a.name.removeprefix("lmpipe.") for a in node.names if a.name.startswith("lmpipe."))
+    return {name for name in found if name and module_file(name) is not None}
 
 
 def closure(script: Path) -> set[str]:
+    """Repo-relative paths of every lmpipe module ``script`` imports, directly or through others (a
+    subpackage's ``__init__.py`` too, since importing a module runs its package's)."""
     seen: set[str] = set()
     todo = lmpipe_imports(script)
     while todo:
         name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo |= lmpipe_imports(PACKAGE / f"{name}.py")
-    return seen
+        if name in seen:
+            continue
+        seen.add(name)
+        todo |= lmpipe_imports(module_file(name))
+        if "." in name:
+            todo.add(name.rsplit(".", 1)[0])
+    return {module_file(name).relative_to(ROOT).as_posix() for name in seen}
 
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -54,13 +62,31 @@ def test_stage_depends_on_every_module_it_imports(stage):
     deps = set(STAGES[stage]["deps"])
     script = f"stages/{stage}.py"
     assert script in deps
-    missing = sorted(f"src/lmpipe/{m}.py" for m in closure(ROOT / script) if f"src/lmpipe/{m}.py" not in deps)
+    missing = sorted(m for m in closure(ROOT / script) if m not in deps)
     assert not missing, f"{stage}: dvc.yaml deps lack {missing}"
 
 
 def test_the_check_sees_lazy_imports():
     # the stages import lmpipe inside main(): the walk must find those, or the test above proves nothing
-    assert {"evaluation", "compare", "training", "tracking"} <= closure(ROOT / "stages/evaluate.py")
+    found = closure(ROOT / "stages/evaluate.py")
+    assert {f"src/lmpipe/{m}.py" for m in ("stages/evaluate", "evaluation", "compare", "tracking")} <= found
+
+
+@pytest.mark.parametrize(
+    "stage, unused",
+    [
+        # scoring a model needs neither the training loop nor the compare report's wording
+        ("evaluate", {"training", "strategies", "checkpoints", "compare_report", "cli"}),
+        ("compress", {"compare_report", "cli", "search"}),
+        ("export", {"training", "strategies", "checkpoints", "compare_report", "cli", "evaluation"}),
+        ("prepare", {"training", "tracking", "cli"}),
+    ],
+)
+def test_stages_do_not_depend_on_what_they_do_not_use(stage, unused):
+    found = closure(ROOT / f"stages/{stage}.py")
+    assert not {f"src/lmpipe/{m}.py" for m in unused} & found
+    deps = set(STAGES[stage]["deps"])
+    assert not {f"src/lmpipe/{m}.py" for m in unused} & deps, f"{stage}: needless deps in dvc.yaml"
 
 
 def _declared(stage: dict) -> set[str]:

@@ -11,7 +11,7 @@ import yaml
 
 from lmpipe.errors import ParamsError, UserError
 from lmpipe.export import parity_report
-from lmpipe.latency import milliseconds, time_interleaved
+from lmpipe.latency import summary, time_interleaved
 from lmpipe.params import GateParams, load_params
 from lmpipe.predict import read_texts
 from lmpipe.promotion import decide
@@ -122,8 +122,8 @@ def test_time_interleaved_warms_up_then_rotates_the_cases():
     seconds = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 3)
     assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert set(seconds) == {"a", "b"} and all(len(s) == 3 and (s >= 0).all() for s in seconds.values())
-    ms = milliseconds(np.array([0.010, 0.020, 0.030, 0.040, 0.050]))
-    assert ms == {"p50_ms": 30.0, "p95_ms": 48.0, "mean_ms": 30.0}
+    ms = summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 1)
+    assert ms == {"latency_b1_p50_ms": 30.0, "latency_b1_p95_ms": 48.0, "throughput_b1_per_s": 33.33}
 
 
 def test_softmax_rows_sum_to_one():

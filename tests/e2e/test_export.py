@@ -109,11 +109,19 @@ def test_latency_metrics(repo):
     m = metrics(repo)
     assert set(m["latency"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
     for cases in m["latency"].values():
-        assert set(cases) == {"batch_1", "batch_8"}
-        for case in cases.values():
-            assert 0 < case["p50_ms"] <= case["p95_ms"]
-    assert m["speedup"]["onnx_int8_vs_pytorch_batch_1"] == pytest.approx(
-        m["latency"]["pytorch_fp32"]["batch_1"]["p50_ms"] / m["latency"]["onnx_int8"]["batch_1"]["p50_ms"],
+        # the shape of compress's latency figures too (lmpipe.latency.summary)
+        assert set(cases) == {
+            f"{k}_b{n}_{u}"
+            for n in (1, 8)
+            for k, u in (("latency", "p50_ms"), ("latency", "p95_ms"), ("throughput", "per_s"))
+        }
+        for n in (1, 8):
+            assert 0 < cases[f"latency_b{n}_p50_ms"] <= cases[f"latency_b{n}_p95_ms"]
+            assert cases[f"throughput_b{n}_per_s"] == pytest.approx(
+                n * 1000 / cases[f"latency_b{n}_p50_ms"], rel=0.01
+            )
+    assert m["speedup"]["onnx_int8_vs_pytorch_b1"] == pytest.approx(
+        m["latency"]["pytorch_fp32"]["latency_b1_p50_ms"] / m["latency"]["onnx_int8"]["latency_b1_p50_ms"],
         rel=1e-2,
     )
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
@@ -152,7 +160,7 @@ def test_model_card(repo):
     assert f"| PyTorch fp32 (this model) | {evaluate['model']['macro_f1']:.4f} |" in card
     gap = evaluate["model_minus_baseline"]
     assert f"the model alone is right on {gap['model_only_right']} test texts" in card
-    p50 = m["latency"]["onnx_int8"]["batch_1"]["p50_ms"]
+    p50 = m["latency"]["onnx_int8"]["latency_b1_p50_ms"]
     assert f"| onnx_int8 | {p50:.2f} |" in card
     for heading in ("## Data", "## Model and training", "## Export", "## Compression", "## Intended use"):
         assert heading in card

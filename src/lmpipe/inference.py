@@ -1,0 +1,59 @@
+"""Running a PyTorch classifier on texts: the one inference loop, used by evaluate, compress, export (as the
+reference its ONNX files are checked against), ``lmpipe predict`` and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from lmpipe.encoding import TextDataset
+from lmpipe.models import device, load_classifier, load_tokenizer
+
+
+def predict_proba(
+    model_dir: str | Path, texts: Sequence[str], max_length: int, batch_size: int, desc: str = "predict"
+) -> tuple[np.ndarray, list[str]]:
+    """Class probabilities for ``texts`` from a saved classifier, and its class names in id order."""
+    model = load_classifier(model_dir).to(device())
+    return predict_proba_model(model, load_tokenizer(model_dir), texts, max_length, batch_size, desc)
+
+
+def predict_proba_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    desc: str = "predict",
+) -> tuple[np.ndarray, list[str]]:
+    """``predict_proba`` for a model already in memory (e.g. a quantized one), on the device it is on."""
+    model = model.eval()
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    dataset = TextDataset(tokenizer, texts, None, max_length)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer)
+    )
+    return batches_proba(model, tqdm(loader, desc=desc, unit="batch")), names
+
+
+def batches_logits(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]]) -> np.ndarray:
+    """fp32 logits, row by row, of batches of encoded inputs (torch tensors or numpy arrays), run on the
+    model's device: the one PyTorch inference loop (evaluate, compress, export's reference, benchmarks)."""
+    model_device = next(model.parameters()).device
+    chunks = []
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = {k: torch.as_tensor(v).to(model_device) for k, v in batch.items()}
+            chunks.append(model(**inputs).logits.float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
+def batches_proba(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]]) -> np.ndarray:
+    """Softmax class probabilities of ``batches_logits``."""
+    return torch.softmax(torch.from_numpy(batches_logits(model, batches)), dim=-1).numpy()

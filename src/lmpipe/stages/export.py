@@ -1,0 +1,307 @@
+"""export: ONNX + ONNX Runtime int8, parity and latency checks, a registered MLflow model with a promotion
+gate, and a model card. ``run`` picks the model and its records; the steps below do the rest, in order:
+export and parity, benchmark, register and gate, card."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lmpipe import data, io, modelcard, promotion, serving, tracking
+from lmpipe import export as lib
+from lmpipe.errors import UserError
+from lmpipe.metrics import classification_metrics
+from lmpipe.params import Params
+from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, VARIANT_FILES, OnnxTextClassifier
+
+
+@dataclass(frozen=True)
+class Paths:
+    source: list[str]  # NAME=FOLDER pairs: the models export.source may choose from
+    data: str  # folder with test.parquet
+    prepare_metrics: str  # prepare stage metrics (for the card)
+    split_metrics: str  # split stage metrics (for the card)
+    train_metrics: str  # train stage metrics (run id, for the card)
+    eval_metrics: str  # evaluate's metrics (its scores, for the gate and the card)
+    compress_metrics: str | None  # metrics of the compressed variants (for the card)
+    out: str  # the export folder
+    metrics: str  # export metrics (JSON, DVC metrics)
+
+
+def chosen_model(params: Params, pairs: list[str]) -> Path:
+    """The folder of the model ``export.source`` names, among the stage's NAME=FOLDER pairs."""
+    sources = {}
+    for pair in pairs:
+        name, sep, folder = pair.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--source: expected NAME=FOLDER, got {pair!r}")
+        sources[name] = folder
+    if params.export.source not in sources:
+        raise UserError(
+            f"export.source: '{params.export.source}' is not among the models this stage was given "
+            f"({', '.join(sorted(sources))}); add --source {params.export.source}=<folder> in dvc.yaml"
+        )
+    chosen = Path(sources[params.export.source])
+    if not (chosen / "config.json").is_file():
+        raise UserError(
+            f"export.source: '{params.export.source}' has no model in {chosen} (is that compress variant "
+            "enabled in params.yaml?)"
+        )
+    return chosen
+
+
+def run(params: Params, paths: Paths) -> str:
+    model_dir = chosen_model(params, paths.source)
+    records = {
+        "prepare": io.read_json(paths.prepare_metrics),
+        "split": io.read_json(paths.split_metrics),
+        "train": io.read_json(paths.train_metrics),
+        "evaluate": io.read_json(paths.eval_metrics),
+        "compression": io.read_json(paths.compress_metrics) if paths.compress_metrics else None,
+    }
+    test = data.read_split(paths.data, "test")
+    tags = {
+        "train_run_id": records["train"].get("mlflow_run_id", ""),
+        "evaluate_run_id": records["evaluate"].get("mlflow_run_id", ""),
+        "export_source": params.export.source,
+    }
+    cfg = params.export
+    torch.set_num_threads(cfg.latency.threads)
+    with tracking.stage_run(params, "export", tags=tags) as active, io.atomic_dir(paths.out) as tmp:
+        checked = export_and_check(params, model_dir, test, tmp)
+        latency = benchmark(params, checked, test["text"].tolist())
+        registered = register_and_gate(params, checked, test, tmp, records, active.info.run_id)
+        metrics = {
+            "source": cfg.source,
+            "labels": checked.labels,
+            "test_rows": len(test),
+            "pytorch_fp32": checked.pytorch,
+            "onnx_fp32": checked.onnx_fp32,
+            "onnx_int8": checked.onnx_int8,
+            "served": {
+                "variant": cfg.registered_variant,
+                "macro_f1": checked.served["macro_f1"],
+                "accuracy": checked.served["accuracy"],
+            },
+            **latency,
+            "size_mb": {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()},
+            **registered,
+            "git_commit": tracking.git_info()["git_commit"],
+            "mlflow_run_id": active.info.run_id,
+        }
+        write_card(params, records, metrics, tmp)
+        tracking.log_metrics(
+            {
+                k: metrics[k]
+                for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8", "latency", "speedup", "size_mb")
+            }
+        )
+        tracking.log_metrics(
+            {
+                "gate_passed": int(metrics["gate"]["passed"]),
+                "registered_version": int(metrics["registry"]["version"]),
+            }
+        )
+        tracking.log_dict(metrics, "export_metrics.json")
+        io.write_json(paths.metrics, metrics)
+    b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in metrics["latency"].items()}
+    return (
+        f"export: ONNX fp32 max |dlogit| {metrics['onnx_fp32']['max_abs_logit_diff']:.1e}, int8 agreement "
+        f"{metrics['onnx_int8']['label_agreement']:.4f} | batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, "
+        f"int8 {b1['onnx_int8']:.1f} ms | {metrics['registry']['name']} v{metrics['registry']['version']} "
+        f"aliases: {', '.join(metrics['gate']['aliases']) or 'none'}"
+    )
+
+
+@dataclass
+class Checked:
+    """The exported ONNX files, loaded, with how closely each follows PyTorch on the test split."""
+
+    fp32: OnnxTextClassifier
+    int8: OnnxTextClassifier
+    pytorch_runner: Any  # numpy features -> PyTorch fp32 logits
+    labels: list[str]
+    y_true: np.ndarray
+    pytorch: dict[str, float]  # PyTorch's own test scores
+    onnx_fp32: dict[str, Any]
+    onnx_int8: dict[str, Any]
+    served: dict[str, Any]  # the registered variant's report (one of the two above)
+
+
+def export_and_check(params: Params, model_dir: Path, test: pd.DataFrame, out: Path) -> Checked:
+    """Write the ONNX fp32 and int8 files into ``out`` and check both against PyTorch on the test split;
+    an fp32 export that drifts past ``export.max_logit_diff`` (or changes a label) fails the stage."""
+    cfg = params.export
+    lib.write_classifier_folder(model_dir, out, params.base.max_length, cfg.opset)
+    lib.quantize_onnx_int8(out)
+    fp32 = OnnxTextClassifier(out, FP32_FILE, threads=cfg.latency.threads)
+    int8 = OnnxTextClassifier(out, INT8_FILE, threads=cfg.latency.threads)
+    labels = fp32.labels
+    y_true = data.encode_labels(test["label"], data.model_label2id(labels), f"the model in {model_dir}")
+    batches = lib.Batches.of(fp32, test["text"].tolist(), cfg.batch_size)
+    pytorch = lib.torch_runner(model_dir)
+    ref = lib.all_logits(pytorch, batches, "pytorch fp32")
+    torch_scores = classification_metrics(y_true, ref.argmax(axis=1))
+    onnx_fp32 = lib.parity_report(ref, lib.all_logits(fp32.logits, batches, "onnx fp32"), y_true)
+    onnx_int8 = lib.parity_report(ref, lib.all_logits(int8.logits, batches, "onnx int8"), y_true)
+    onnx_int8["macro_f1_minus_pytorch"] = onnx_int8["macro_f1"] - torch_scores["macro_f1"]
+    fp32_ok = onnx_fp32["max_abs_logit_diff"] <= cfg.max_logit_diff and onnx_fp32["labels_differing"] == 0
+    onnx_fp32["ok"] = fp32_ok
+    onnx_int8["ok"] = onnx_int8["label_agreement"] >= cfg.min_int8_agreement
+    if not fp32_ok:
+        raise UserError(
+            f"export.max_logit_diff: the ONNX fp32 export differs from PyTorch by "
+            f"{onnx_fp32['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
+            f"{onnx_fp32['labels_differing']} label(s) changed on {model_dir}; not registering it"
+        )
+    return Checked(
+        fp32,
+        int8,
+        pytorch,
+        labels,
+        y_true,
+        {"macro_f1": torch_scores["macro_f1"], "accuracy": torch_scores["accuracy"]},
+        onnx_fp32,
+        onnx_int8,
+        {"fp32": onnx_fp32, "int8": onnx_int8}[cfg.registered_variant],
+    )
+
+
+def benchmark(params: Params, checked: Checked, texts: list[str]) -> dict[str, Any]:
+    """PyTorch fp32, ONNX fp32 and ONNX int8 latency on the same inputs, and int8's speed-up."""
+    cfg = params.export.latency
+    latency = lib.latency_benchmark(
+        {
+            "pytorch_fp32": checked.pytorch_runner,
+            "onnx_fp32": checked.fp32.logits,
+            "onnx_int8": checked.int8.logits,
+        },
+        checked.fp32,
+        texts,
+        cfg.batch_sizes,
+        cfg.warmup,
+        cfg.repeats,
+    )
+    speedup = {
+        f"onnx_int8_vs_pytorch_b{n}": round(
+            latency["pytorch_fp32"][f"latency_b{n}_p50_ms"] / latency["onnx_int8"][f"latency_b{n}_p50_ms"], 3
+        )
+        for n in cfg.batch_sizes
+        if latency["onnx_int8"][f"latency_b{n}_p50_ms"] > 0
+    }
+    return {
+        "latency": latency,
+        "speedup": speedup,
+        "latency_threads": cfg.threads,
+        # other processes on the machine skew the timings: the 1-minute load average when they were taken
+        "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def register_and_gate(
+    params: Params, checked: Checked, test: pd.DataFrame, folder: Path, records: dict, run_id: str
+) -> dict[str, Any]:
+    """Log the served ONNX variant as a pyfunc model, decide the promotion gate against the baseline and
+    the current champion, register the new version with its provenance tags, and set its aliases."""
+    cfg = params.export
+    texts = test["text"].tolist()
+    evaluate, train_run_id = records["evaluate"], records["train"].get("mlflow_run_id", "")
+    baseline_f1 = float(evaluate["baseline"]["macro_f1"])
+    git = tracking.git_info()
+    served = checked.served
+
+    # the registered model: the served ONNX variant as model.onnx, with tokenizer and labels
+    with tempfile.TemporaryDirectory() as staging_root:
+        staging = Path(staging_root) / "classifier"
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("*.onnx", "*.md"))
+        shutil.copy2(folder / VARIANT_FILES[cfg.registered_variant], staging / FP32_FILE)
+        info = json.loads((staging / CLASSIFIER_FILE).read_text())
+        info.update(onnx_file=FP32_FILE, variant=cfg.registered_variant)
+        (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        example = [t[:300] for t in texts[:2]]
+        model_uri = tracking.log_pyfunc_model(
+            serving.__file__, {"classifier": staging}, example, lib.pip_requirements()
+        )
+
+    name = cfg.registered_model
+    champion_version = tracking.alias_version(name, promotion.CHAMPION)
+    champion_f1 = None
+    if champion_version is not None:
+        champion_f1 = lib.score_registered(
+            f"models:/{name}@{promotion.CHAMPION}", texts, checked.y_true, checked.labels
+        )
+    checks = []
+    if cfg.registered_variant == "int8":
+        agreement = checked.onnx_int8["label_agreement"]
+        checks.append(
+            (
+                checked.onnx_int8["ok"],
+                f"int8 label agreement {agreement:.4f} vs min_int8_agreement {cfg.min_int8_agreement}",
+            )
+        )
+    decision = promotion.decide(
+        served["macro_f1"], baseline_f1, cfg.gate, champion_f1, champion_version, checks
+    )
+    version = tracking.register_model_version(
+        model_uri,
+        name,
+        tags={
+            "train_run_id": train_run_id,
+            # the evaluate run that gave these scores; an evaluate re-run that gave the same scores
+            # (a new run id only) does not re-run export, so this can name the earlier, identical run
+            "evaluate_run_id": evaluate.get("mlflow_run_id", ""),
+            "export_run_id": run_id,
+            "git_commit": git["git_commit"],
+            "git_dirty": git["git_dirty"],
+            "params_hash": params.digest(),
+            "source": cfg.source,
+            "variant": cfg.registered_variant,
+            "test_macro_f1": f"{served['macro_f1']:.6f}",
+            "test_accuracy": f"{served['accuracy']:.6f}",
+            "baseline_test_macro_f1": f"{baseline_f1:.6f}",
+            "test_rows": len(test),
+            "test_split_sha256": lib.split_fingerprint(test),
+            "gate_passed": str(decision.passed).lower(),
+        },
+        description=(
+            f"ONNX {cfg.registered_variant} export of '{cfg.source}' from training run "
+            f"{train_run_id or 'n/a'} at git commit {git['git_commit']}. "
+            f"Test macro-F1 {served['macro_f1']:.4f} (accuracy {served['accuracy']:.4f}) on "
+            f"{len(test)} rows; TF-IDF baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
+        ),
+    )
+    for alias in decision.aliases:
+        tracking.set_alias(name, alias, version)
+    return {
+        "registry": {"name": name, "version": version, "model_uri": model_uri},
+        "gate": {
+            **decision.to_dict(),
+            "baseline_macro_f1": baseline_f1,
+            "champion_before": champion_version,
+            "champion_before_macro_f1": champion_f1,
+        },
+    }
+
+
+def write_card(params: Params, records: dict, metrics: dict, folder: Path) -> None:
+    """MODEL_CARD.md in the export folder, and in the MLflow run."""
+    card = modelcard.render(
+        params,
+        records["prepare"],
+        records["split"],
+        records["train"],
+        records["evaluate"],
+        metrics,
+        records.get("compression"),
+    )
+    (folder / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+    tracking.log_artifact(folder / "MODEL_CARD.md")

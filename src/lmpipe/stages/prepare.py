@@ -1,0 +1,37 @@
+"""prepare: load the source named in params, clean it, remove duplicates, write the label map and a report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmpipe import data, io
+from lmpipe.models import load_tokenizer, resolve_model_dir
+from lmpipe.params import Params
+
+
+@dataclass(frozen=True)
+class Paths:
+    out: str  # folder for data.parquet and labels.json
+    report: str  # the data report (JSON metrics)
+
+
+def run(params: Params, paths: Paths) -> str:
+    raw, description = data.load_source(params.prepare)
+    frame, report = data.prepare_frame(raw, params.prepare, params.base.seed)
+    tokenizer = load_tokenizer(resolve_model_dir(params.base.model))
+    lengths = np.array([len(ids) for ids in tokenizer(frame["text"].tolist(), verbose=False)["input_ids"]])
+    report["token_length"] = data.token_length_report(lengths, params.base.max_length)
+    report["source"] = description
+
+    io.write_parquet(f"{paths.out}/data.parquet", frame)
+    io.write_json(f"{paths.out}/labels.json", data.label_map(frame["label"]))
+    io.write_json(paths.report, report)
+    return (
+        f"prepare: {report['rows_in']} rows in, {report['rows_out']} out "
+        f"({report['empty_dropped']} empty, {report['duplicates_removed']} duplicates, "
+        f"{report['conflicting_texts']} texts with conflicting labels [{params.prepare.on_conflict}]); "
+        f"{report['classes']} classes; {report['token_length']['truncated_fraction']:.0%} of texts "
+        f"longer than max_length={params.base.max_length}"
+    )

@@ -1,0 +1,137 @@
+"""train: fine-tune a sequence classifier on the pretrained encoder with `train.strategy`, keep the best
+epoch, and log it all to MLflow. The search stage's best params reach here through ``search_overrides``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmpipe import augment, checkpoints, data, io, models, plots, strategies, tracking
+from lmpipe.encoding import frame_dataset
+from lmpipe.params import Params
+from lmpipe.training import train_model
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: str  # folder with train.parquet and val.parquet
+    labels: str  # labels.json from prepare
+    search: str  # best_params.json from the search stage
+    out: str  # the model folder
+    adapter: str  # the unmerged LoRA adapter (or adapter.json saying there is none)
+    checkpoints: str  # resumable checkpoints (not a DVC output)
+    metrics: str  # training summary (JSON metrics)
+    history: str  # per-epoch history (CSV plot)
+
+
+def search_overrides(search_file: str) -> dict[str, Any]:
+    """What the search stage hands train: its best values, laid over the ``train`` section by
+    ``load_params(..., overrides=...)``, so that what is checked and logged is what is used."""
+    return {"train": io.read_json(search_file).get("params", {})}
+
+
+def run(params: Params, paths: Paths) -> str:
+    """``params`` already carry the search's best values (``search_overrides``)."""
+    searched = io.read_json(paths.search)
+    base, cfg = params.base, params.train
+    label2id = data.read_label_map(paths.labels)
+    model_dir = models.resolve_model_dir(base.model)
+    models.seed_everything(base.seed)  # before the head is created: its init is random
+    tokenizer = models.load_tokenizer(model_dir)
+    model = models.load_classifier(model_dir, label2id)
+    strategies.validate(model, cfg)  # a bad strategy setting fails here, before a run or a checkpoint
+    train_frame, augmented = augment.augment_frame(
+        data.read_split(paths.data, "train"), cfg.augment, base.seed
+    )
+    train_set = frame_dataset(tokenizer, train_frame, label2id, base.max_length)
+    val_set = frame_dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length)
+
+    inputs = [Path(paths.data) / "train.parquet", Path(paths.data) / "val.parquet", Path(paths.labels)]
+    key = checkpoints.checkpoint_key(
+        {"base": dataclasses.asdict(base), "train": dataclasses.asdict(cfg)}, inputs
+    )
+    run_dir = Path(paths.checkpoints) / key
+    previous = checkpoints.read_run(run_dir).get("mlflow_run_id")
+    resume_step = checkpoints.step_of(checkpoints.latest(run_dir))
+    if checkpoints.others(paths.checkpoints, key):
+        print(f"train: ignoring checkpoints of other params or data in {paths.checkpoints}/ (safe to delete)")
+    if resume_step:
+        print(f"train: resuming from the checkpoint at step {resume_step} in {run_dir}")
+
+    tags = {"search_run_id": searched["mlflow_run_id"]} if searched.get("mlflow_run_id") else {}
+    if previous:
+        tags.update(resumed_from_run_id=previous, resumed_from_step=str(resume_step))
+    with tracking.stage_run(
+        params,
+        "train",
+        tags={
+            **tags,
+            "search_params": ",".join(sorted(searched.get("params", {}))),
+            "strategy": cfg.strategy,
+        },
+    ) as run:
+        if previous:
+            tracking.mark_resumed(previous, run.info.run_id, resume_step)
+        checkpoints.write_run(run_dir, {"mlflow_run_id": run.info.run_id, "params_hash": params.digest()})
+        counts = models.count_parameters(model)
+        result = train_model(
+            model,
+            tokenizer,
+            train_set,
+            val_set,
+            cfg,
+            base.seed,
+            callbacks=[tracking.MlflowTrainingLogger()],
+            checkpoint_dir=run_dir,
+        )
+        counts["trainable_parameters"] = result.trainable_parameters
+        tracking.log_metrics({**counts, "augmented_rows": augmented})
+        for phase in result.phases:  # gradual unfreezing: one step per phase
+            tracking.log_metrics(
+                {f"phase_{k}": v for k, v in phase.items() if k != "phase"}, step=phase["phase"]
+            )
+        for row in result.history:  # epochs done before a resume: their val metrics were logged elsewhere
+            if row["step"] <= result.resumed_from_step:
+                tracking.log_metrics(
+                    {k: v for k, v in row.items() if k.startswith("val_")}, step=row["epoch"]
+                )
+        # both folders appear only if all else succeeded; neither is ever half-written
+        with io.atomic_dir(paths.out) as model_tmp, io.atomic_dir(paths.adapter) as adapter_tmp:
+            lora = cfg.strategy == "lora"
+            final = strategies.finalize_model(result.model, adapter_tmp if lora else None)
+            if not lora:
+                io.write_json(adapter_tmp / "adapter.json", {"strategy": cfg.strategy, "adapter": None})
+            models.write_model(final, tokenizer, model_tmp)
+            summary = {
+                **result.summary(),
+                **counts,
+                "strategy": cfg.strategy,
+                "train_rows": len(train_set),
+                "augmented_rows": augmented,
+                "val_rows": len(val_set),
+                "resumed_from_step": result.resumed_from_step,
+                "phases": {
+                    str(p["phase"]): {k: v for k, v in p.items() if k != "phase"} for p in result.phases
+                },
+                "device": str(models.device()),
+                "mlflow_run_id": run.info.run_id,
+            }
+            tracking.log_metrics(result.summary())
+            tracking.log_artifact(model_tmp, "model")  # the final (best) model, once
+            if lora:
+                tracking.log_artifact(adapter_tmp, "adapter")
+            fig = plots.history_figure(result.history)
+            tracking.log_figure(fig, "plots/history.png")
+            plots.close(fig)
+            io.write_csv(paths.history, pd.DataFrame(result.history))
+            io.write_json(paths.metrics, summary)
+    checkpoints.remove(run_dir)  # a finished run leaves no checkpoints behind
+    return (
+        f"train: {cfg.strategy}, best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
+        f"({result.epochs_run} epochs, {result.train_seconds:.0f} s, "
+        f"{result.trainable_parameters:,} trainable params); MLflow run {summary['mlflow_run_id']}"
+    )
