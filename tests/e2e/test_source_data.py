@@ -47,7 +47,7 @@ def test_editing_the_user_csv_reruns_prepare_and_what_follows(tmp_path):
 
     with csv.open("a", encoding="utf-8") as f:  # a user appends a row
         f.write('"a brand new story about the league table",sport\n')
-    status = run(["dvc", "status", "split"], repo).stdout
+    status = run(["dvc", "status", "--with-deps", "split"], repo).stdout
     assert "prepare:" in status and "modified:" in status and "data/raw/news.csv" in status
     second = run(["dvc", "repro", "split"], repo, timeout=300)
     assert ran(second) == ["prepare", "split"]
