@@ -27,9 +27,12 @@ from lmpipe.models import load_classifier, load_tokenizer
 from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OnnxTextClassifier
 
 
-def write_classifier_folder(model_dir: str | Path, out_dir: str | Path, max_length: int, opset: int) -> Path:
+def write_classifier_folder(
+    model_dir: str | Path, out_dir: str | Path, max_length: int, opset: int, allow_spinning: bool = False
+) -> Path:
     """Export ``model_dir`` (a save_pretrained classifier) to ``out_dir``: ``model.onnx`` with dynamic
-    batch and sequence axes, the tokenizer, and ``classifier.json`` (labels, max_length, inputs)."""
+    batch and sequence axes, the tokenizer, and ``classifier.json`` (labels, max_length, inputs, and
+    whether served ONNX Runtime sessions let their threads spin)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_classifier(model_dir).eval()
@@ -63,7 +66,13 @@ def write_classifier_folder(model_dir: str | Path, out_dir: str | Path, max_leng
         verbose=False,
     )
     tokenizer.save_pretrained(out_dir)
-    info = {"labels": labels, "max_length": max_length, "onnx_file": FP32_FILE, "inputs": names}
+    info = {
+        "labels": labels,
+        "max_length": max_length,
+        "onnx_file": FP32_FILE,
+        "inputs": names,
+        "allow_spinning": allow_spinning,
+    }
     (out_dir / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir
 

@@ -474,6 +474,7 @@ class ExportParams(_Section):
     source: Literal["model", "pruned", "student"]
     opset: int
     registered_variant: Literal["fp32", "int8"]
+    allow_spinning: bool
     batch_size: int
     max_logit_diff: float
     min_int8_agreement: float

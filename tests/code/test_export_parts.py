@@ -11,7 +11,7 @@ import yaml
 
 from lmpipe.errors import ParamsError, UserError
 from lmpipe.export import parity_report
-from lmpipe.latency import summary, time_interleaved
+from lmpipe.latency import BLOCK, summary, time_interleaved
 from lmpipe.params import GateParams, load_params
 from lmpipe.predict import read_texts
 from lmpipe.promotion import decide
@@ -117,11 +117,16 @@ def test_parity_report_measures_difference_and_agreement():
     assert report["accuracy"] == pytest.approx(0.75)
 
 
-def test_time_interleaved_warms_up_then_rotates_the_cases():
+def test_time_interleaved_warms_up_then_rotates_blocks_of_the_cases(monkeypatch):
+    from lmpipe import latency
+
+    monkeypatch.setattr(latency, "SETTLE_S", 0.0)  # one settling call per block (they last >= SETTLE_S)
     calls = []
-    seconds = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 3)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
-    assert set(seconds) == {"a", "b"} and all(len(s) == 3 and (s >= 0).all() for s in seconds.values())
+    seconds = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 7)
+    assert BLOCK == 5
+    # warm-up, then per round each case's settling call and its block (5, then the 2 left), rotated
+    assert calls == ["a", "a", "b", "b"] + ["a"] * 6 + ["b"] * 6 + ["b"] * 3 + ["a"] * 3
+    assert set(seconds) == {"a", "b"} and all(len(s) == 7 and (s >= 0).all() for s in seconds.values())
     ms = summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 1)
     assert ms == {"latency_b1_p50_ms": 30.0, "latency_b1_p95_ms": 48.0, "throughput_b1_per_s": 33.33}
 
