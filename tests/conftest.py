@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from lmpipe.params import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,18 +63,6 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.C
     return result
 
 
-def write_params(repo: Path, overrides: dict) -> None:
-    """Lay ``overrides`` (section -> {key: value}) over the repo's params.yaml."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in overrides.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def copy_repo(dest: Path) -> Path:
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
@@ -103,7 +92,7 @@ def new_repo(dest: Path, overrides: dict, message: str = "test params") -> Path:
     Nothing has run in it yet: call ``run(["dvc", "repro"], repo)``."""
     repo = copy_repo(dest)
     run(["git", "init", "-q"], repo)
-    write_params(repo, overrides)
+    write_params(repo / "params.yaml", overrides)
     git_commit(repo, message)
     return repo
 
@@ -112,7 +101,7 @@ def new_repo(dest: Path, overrides: dict, message: str = "test params") -> Path:
 def tiny_repo(tmp_path_factory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     run(["git", "init", "-q"], repo)
-    write_params(repo, TINY)
+    write_params(repo / "params.yaml", TINY)
     git_commit(repo, "tiny")
     result = run(["dvc", "repro"], repo, timeout=900)
     (repo / "first_repro.log").write_text(result.stdout + result.stderr)

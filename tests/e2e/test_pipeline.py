@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import git_commit, run, write_params
+from lmpipe.params import write_params
+from tests.conftest import git_commit, run
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +138,7 @@ def test_second_repro_is_a_noop(tiny_repo):
 
 
 def test_evaluate_param_reruns_only_evaluate(tiny_repo):
-    write_params(tiny_repo, {"evaluate": {"batch_size": 3}})
+    write_params(tiny_repo / "params.yaml", {"evaluate.batch_size": 3})
     status = run(["dvc", "status"], tiny_repo).stdout
     assert "evaluate:" in status and "train:" not in status and "prepare:" not in status
     before = metrics(tiny_repo, "evaluate")
