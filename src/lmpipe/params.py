@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import types
 import typing
 from collections.abc import Collection, Iterator, Mapping
@@ -587,6 +588,7 @@ def write_params(
         del parent[last]
     with atomic_path(dest) as tmp:
         tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        shutil.copymode(dest if dest.exists() else source, tmp)  # not the temporary file's 0600
     return dest
 
 

@@ -206,6 +206,7 @@ def test_write_params_leaves_the_source_alone(tmp_path):
     write_params(dest, {"base.seed": 8})
     assert load_params(dest).base.seed == 8
     assert sorted(p.name for p in dest.parent.iterdir()) == ["params.yaml"]
+    assert dest.stat().st_mode == source.stat().st_mode  # the file's mode, not the temporary file's
     with pytest.raises(ValueError, match="is a folder"):
         write_params(tmp_path, {"base.seed": 9})
 
