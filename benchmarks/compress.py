@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from lmpipe.params import load_params, write_params
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {  # variant: (minimum batch-1 speed-up or None, largest macro-F1 loss in points)
     "int8": (1.5, 1.0),
@@ -28,20 +30,12 @@ TARGETS = {  # variant: (minimum batch-1 speed-up or None, largest macro-F1 loss
 }
 
 
-def set_key(params: dict, dotted: str, raw: str) -> None:
-    *path, last = dotted.split(".")
-    node = params
-    for key in path:
-        node = node[key]
-    node[last] = yaml.safe_load(raw)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="split folder (train/val/test.parquet)")
     parser.add_argument("--model", required=True, type=Path, help="trained model folder")
     parser.add_argument("--out", required=True, type=Path, help="scratch folder for every output")
-    parser.add_argument("--set", action="append", default=[], help="params override, key=value")
+    parser.add_argument("--set", action="append", default=[], help="params override, dotted.key=value")
     parser.add_argument(
         "--train-rows",
         type=int,
@@ -53,11 +47,12 @@ def main() -> None:
 
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        set_key(params, key, value)
-    (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        overrides[key] = yaml.safe_load(value)  # as params.yaml would read it: 1 -> int, null -> None
+    write_params(args.out / "params.yaml", overrides, ROOT / "params.yaml")
+    params = load_params(args.out / "params.yaml")  # checked before the stage starts
     data_dir = args.data.resolve()
     if args.train_rows:
         import pandas as pd
@@ -67,9 +62,7 @@ def main() -> None:
         data_dir = args.out / "split"
         data_dir.mkdir(exist_ok=True)
         train = pd.read_parquet(args.data / "train.parquet")
-        stratified_sample(train, args.train_rows, params["base"]["seed"]).to_parquet(
-            data_dir / "train.parquet"
-        )
+        stratified_sample(train, args.train_rows, params.base.seed).to_parquet(data_dir / "train.parquet")
         for name in ("val", "test"):
             (data_dir / f"{name}.parquet").write_bytes((args.data / f"{name}.parquet").read_bytes())
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{args.out / 'mlflow.db'}"}
@@ -92,7 +85,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     metrics = json.loads((args.out / "metrics.json").read_text())
     rows = metrics["variants"]
-    bs = params["compress"]["latency"]["batch_size"]
+    bs = params.compress.latency.batch_size
     print(
         f"\ncompress stage: {seconds:.0f} s; latency setup {metrics['latency_setup']}; overrides {args.set}; train rows {args.train_rows or 'all'}\n"
     )

@@ -34,18 +34,12 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = Scratch.from_args(args, "benchmark-context-length")
-    params = scratch.params
     rows = []
     for length, epochs in args.settings:
         name = f"{length}x{epochs}"
         print(f"{name}: training ...", flush=True)
         result = scratch.train_and_evaluate(
-            name,
-            {
-                **params,
-                "base": {**params["base"], "max_length": length},
-                "train": {**params["train"], "epochs": epochs},
-            },
+            name, {"base": {"max_length": length}, "train": {"epochs": epochs}}
         )
         trained, tested = result["train"], result["evaluate"]
         gap, n = tested["model_minus_baseline"], tested["test_rows"]

@@ -11,14 +11,8 @@ unset MLFLOW_TRACKING_URI
 git clone -q "$src" "$dest"
 cd "$dest"
 # the working tree's uncommitted edits are not in the clone: benchmark what is committed
-python - <<'EOF'
-import yaml
-p = yaml.safe_load(open("params.yaml"))
-p["prepare"]["max_rows"] = 200
-p["base"]["max_length"] = 64
-p["train"]["epochs"] = 1
-yaml.safe_dump(p, open("params.yaml", "w"), sort_keys=False)
-EOF
+python -c 'from lmpipe.params import write_params
+write_params("params.yaml", {"prepare.max_rows": 200, "base.max_length": 64, "train.epochs": 1})'
 git -c user.name=bench -c user.email=bench@example.com commit -qam "tiny settings for the queue benchmark"
 lmpipe queue-check
 dvc exp run --queue -S 'train.learning_rate=5e-5,2e-4' -S 'base.seed=1,2' > queue.log 2>&1

@@ -1,7 +1,8 @@
 """Shared by the benchmarks: the real stages, run in a scratch folder against a scratch MLflow store.
 
-``Scratch(params)`` runs prepare and split once; ``train_and_evaluate(name, params)`` then runs the
-train and evaluate stages with those params and returns their metrics files. Nothing here trains or
+``Scratch(overrides)`` runs prepare and split once, with ``overrides`` laid over params.yaml;
+``train_and_evaluate(name, overrides)`` then runs the train and evaluate stages with more overrides laid
+over those and returns their metrics files. Nothing here trains or
 scores by itself: every figure comes from the stage scripts that ``dvc repro`` runs.
 """
 
@@ -13,16 +14,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from lmpipe.params import Params, load_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_params() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def add_arguments(parser) -> None:
@@ -34,12 +32,10 @@ def add_arguments(parser) -> None:
 class Scratch:
     @classmethod
     def from_args(cls, args, experiment: str) -> Scratch:
-        """The default params with ``--max-rows`` applied, prepared and split in a new scratch folder."""
-        params = default_params()
-        params["prepare"]["max_rows"] = args.max_rows
-        return cls(params, experiment, keep=args.keep)
+        """params.yaml with ``--max-rows`` applied, prepared and split in a new scratch folder."""
+        return cls({"prepare": {"max_rows": args.max_rows}}, experiment, keep=args.keep)
 
-    def __init__(self, params: dict[str, Any], experiment: str, keep: bool = False):
+    def __init__(self, overrides: Mapping[str, Any], experiment: str, keep: bool = False):
         self.folder = Path(tempfile.mkdtemp(prefix=f"lmpipe-{experiment}-"))
         self.keep = keep
         self.env = {
@@ -47,21 +43,17 @@ class Scratch:
             "MLFLOW_TRACKING_URI": f"sqlite:///{self.folder / 'mlflow.db'}",
             "HF_HUB_OFFLINE": "1",
         }
-        self.params = {**params, "mlflow": {**params["mlflow"], "experiment": experiment}}
-        base_file = self.write_params(self.folder, self.params)
-        f = self.folder
+        self.params_file = write_params(
+            self.folder / "params.yaml", {**overrides, "mlflow.experiment": experiment}, ROOT / "params.yaml"
+        )
+        self.params: Params = load_params(self.params_file)  # checked before any stage runs
+        f, base_file = self.folder, self.params_file
         self.stage(
             ["prepare", "--params", base_file, "--out", f / "prepared", "--report", f / "prepare.json"]
         )
         self.stage(["split", "--params", base_file, "--data", f / "prepared/data.parquet",
                     "--out", f / "split", "--metrics", f / "split.json"])  # fmt: skip
         (f / "best_params.json").write_text(json.dumps({"enabled": False, "params": {}}))
-
-    @staticmethod
-    def write_params(folder: Path, params: dict[str, Any]) -> Path:
-        path = folder / "params.yaml"
-        path.write_text(yaml.safe_dump(params, sort_keys=False))
-        return path
 
     def stage(self, args: list[Any]) -> None:
         name, *rest = (str(a) for a in args)
@@ -73,12 +65,13 @@ class Scratch:
     def split_sizes(self) -> dict[str, int]:
         return json.loads((self.folder / "split.json").read_text()).get("sizes", {})
 
-    def train_and_evaluate(self, name: str, params: dict[str, Any]) -> dict[str, dict]:
-        """The train and evaluate stages with ``params`` (prepare's and split's must be this scratch's);
-        returns ``{"train": <train metrics>, "evaluate": <evaluate metrics>}``."""
+    def train_and_evaluate(self, name: str, overrides: Mapping[str, Any]) -> dict[str, dict]:
+        """The train and evaluate stages with ``overrides`` laid over this scratch's params (leave the
+        prepare and split sections alone); returns ``{"train": <train metrics>, "evaluate": <evaluate
+        metrics>}``."""
         f, out = self.folder, self.folder / name
         out.mkdir()
-        pfile = self.write_params(out, params)
+        pfile = write_params(out / "params.yaml", overrides, self.params_file)
         self.stage(["train", "--params", pfile, "--data", f / "split", "--labels", f / "prepared/labels.json",
                     "--search", f / "best_params.json", "--out", out / "model", "--adapter", out / "adapter",
                     "--checkpoints", f / "checkpoints", "--metrics", out / "train.json",

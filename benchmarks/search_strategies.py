@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+from lmpipe.params import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 # Categorical/stepped so that grid search can enumerate it: 3 x 2 x 2 x 2 x 2 = 48 points.
@@ -35,20 +35,17 @@ SPACE = {
 
 
 def run_search(strategy: str, pruner: str, n_trials: int, scratch: Path) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["search"].update(
-        enabled=True,
-        strategy=strategy,
-        pruner=pruner,
-        n_trials=n_trials,
-        timeout=None,
-        storage=None,
-        space=SPACE,
+    search = dict(
+        enabled=True, strategy=strategy, pruner=pruner, n_trials=n_trials, timeout=None, storage=None
     )
-    params["mlflow"]["experiment"] = "benchmark-search"
     folder = scratch / f"{strategy}-{pruner}"
     folder.mkdir()
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(
+        folder / "params.yaml",
+        {"search": {**search, "space": SPACE}, "mlflow": {"experiment": "benchmark-search"}},
+        ROOT / "params.yaml",
+        replace=["search.space"],  # this space, not merged with params.yaml's
+    )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
     subprocess.run(

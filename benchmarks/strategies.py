@@ -32,18 +32,16 @@ def main() -> None:
     args = parser.parse_args()
 
     scratch = Scratch.from_args(args, "benchmark-strategies")
-    params = scratch.params
+    defaults = scratch.params.train
 
     rows = []
     for name in args.strategies:
-        train = dict(params["train"], strategy=name)
-        if name in LR_OVERRIDES:
-            train["learning_rate"] = LR_OVERRIDES[name]
+        train = {"strategy": name, "learning_rate": LR_OVERRIDES.get(name, defaults.learning_rate)}
         if args.epochs is not None:
             train["epochs"] = args.epochs
-            train["phases"] = [dict(p, epochs=args.epochs) for p in train["phases"]]
+            train.update({f"phases[{i}].epochs": args.epochs for i in range(len(defaults.phases))})
         print(f"{name}: training ...", flush=True)
-        result = scratch.train_and_evaluate(name, {**params, "train": train})
+        result = scratch.train_and_evaluate(name, {"train": train})
         trained, tested = result["train"], result["evaluate"]
         rows.append(
             {

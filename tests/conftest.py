@@ -1,17 +1,22 @@
 """Shared fixtures. ``tiny_repo`` copies this repo into a temporary folder (committed files plus the
 uncommitted work, as git sees it), writes tiny params, and runs the real ``dvc repro`` there once, against
-a real MLflow SQLite store in that folder."""
+a real MLflow SQLite store in that folder. Tests only read it; a test that changes the repo (params, a
+re-run, a commit, a new MLflow run) takes ``tiny_repo_copy``, its own copy of that folder."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+
+from lmpipe.params import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,18 +67,6 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.C
     return result
 
 
-def write_params(repo: Path, overrides: dict) -> None:
-    """Lay ``overrides`` (section -> {key: value}) over the repo's params.yaml."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in overrides.items():
-        for key, value in values.items():
-            if isinstance(value, dict):
-                params[section][key].update(value)
-            else:
-                params[section][key] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def copy_repo(dest: Path) -> Path:
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
@@ -103,20 +96,92 @@ def new_repo(dest: Path, overrides: dict, message: str = "test params") -> Path:
     Nothing has run in it yet: call ``run(["dvc", "repro"], repo)``."""
     repo = copy_repo(dest)
     run(["git", "init", "-q"], repo)
-    write_params(repo, overrides)
+    write_params(repo / "params.yaml", overrides)
     git_commit(repo, message)
     return repo
 
 
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory) -> Path:
+def tiny_repo(tmp_path_factory) -> Iterator[Path]:
+    """The repo after one ``dvc repro`` on ``TINY`` params, shared by the session: READ it only, so that no
+    test depends on which tests ran before it. Whether it is left as it was is checked when the session
+    ends (an error in the teardown of the last test to use it)."""
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     run(["git", "init", "-q"], repo)
-    write_params(repo, TINY)
+    write_params(repo / "params.yaml", TINY)
     git_commit(repo, "tiny")
     result = run(["dvc", "repro"], repo, timeout=900)
     (repo / "first_repro.log").write_text(result.stdout + result.stderr)
-    return repo
+    before = repo_state(repo)
+    yield repo
+    after = repo_state(repo)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, (
+        f"a test changed the shared tiny_repo (use tiny_repo_copy to change it): {changed[:20]}"
+    )
+
+
+@pytest.fixture
+def tiny_repo_copy(tiny_repo, tmp_path) -> Path:
+    """A copy of ``tiny_repo`` of this test's own, to change: params, re-runs, commits, MLflow runs."""
+    return copy_pipeline_repo(tiny_repo, tmp_path / "repo")
+
+
+def copy_pipeline_repo(src: Path, dest: Path) -> Path:
+    """Everything ``dvc repro`` left in ``src`` (git, the DVC cache, the outputs, the MLflow store and its
+    artefacts) copied to ``dest``, less DVC's temporary files.
+
+    The MLflow store records absolute paths into ``src``: the experiment's artifact location (every new
+    run's artefacts go there), each run's artifact URI, logged and registered models' locations, and
+    each logged model's ``MLmodel`` file its own folder. They are rewritten to ``dest``, or the copy's
+    new runs would write their artefacts into ``src``."""
+    skip = {src / ".dvc": {"tmp"}}  # locks, the experiments queue: nothing a copy needs
+    shutil.copytree(src, dest, ignore=lambda folder, names: skip.get(Path(folder), set()) & set(names))
+    old, new = str(src), str(dest)
+    with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
+        for table, column in _text_columns(db):
+            db.execute(
+                f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                (old, new, old),
+            )
+        left = [f"{t}.{c}" for t, c in _text_columns(db) if _count(db, t, c, old)]
+    assert not left, f"{dest / 'mlflow.db'} still points into {src}: {left}"
+    for mlmodel in (dest / "mlartifacts").rglob("MLmodel"):
+        mlmodel.write_text(mlmodel.read_text().replace(old, new))
+    return dest
+
+
+def _text_columns(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return [(t, row[1]) for t in tables for row in db.execute(f'PRAGMA table_info("{t}")')]
+
+
+def _count(db: sqlite3.Connection, table: str, column: str, text: str) -> int:
+    query = f'SELECT count(*) FROM "{table}" WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0'
+    return db.execute(query, (text,)).fetchone()[0]
+
+
+def repo_state(repo: Path) -> dict[str, object]:
+    """What a test could change in a pipeline repo: git's HEAD and status, each file's size and mtime
+    (not git's own files, DVC's temporary ones, caches of Python bytecode or the MLflow database file),
+    and the MLflow store's rows: the number in each table and every run's status."""
+    state: dict[str, object] = {
+        "git HEAD": run(["git", "rev-parse", "HEAD"], repo).stdout.strip(),
+        "git status": run(["git", "status", "--porcelain"], repo).stdout,
+    }
+    for path in sorted(repo.rglob("*")):
+        rel = path.relative_to(repo)
+        if rel.parts[0] == ".git" or rel.parts[:2] == (".dvc", "tmp") or "__pycache__" in rel.parts:
+            continue
+        if path.is_file() and not rel.name.startswith("mlflow.db"):
+            info = path.stat()
+            state[f"file {rel}"] = (info.st_size, info.st_mtime_ns)
+    with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db:
+        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            state[f"mlflow.db rows of {table}"] = db.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+        for run_id, status in db.execute("SELECT run_uuid, status FROM runs"):
+            state[f"mlflow run {run_id}"] = status
+    return state
 
 
 def tiny_bert_config(vocab_size: int, **overrides):

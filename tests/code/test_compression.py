@@ -159,9 +159,7 @@ def test_pareto_front():
 
 
 def test_compress_params_are_checked(tmp_path):
-    import yaml
-
-    from lmpipe.params import load_params
+    from lmpipe.params import load_params, write_params
     from tests.code.test_params import ROOT
 
     for section, key, value, fragment in [
@@ -170,10 +168,9 @@ def test_compress_params_are_checked(tmp_path):
         ("distill", "keep_layers", [1, 1], "must not repeat"),
         ("latency", "repeats", 1, "must be >= 2"),
     ]:
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["compress"][section][key] = value
-        path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(params))
+        path = write_params(
+            tmp_path / "params.yaml", {f"compress.{section}.{key}": value}, ROOT / "params.yaml"
+        )
         with pytest.raises(ParamsError) as err:
             load_params(path)
         assert err.value.key == f"compress.{section}.{key}" and fragment in str(err.value)

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from lmpipe.errors import ParamsError, UserError
 from lmpipe.export import parity_report
 from lmpipe.latency import BLOCK, summary, time_interleaved
-from lmpipe.params import GateParams, load_params
+from lmpipe.params import GateParams, load_params, write_params
 from lmpipe.predict import read_texts
 from lmpipe.promotion import decide
 from lmpipe.serving import InputError, softmax, texts_from_input
@@ -21,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ params
-def _params(tmp_path, mutate) -> Path:
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    mutate(data["export"])
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def test_export_params_load():
     cfg = load_params(ROOT / "params.yaml").export
     assert cfg.source == "model" and cfg.registered_variant in {"fp32", "int8"}
@@ -38,28 +29,26 @@ def test_export_params_load():
 
 
 @pytest.mark.parametrize(
-    ("mutate", "key", "fragment"),
+    ("export", "key", "fragment"),
     [
-        (lambda e: e.update(source="int8"), "export.source", "must be one of model, pruned, student"),
-        (lambda e: e.update(registered_variant="fp16"), "export.registered_variant", "must be one of"),
-        (lambda e: e.update(opset=11), "export.opset", "between 18 and 23"),
-        (lambda e: e.update(max_logit_diff=0), "export.max_logit_diff", "must be > 0"),
-        (lambda e: e.update(min_int8_agreement=1.5), "export.min_int8_agreement", "between 0 and 1"),
-        (lambda e: e.update(registered_model="a/b"), "export.registered_model", "without '/'"),
-        (lambda e: e["latency"].update(repeats=1), "export.latency.repeats", "must be >= 2"),
-        (lambda e: e["latency"].update(batch_sizes=[1, 0]), "export.latency.batch_sizes", ">= 1"),
-        (lambda e: e["gate"].update(min_macro_f1=2), "export.gate.min_macro_f1", "between 0 and 1"),
-        (
-            lambda e: e["gate"].update(must_beat_baseline="yes"),
-            "export.gate.must_beat_baseline",
-            "true or false",
-        ),
-        (lambda e: e["gate"].update(min_f1=0.5), "export.gate.min_f1", "unknown key"),
+        ({"source": "int8"}, "export.source", "must be one of model, pruned, student"),
+        ({"registered_variant": "fp16"}, "export.registered_variant", "must be one of"),
+        ({"opset": 11}, "export.opset", "between 18 and 23"),
+        ({"max_logit_diff": 0}, "export.max_logit_diff", "must be > 0"),
+        ({"min_int8_agreement": 1.5}, "export.min_int8_agreement", "between 0 and 1"),
+        ({"registered_model": "a/b"}, "export.registered_model", "without '/'"),
+        ({"latency.repeats": 1}, "export.latency.repeats", "must be >= 2"),
+        ({"latency.batch_sizes": [1, 0]}, "export.latency.batch_sizes", ">= 1"),
+        ({"gate.min_macro_f1": 2}, "export.gate.min_macro_f1", "between 0 and 1"),
+        ({"gate.must_beat_baseline": "yes"}, "export.gate.must_beat_baseline", "true or false"),
+        ({"gate.min_f1": 0.5}, "export.gate.min_f1", "unknown key"),
     ],
 )
-def test_bad_export_params_are_named(tmp_path, mutate, key, fragment):
+def test_bad_export_params_are_named(tmp_path, export, key, fragment):
+    adds = fragment == "unknown key"  # that case adds a key on purpose
+    path = write_params(tmp_path / "params.yaml", {"export": export}, ROOT / "params.yaml", allow_new=adds)
     with pytest.raises(ParamsError) as err:
-        load_params(_params(tmp_path, mutate))
+        load_params(path)
     assert err.value.key == key and fragment in str(err.value)
 
 

@@ -9,46 +9,39 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from transformers import BertConfig, BertForSequenceClassification
 
 from lmpipe import checkpoints, strategies
 from lmpipe.augment import augment_frame
 from lmpipe.errors import ParamsError, UserError
-from lmpipe.params import AugmentParams, PhaseParams, load_params
+from lmpipe.params import AugmentParams, PhaseParams, load_params, write_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _params(tmp_path, mutate):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    mutate(params["train"])
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return load_params(path)
-
-
 @pytest.mark.parametrize(
-    ("mutate", "key", "fragment"),
+    ("train", "key", "fragment"),
     [
-        (lambda t: t.update(strategy="adapters"), "train.strategy", "must be one of full, linear_probe"),
-        (lambda t: t["phases"][1].update(epochs=0), "train.phases[1].epochs", "must be >= 1"),
-        (lambda t: t["phases"][0].update(layer_lr_decay=0), "train.phases[0].layer_lr_decay", "must be > 0"),
-        (lambda t: t["phases"][2].update(layers=1), "train.phases[2].layers", "phases only unfreeze"),
-        (lambda t: t["phases"][0].update(lr=0.1), "train.phases[0].lr", "unknown key"),
-        (lambda t: t.update(strategy="gradual_unfreezing", phases=[]), "train.phases", "at least one phase"),
-        (lambda t: t["lora"].update(rank=0), "train.lora.rank", "must be >= 1"),
-        (lambda t: t["lora"].update(target_modules="query"), "train.lora.target_modules", "must be a list"),
-        (lambda t: t["lora"].update(target_modules=[]), "train.lora.target_modules", "non-empty list"),
-        (lambda t: t["augment"].update(deletion=1.0), "train.augment.deletion", "must be in [0, 1)"),
-        (lambda t: t.update(label_smoothing=-0.1), "train.label_smoothing", "must be in [0, 1)"),
-        (lambda t: t.update(dropout=1.5), "train.dropout", "must be null or in [0, 1)"),
-        (lambda t: t.update(fgm_epsilon=-1), "train.fgm_epsilon", "must be >= 0"),
+        ({"strategy": "adapters"}, "train.strategy", "must be one of full, linear_probe"),
+        ({"phases[1].epochs": 0}, "train.phases[1].epochs", "must be >= 1"),
+        ({"phases[0].layer_lr_decay": 0}, "train.phases[0].layer_lr_decay", "must be > 0"),
+        ({"phases[2].layers": 1}, "train.phases[2].layers", "phases only unfreeze"),
+        ({"phases[0].lr": 0.1}, "train.phases[0].lr", "unknown key"),
+        ({"strategy": "gradual_unfreezing", "phases": []}, "train.phases", "at least one phase"),
+        ({"lora.rank": 0}, "train.lora.rank", "must be >= 1"),
+        ({"lora.target_modules": "query"}, "train.lora.target_modules", "must be a list"),
+        ({"lora.target_modules": []}, "train.lora.target_modules", "non-empty list"),
+        ({"augment.deletion": 1.0}, "train.augment.deletion", "must be in [0, 1)"),
+        ({"label_smoothing": -0.1}, "train.label_smoothing", "must be in [0, 1)"),
+        ({"dropout": 1.5}, "train.dropout", "must be null or in [0, 1)"),
+        ({"fgm_epsilon": -1}, "train.fgm_epsilon", "must be >= 0"),
     ],
 )
-def test_bad_strategy_params_are_named(tmp_path, mutate, key, fragment):
+def test_bad_strategy_params_are_named(tmp_path, train, key, fragment):
+    adds = fragment == "unknown key"  # that case adds a key on purpose
+    path = write_params(tmp_path / "params.yaml", {"train": train}, ROOT / "params.yaml", allow_new=adds)
     with pytest.raises(ParamsError) as err:
-        _params(tmp_path, mutate)
+        load_params(path)
     assert err.value.key == key
     assert fragment in str(err.value)
 

@@ -12,8 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from lmpipe.params import write_params
 from tests.conftest import new_repo as make_repo
-from tests.conftest import run, write_params
+from tests.conftest import run
 
 pytestmark = pytest.mark.slow
 
@@ -182,9 +183,9 @@ def test_pareto_plot_and_second_repro(repo):
 
 
 def test_bad_keep_layers_fail_in_one_line_before_any_work(repo, tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text((repo / "params.yaml").read_text())
-    write_params(tmp_path, {"compress": {"distill": {"keep_layers": [1, 7]}}})
+    params = write_params(
+        tmp_path / "params.yaml", {"compress.distill.keep_layers": [1, 7]}, repo / "params.yaml"
+    )
     result = run(
         [
             "python",

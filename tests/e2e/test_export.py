@@ -22,8 +22,9 @@ from mlflow.tracking import MlflowClient
 
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier
+from lmpipe.params import write_params
 from lmpipe.serving import OnnxTextClassifier, softmax
-from tests.conftest import BIN, new_repo, pipeline_env, run, write_params
+from tests.conftest import BIN, new_repo, pipeline_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -327,8 +328,7 @@ def test_second_export_stays_challenger_on_a_tie(repo):
 
 
 def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
-    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
-    write_params(tmp_path, {"export": {"max_logit_diff": 1e-15}})
+    write_params(tmp_path / "params.yaml", {"export.max_logit_diff": 1e-15}, repo / "params.yaml")
     out, metrics_file = tmp_path / "export", tmp_path / "metrics.json"
     result = run(
         [
@@ -366,7 +366,7 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
 def test_export_of_a_compress_variant(repo):
     """``export.source: student`` ships the compress stage's distilled student: the ONNX model has the
     student's depth, matches the student (not the trained model) and the card says which it is."""
-    write_params(repo, {"export": {"source": "student"}})
+    write_params(repo / "params.yaml", {"export.source": "student"})
     status = run(["dvc", "status"], repo).stdout
     assert "export:" in status and "compress:" not in status and "train:" not in status
     try:
@@ -391,4 +391,4 @@ def test_export_of_a_compress_variant(repo):
         assert f"| student | {f1:.4f} |" in card
         assert m["served"]["macro_f1"] == pytest.approx(f1, abs=1e-9)
     finally:
-        write_params(repo, {"export": {"source": "model"}})
+        write_params(repo / "params.yaml", {"export.source": "model"})

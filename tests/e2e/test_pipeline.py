@@ -1,4 +1,8 @@
-"""The real pipeline: ``dvc repro`` on tiny settings in a temporary copy of the repo, a real MLflow store."""
+"""The real pipeline: ``dvc repro`` on tiny settings in a temporary copy of the repo, a real MLflow store.
+
+The tests that only read what that run left take the shared ``tiny_repo``; those that change the repo
+(re-run a stage, write params, commit, log a run) take ``tiny_repo_copy``, so any order gives the same
+results."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import git_commit, run, write_params
+from lmpipe.params import write_params
+from tests.conftest import git_commit, run
 
 pytestmark = pytest.mark.slow
 
@@ -130,40 +135,48 @@ def test_dvc_plots_render(tiny_repo):
     assert len(confusion) == 8 and {"actual", "predicted"} <= set(confusion[0])
 
 
-def test_second_repro_is_a_noop(tiny_repo):
-    result = run(["dvc", "repro"], tiny_repo)
+def test_second_repro_is_a_noop(tiny_repo_copy):
+    # on a copy: a repro that found something to run would change the repo (a copy is as up to date)
+    result = run(["dvc", "repro"], tiny_repo_copy)
     assert "Running stage" not in result.stdout
-    assert run(["dvc", "status"], tiny_repo).stdout.strip().endswith("up to date.")
+    assert run(["dvc", "status"], tiny_repo_copy).stdout.strip().endswith("up to date.")
 
 
-def test_evaluate_param_reruns_only_evaluate(tiny_repo):
-    write_params(tiny_repo, {"evaluate": {"batch_size": 3}})
-    status = run(["dvc", "status"], tiny_repo).stdout
+def test_evaluate_param_reruns_only_evaluate(tiny_repo_copy):
+    repo = tiny_repo_copy
+    write_params(repo / "params.yaml", {"evaluate.batch_size": 3})
+    status = run(["dvc", "status"], repo).stdout
     assert "evaluate:" in status and "train:" not in status and "prepare:" not in status
-    before = metrics(tiny_repo, "evaluate")
-    result = run(["dvc", "repro"], tiny_repo)
+    before = metrics(repo, "evaluate")
+    result = run(["dvc", "repro"], repo)
     ran = re.findall(r"Running stage '(\w+)'", result.stdout)
-    after = metrics(tiny_repo, "evaluate")
+    after = metrics(repo, "evaluate")
     assert after["mlflow_run_id"] != before["mlflow_run_id"]
     scores = ("model", "baseline", "model_minus_baseline", "test_rows")
     # export depends on evaluate's scores (dvc.yaml params), not on its run id: same scores, no export
     assert [before[k] for k in scores] == [after[k] for k in scores]  # batch size changes no prediction
     assert ran == ["evaluate"]
-    git_commit(tiny_repo, "evaluate batch size")
+    git_commit(repo, "evaluate batch size")
+    # the new run's artefacts are in the copy's own store, not in tiny_repo's
+    artifacts = repo / "mlartifacts" / after["mlflow_run_id"] / "artifacts"
+    assert client(repo).get_run(after["mlflow_run_id"]).info.artifact_uri == artifacts.as_uri()
+    assert (artifacts / "evaluation/predictions.csv").is_file()
 
 
-def test_same_seed_same_numbers(tiny_repo):
-    before = metrics(tiny_repo, "evaluate")
-    run(["dvc", "repro", "--force", "train", "evaluate"], tiny_repo, timeout=600)
-    after = metrics(tiny_repo, "evaluate")
+def test_same_seed_same_numbers(tiny_repo_copy):
+    repo = tiny_repo_copy
+    before = metrics(repo, "evaluate")
+    run(["dvc", "repro", "--force", "train", "evaluate"], repo, timeout=600)
+    after = metrics(repo, "evaluate")
     assert after["mlflow_run_id"] != before["mlflow_run_id"]
     assert after["model"] == before["model"]
     assert after["baseline"] == before["baseline"]
 
 
-def test_failed_stage_marks_run_failed_and_writes_nothing(tiny_repo, tmp_path):
+def test_failed_stage_marks_run_failed_and_writes_nothing(tiny_repo_copy, tmp_path):
+    repo = tiny_repo_copy  # the failed run goes to its store
     broken = tmp_path / "broken-model"
-    shutil.copytree(tiny_repo / "models/model", broken)
+    shutil.copytree(repo / "models/model", broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     out = tmp_path / "eval-out"
     result = run(
@@ -179,13 +192,13 @@ def test_failed_stage_marks_run_failed_and_writes_nothing(tiny_repo, tmp_path):
             "--out",
             str(out),
         ],
-        tiny_repo,
+        repo,
         check=False,
     )
     assert result.returncode != 0
     assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
-    runs = client(tiny_repo).search_runs(
-        [client(tiny_repo).get_experiment_by_name("tiny").experiment_id],
+    runs = client(repo).search_runs(
+        [client(repo).get_experiment_by_name("tiny").experiment_id],
         filter_string="tags.stage = 'evaluate'",
         order_by=["attributes.start_time DESC"],
         max_results=1,

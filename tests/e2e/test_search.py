@@ -15,7 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, copy_repo, git_commit, run, write_params
+from lmpipe.params import write_params
+from tests.conftest import TINY, copy_repo, git_commit, run
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,14 +46,8 @@ SEARCH = {
 def searched(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("search-repo"))
     run(["git", "init", "-q"], repo)
-    write_params(repo, SEARCH)
     # the space is replaced whole, not merged with the default one
-    params = (repo / "params.yaml").read_text()
-    import yaml
-
-    data = yaml.safe_load(params)
-    data["search"]["space"] = SEARCH["search"]["space"]
-    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    write_params(repo / "params.yaml", SEARCH, replace=["search.space"])
     git_commit(repo, "tiny search")
     result = run(["dvc", "repro", "train"], repo, timeout=900)  # search hands over to train
     (repo / "repro.log").write_text(result.stdout + result.stderr)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, run, write_params
+from lmpipe.params import write_params
+from tests.conftest import ROOT, run
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def prepare(workdir):
     ],
 )
 def test_bad_input_gets_one_line(workdir, overrides, expected):
-    write_params(workdir, overrides)
+    write_params(workdir / "params.yaml", overrides)
     result = prepare(workdir)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -66,7 +67,10 @@ def test_unknown_key_is_named(workdir):
 
 
 def test_user_file_runs_through_prepare(workdir):
-    write_params(workdir, {"prepare": {"source": "good.csv", "text_column": "body", "label_column": "topic"}})
+    write_params(
+        workdir / "params.yaml",
+        {"prepare": {"source": "good.csv", "text_column": "body", "label_column": "topic"}},
+    )
     result = prepare(workdir)
     assert result.returncode == 0, result.stderr
     frame = pd.read_parquet(workdir / "out/prepared/data.parquet")

@@ -16,10 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from lmpipe.params import write_params
 from tests.conftest import new_repo, pipeline_env, run
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,7 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
 
 def train(repo: Path, name: str, check: bool = True, **train_params):
     """Run the train stage with ``train_params`` laid over the repo's params; outputs in runs/<name>."""
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(train_params)
-    (repo / f"params-{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo / f"params-{name}.yaml", {"train": train_params}, repo / "params.yaml")
     result = run(stage_cmd(name), repo, check=check, timeout=600)
     return result, repo / "runs" / name
 
@@ -258,9 +256,7 @@ def test_augmentation_adds_train_rows_only(repo):
 
 
 def test_killed_training_resumes_from_its_checkpoint(repo):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(epochs=6)
-    (repo / "params-resume.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(repo / "params-resume.yaml", {"train.epochs": 6}, repo / "params.yaml")
     root = repo / "checkpoints/train"
     already = set(root.iterdir())
     proc = subprocess.Popen(
