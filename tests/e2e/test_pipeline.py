@@ -205,3 +205,14 @@ def test_failed_stage_marks_run_failed_and_writes_nothing(tiny_repo_copy, tmp_pa
     )
     assert runs[0].info.status == "FAILED"
     assert "error" in runs[0].data.tags
+
+
+def test_runs_of_a_clean_checkout_are_not_dirty(tiny_repo):
+    """git_dirty means "the code or params differ from the commit": the pipeline's own outputs, which
+    dvc repro rewrites in every fresh clone, do not count."""
+    store = client(tiny_repo)
+    train_id = json.loads((tiny_repo / "reports/train/metrics.json").read_text())["mlflow_run_id"]
+    train = store.get_run(train_id)
+    assert train.data.tags["git_dirty"] == "false" and "git_changed" not in train.data.tags
+    changed = run(["git", "status", "--porcelain"], tiny_repo).stdout
+    assert "reports/" in changed or "dvc.lock" in changed  # outputs did change, and were not counted

@@ -37,7 +37,7 @@ def prepare(workdir):
     [
         ({"train": {"learning_rate": -0.001}}, "train.learning_rate: must be > 0"),
         ({"split": {"train": 0.7}}, "split.train: split.train + split.val + split.test must sum to 1"),
-        ({"prepare": {"source": "missing.csv"}}, "prepare.source: data file not found: missing.csv"),
+        ({"prepare": {"source": "missing.csv"}}, "prepare.source: missing.csv not found"),
         (
             {"prepare": {"source": "good.csv", "label_column": "topic"}},
             "prepare.text_column: column 'text' not found",

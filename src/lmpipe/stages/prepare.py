@@ -18,9 +18,10 @@ class Paths:
 
 
 def run(params: Params, paths: Paths) -> str:
+    model_dir = resolve_model_dir(params.base.model)  # a wrong base.model fails before any data is read
     raw, description = data.load_source(params.prepare)
     frame, report = data.prepare_frame(raw, params.prepare, params.base.seed)
-    tokenizer = load_tokenizer(resolve_model_dir(params.base.model))
+    tokenizer = load_tokenizer(model_dir)
     lengths = np.array([len(ids) for ids in tokenizer(frame["text"].tolist(), verbose=False)["input_ids"]])
     report["token_length"] = data.token_length_report(lengths, params.base.max_length)
     report["source"] = description
