@@ -79,7 +79,8 @@ def run(params: Params, paths: Paths) -> str:
     with tracking.stage_run(params, "export", tags=tags) as active, io.atomic_dir(paths.out) as tmp:
         checked = export_and_check(params, model_dir, test, tmp)
         latency = benchmark(params, checked, test["text"].tolist())
-        registered = register_and_gate(params, checked, test, tmp, records, active.info.run_id)
+        git = tracking.git_info()  # once: the registered version's tags and the metrics name the same commit
+        registered = register_and_gate(params, checked, test, tmp, records, active.info.run_id, git)
         metrics = {
             "source": cfg.source,
             "labels": checked.labels,
@@ -95,7 +96,7 @@ def run(params: Params, paths: Paths) -> str:
             **latency,
             "size_mb": {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()},
             **registered,
-            "git_commit": tracking.git_info()["git_commit"],
+            "git_commit": git["git_commit"],
             "mlflow_run_id": active.info.run_id,
         }
         write_card(params, records, metrics, tmp)
@@ -211,7 +212,13 @@ def benchmark(params: Params, checked: Checked, texts: list[str]) -> dict[str, A
 
 
 def register_and_gate(
-    params: Params, checked: Checked, test: pd.DataFrame, folder: Path, records: dict, run_id: str
+    params: Params,
+    checked: Checked,
+    test: pd.DataFrame,
+    folder: Path,
+    records: dict,
+    run_id: str,
+    git: dict[str, str],
 ) -> dict[str, Any]:
     """Log the served ONNX variant as a pyfunc model, decide the promotion gate against the baseline and
     the current champion, register the new version with its provenance tags, and set its aliases."""
@@ -219,7 +226,6 @@ def register_and_gate(
     texts = test["text"].tolist()
     evaluate, train_run_id = records["evaluate"], records["train"].get("mlflow_run_id", "")
     baseline_f1 = float(evaluate["baseline"]["macro_f1"])
-    git = tracking.git_info()
     served = checked.served
 
     # the registered model: the served ONNX variant as model.onnx, with tokenizer and labels
