@@ -82,13 +82,16 @@ def stage_cmd(name: str) -> list[str]:
         "checkpoints/train",
         "--metrics",
         f"{out}/metrics.json",
+        "--report",
+        f"{out}/report.json",
         "--history",
         f"{out}/history.csv",
     ]
 
 
 def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+    """The full training report of a run of ``train`` below."""
+    return json.loads((out / "report.json").read_text())
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -104,7 +107,7 @@ def split_digests(repo: Path) -> dict[str, str]:
 
 
 def test_full_is_the_default_through_dvc_repro(repo, tiny_encoder):
-    m = json.loads((repo / "reports/train/metrics.json").read_text())
+    m = json.loads((repo / "reports/train/report.json").read_text())
     assert m["strategy"] == "full" and m["resumed_from_step"] == 0 and m["augmented_rows"] == 0
     assert (
         m["trainable_parameters"]
@@ -118,7 +121,7 @@ def test_full_is_the_default_through_dvc_repro(repo, tiny_encoder):
     }
     assert not any((repo / "checkpoints/train").iterdir())  # a finished run leaves no checkpoints
     assert run(["dvc", "status", "evaluate"], repo).stdout.strip().endswith("up to date.")
-    evaluated = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    evaluated = json.loads((repo / "reports/evaluate/report.json").read_text())
     assert 0 <= evaluated["model"]["macro_f1"] <= 1
 
 
@@ -216,7 +219,7 @@ def test_gradual_unfreezing_runs_its_phases_as_steps_of_one_run(repo, tiny_encod
 def test_fgm_changes_training_and_not_the_evaluation(repo):
     before = split_digests(repo)
     _, out = train(repo, "fgm", fgm_epsilon=1.0)
-    m, full = metrics_of(out), json.loads((repo / "reports/train/metrics.json").read_text())
+    m, full = metrics_of(out), json.loads((repo / "reports/train/report.json").read_text())
     assert m["global_steps"] == full["global_steps"] and m["val_rows"] == full["val_rows"] == 8
     assert m["train_rows"] == ROWS
     fgm_w, full_w = weights(out / "model"), weights(repo / "models/model")
@@ -242,7 +245,7 @@ def test_fgm_changes_training_and_not_the_evaluation(repo):
 def test_augmentation_adds_train_rows_only(repo):
     before = split_digests(repo)
     _, out = train(repo, "augment", augment={"copies": 1, "deletion": 0.1, "swap": 0.1, "replacement": 0.1})
-    m, full = metrics_of(out), json.loads((repo / "reports/train/metrics.json").read_text())
+    m, full = metrics_of(out), json.loads((repo / "reports/train/report.json").read_text())
     assert 0 < m["augmented_rows"] <= ROWS
     assert m["train_rows"] == ROWS + m["augmented_rows"]
     assert m["val_rows"] == full["val_rows"] == 8

@@ -17,7 +17,7 @@ import pandas as pd
 from torch import nn
 
 from lmpipe import compression as lib
-from lmpipe import data, io, latency, models, plots, tracking
+from lmpipe import data, io, latency, models, plots, reports, tracking
 from lmpipe.encoding import frame_dataset
 from lmpipe.evaluation import score
 from lmpipe.inference import predict_proba_model
@@ -30,7 +30,8 @@ class Paths:
     data: str  # folder with train/val/test.parquet
     model: str  # the trained model folder (the original and the teacher)
     out: str  # folder for the compressed variants
-    metrics: str  # the comparison table (JSON metrics)
+    metrics: str  # headline figures (DVC metrics)
+    report: str  # the comparison table
     plot: str  # macro-F1 vs batch-1 latency points (CSV plot)
 
 
@@ -122,9 +123,9 @@ def run(params: Params, paths: Paths) -> str:
             "mlflow_run_id": parent.info.run_id,
         }
         tracking.log_metrics({f"{n}.{k}": v for n, r in rows.items() for k, v in r.items()})
-        tracking.log_dict(metrics, "compress_metrics.json")
+        tracking.log_dict(metrics, "compress_report.json")
         io.write_csv(paths.plot, points)
-        io.write_json(paths.metrics, metrics)
+        reports.write("compress", metrics, paths.metrics, paths.report)
     lines = ["compress: variant      macro-F1  (delta)   size MB  b1 p50 ms  speed-up"]
     for name, row in rows.items():
         lines.append(

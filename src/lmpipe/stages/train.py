@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from lmpipe import augment, checkpoints, data, io, models, plots, strategies, tracking
+from lmpipe import augment, checkpoints, data, io, models, plots, reports, strategies, tracking
 from lmpipe.encoding import frame_dataset
 from lmpipe.params import Params
 from lmpipe.training import train_model
@@ -24,7 +24,8 @@ class Paths:
     out: str  # the model folder
     adapter: str  # the unmerged LoRA adapter (or adapter.json saying there is none)
     checkpoints: str  # resumable checkpoints (not a DVC output)
-    metrics: str  # training summary (JSON metrics)
+    metrics: str  # headline figures (DVC metrics)
+    report: str  # the training summary
     history: str  # per-epoch history (CSV plot)
 
 
@@ -128,7 +129,8 @@ def run(params: Params, paths: Paths) -> str:
             tracking.log_figure(fig, "plots/history.png")
             plots.close(fig)
             io.write_csv(paths.history, pd.DataFrame(result.history))
-            io.write_json(paths.metrics, summary)
+            reports.write("train", summary, paths.metrics, paths.report)
+            tracking.log_dict(summary, "train_report.json")
     checkpoints.remove(run_dir)  # a finished run leaves no checkpoints behind
     return (
         f"train: {cfg.strategy}, best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
