@@ -61,7 +61,7 @@ def _merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
         if isinstance(value, Mapping) and isinstance(into.get(key), dict):
             _merge(into[key], value)
         else:
-            into[key] = value if not isinstance(value, Mapping) else dict(value)
+            into[key] = value  # _select builds fresh dicts: nothing to copy
 
 
 def headline(stage: str, report: Mapping[str, Any]) -> dict[str, Any]:
