@@ -86,6 +86,34 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def train_cmd(name: str) -> list[str]:
+    """The train stage's command in a pipeline repo with ``params-<name>.yaml`` and its outputs in
+    ``runs/<name>/`` (beside the repo's own), sharing ``checkpoints/train`` and the MLflow store."""
+    out = f"runs/{name}"
+    return [
+        "python",
+        "stages/train.py",
+        "--params",
+        f"params-{name}.yaml",
+        "--data",
+        "data/split",
+        "--labels",
+        "data/prepared/labels.json",
+        "--search",
+        "reports/search/best_params.json",
+        "--out",
+        f"{out}/model",
+        "--adapter",
+        f"{out}/adapter",
+        "--checkpoints",
+        "checkpoints/train",
+        "--metrics",
+        f"{out}/metrics.json",
+        "--history",
+        f"{out}/history.csv",
+    ]
+
+
 def git_commit(repo: Path, message: str) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], repo)

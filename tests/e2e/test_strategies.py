@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo, pipeline_env, run
+from tests.conftest import new_repo, pipeline_env, run, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -57,34 +57,8 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
 def train(repo: Path, name: str, check: bool = True, **train_params):
     """Run the train stage with ``train_params`` laid over the repo's params; outputs in runs/<name>."""
     write_params(repo / f"params-{name}.yaml", {"train": train_params}, repo / "params.yaml")
-    result = run(stage_cmd(name), repo, check=check, timeout=600)
+    result = run(train_cmd(name), repo, check=check, timeout=600)
     return result, repo / "runs" / name
-
-
-def stage_cmd(name: str) -> list[str]:
-    out = f"runs/{name}"
-    return [
-        "python",
-        "stages/train.py",
-        "--params",
-        f"params-{name}.yaml",
-        "--data",
-        "data/split",
-        "--labels",
-        "data/prepared/labels.json",
-        "--search",
-        "reports/search/best_params.json",
-        "--out",
-        f"{out}/model",
-        "--adapter",
-        f"{out}/adapter",
-        "--checkpoints",
-        "checkpoints/train",
-        "--metrics",
-        f"{out}/metrics.json",
-        "--history",
-        f"{out}/history.csv",
-    ]
 
 
 def metrics_of(out: Path) -> dict:
@@ -260,7 +234,7 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     root = repo / "checkpoints/train"
     already = set(root.iterdir())
     proc = subprocess.Popen(
-        stage_cmd("resume"),
+        train_cmd("resume"),
         cwd=repo,
         env=pipeline_env(),
         stdout=subprocess.DEVNULL,
@@ -292,7 +266,7 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     _, other = train(repo, "other", epochs=1)
     assert metrics_of(other)["resumed_from_step"] == 0 and folder.is_dir()
 
-    result = run(stage_cmd("resume"), repo, timeout=600)
+    result = run(train_cmd("resume"), repo, timeout=600)
     assert f"resuming from the checkpoint at step {killed_step}" in result.stdout
     m = metrics_of(repo / "runs/resume")
     assert m["resumed_from_step"] == killed_step > 0

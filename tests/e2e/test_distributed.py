@@ -1,0 +1,161 @@
+"""Several training processes: the real train stage launching 2 processes on the CPU (gloo, DDP) on the
+tiny encoder, against a real MLflow store.
+
+One temporary repo runs ``dvc repro search`` once (prepare, split and the disabled search); each test
+then runs ``stages/train.py`` there with its own params file and output folder, as in
+``test_strategies.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmpipe.params import write_params
+from tests.conftest import new_repo, pipeline_env, run, train_cmd
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ROWS = 64  # 80 rows sampled, 80% to train
+TWO = {"processes": 2, "nnodes": 1, "node_rank": 0, "rdzv_endpoint": "localhost:29500"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_encoder) -> Path:
+    repo = new_repo(
+        tmp_path_factory.mktemp("distributed"),
+        {
+            "base": {"model": str(tiny_encoder), "max_length": 32},
+            "prepare": {"max_rows": 80},
+            "train": {"epochs": 2, "batch_size": 4, "logging_steps": 2, "patience": 0, "learning_rate": 1e-3},
+            "mlflow": {"experiment": "distributed"},
+        },
+    )
+    run(["dvc", "repro", "search"], repo, timeout=600)  # the data train reads; nothing trained yet
+    return repo
+
+
+def write_train_params(repo: Path, name: str, **train_params) -> None:
+    write_params(repo / f"params-{name}.yaml", {"train": train_params}, repo / "params.yaml")
+
+
+def client(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def train_runs(repo: Path) -> list:
+    mlflow = client(repo)
+    experiment = mlflow.get_experiment_by_name("distributed")
+    if experiment is None:
+        return []
+    return mlflow.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_two_processes_train_one_model_with_one_run(repo):
+    val_rows = len(pd.read_parquet(repo / "data/split/val.parquet"))
+    before = {r.info.run_id for r in train_runs(repo)}
+    write_train_params(repo, "two", distributed=TWO)  # 2 x batch 4: a global batch of 8
+    result = run(train_cmd("two"), repo, timeout=600)
+    assert "launching 2 processes on this machine (2 in all, node 0 of 1, gloo)" in result.stdout
+    # rank 0 alone went on to write and report; rank 1 stopped after training
+    (summary,) = [line for line in result.stdout.splitlines() if line.startswith("train: full")]
+    assert "2 process(es), global batch 8" in summary
+
+    out = repo / "runs/two"
+    m = metrics_of(out)
+    assert m["processes"] == 2 and m["global_batch_size"] == 8
+    assert m["global_steps"] == 2 * ROWS // 8 and m["epochs_run"] == 2
+    assert m["val_rows"] == val_rows
+    assert (out / "model/model.safetensors").is_file()
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
+
+    (new,) = [r for r in train_runs(repo) if r.info.run_id not in before]  # one run, not one per process
+    assert new.info.run_id == m["mlflow_run_id"] and new.info.status == "FINISHED"
+    assert new.data.metrics["processes"] == 2 and new.data.metrics["global_batch_size"] == 8
+    assert new.data.params["train.distributed.processes"] == "2"
+    # each epoch's val metrics were computed on all of val, gathered from both processes' shards
+    history = client(repo).get_metric_history(new.info.run_id, "val_rows")
+    assert sorted((h.step, h.value) for h in history) == [(1, val_rows), (2, val_rows)]
+    assert not list((repo / "checkpoints/train").iterdir())  # cleaned up by rank 0
+
+    # one process with the same global batch takes the same optimiser steps
+    write_train_params(repo, "one", batch_size=8)
+    run(train_cmd("one"), repo, timeout=600)
+    one = metrics_of(repo / "runs/one")
+    assert one["processes"] == 1 and one["global_batch_size"] == 8
+    assert one["global_steps"] == m["global_steps"]
+
+
+def worker_pids(launcher: int) -> dict[int, int]:
+    """The global rank of each worker process under the launcher with pid ``launcher``."""
+    ranks = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(
+                item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and "RANK" in env:
+            ranks[int(env["RANK"])] = int(proc.name)
+    return ranks
+
+
+def test_a_dead_process_stops_all_and_the_rerun_resumes(repo):
+    write_train_params(repo, "kill", epochs=6, distributed=TWO)
+    root = repo / "checkpoints/train"
+    already = set(root.iterdir()) if root.is_dir() else set()
+    proc = subprocess.Popen(
+        train_cmd("kill"),
+        cwd=repo,
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while (
+        not list(root.glob("*/checkpoint-*/trainer_state.json"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before its first checkpoint"
+    workers = worker_pids(proc.pid)
+    assert sorted(workers) == [0, 1]
+    os.kill(workers[1], signal.SIGKILL)  # rank 1 dies: an OOM kill, a crash in native code
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 128 + signal.SIGKILL, stderr
+    assert "error: process 1 (local rank 1) failed with signal SIGKILL; every process was stopped" in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers.values())  # rank 0 stopped too
+    assert not (repo / "runs/kill").exists()  # no outputs, not even half-written ones
+    (folder,) = set(root.iterdir()) - already
+    killed_run = json.loads((folder / "run.json").read_text())["mlflow_run_id"]
+    assert client(repo).get_run(killed_run).info.status in {"FAILED", "KILLED"}
+    done = sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
+    assert done and done[-1] < 6 * ROWS // 8
+
+    result = run(train_cmd("kill"), repo, timeout=600)  # both processes resume from rank 0's checkpoint
+    assert f"resuming from the checkpoint at step {done[-1]}" in result.stdout
+    m = metrics_of(repo / "runs/kill")
+    assert m["resumed_from_step"] == done[-1] and m["global_steps"] == 6 * ROWS // 8
+    assert m["processes"] == 2
+    new = client(repo).get_run(m["mlflow_run_id"])
+    assert new.info.status == "FINISHED" and new.data.tags["resumed_from_run_id"] == killed_run
+    assert not folder.exists()
