@@ -115,12 +115,12 @@ def launch(cfg: DistributedParams, command: list[str] | None = None) -> Launched
     try:
         run(parse_args(torchrun_args(cfg, command or sys.argv)))
     except ChildFailedError as err:
-        local_rank, failure = err.get_first_failure()
+        global_rank, failure = err.get_first_failure()
         code = failure.exitcode
         if code != 2:  # 2: a UserError, which rank 0 has printed already
             reason = f"signal {failure.signal_name()}" if code < 0 else f"exit code {code}"
             print(
-                f"error: process {failure.rank} (local rank {local_rank}) failed with {reason}; "
+                f"error: process {global_rank} (local rank {failure.local_rank}) failed with {reason}; "
                 "every process was stopped",
                 file=sys.stderr,
             )

@@ -63,41 +63,6 @@ def metrics_of(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_two_processes_train_one_model_with_one_run(repo):
-    val_rows = len(pd.read_parquet(repo / "data/split/val.parquet"))
-    before = {r.info.run_id for r in train_runs(repo)}
-    write_train_params(repo, "two", distributed=TWO)  # 2 x batch 4: a global batch of 8
-    result = run(train_cmd("two"), repo, timeout=600)
-    assert "launching 2 processes on this machine (2 in all, node 0 of 1, gloo)" in result.stdout
-    # rank 0 alone went on to write and report; rank 1 stopped after training
-    (summary,) = [line for line in result.stdout.splitlines() if line.startswith("train: full")]
-    assert "2 process(es), global batch 8" in summary
-
-    out = repo / "runs/two"
-    m = metrics_of(out)
-    assert m["processes"] == 2 and m["global_batch_size"] == 8
-    assert m["global_steps"] == 2 * ROWS // 8 and m["epochs_run"] == 2
-    assert m["val_rows"] == val_rows
-    assert (out / "model/model.safetensors").is_file()
-    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2]
-
-    (new,) = [r for r in train_runs(repo) if r.info.run_id not in before]  # one run, not one per process
-    assert new.info.run_id == m["mlflow_run_id"] and new.info.status == "FINISHED"
-    assert new.data.metrics["processes"] == 2 and new.data.metrics["global_batch_size"] == 8
-    assert new.data.params["train.distributed.processes"] == "2"
-    # each epoch's val metrics were computed on all of val, gathered from both processes' shards
-    history = client(repo).get_metric_history(new.info.run_id, "val_rows")
-    assert sorted((h.step, h.value) for h in history) == [(1, val_rows), (2, val_rows)]
-    assert not list((repo / "checkpoints/train").iterdir())  # cleaned up by rank 0
-
-    # one process with the same global batch takes the same optimiser steps
-    write_train_params(repo, "one", batch_size=8)
-    run(train_cmd("one"), repo, timeout=600)
-    one = metrics_of(repo / "runs/one")
-    assert one["processes"] == 1 and one["global_batch_size"] == 8
-    assert one["global_steps"] == m["global_steps"]
-
-
 def worker_pids(launcher: int) -> dict[int, int]:
     """The global rank of each worker process under the launcher with pid ``launcher``."""
     ranks = {}
@@ -116,12 +81,16 @@ def worker_pids(launcher: int) -> dict[int, int]:
     return ranks
 
 
-def test_a_dead_process_stops_all_and_the_rerun_resumes(repo):
-    write_train_params(repo, "kill", epochs=6, distributed=TWO)
+def test_two_processes_stop_together_resume_and_write_once(repo):
+    """2 processes of batch 4 (a global batch of 8): rank 1 is killed after the first checkpoint, which
+    stops rank 0 too and fails the run with nothing written; the re-run resumes both from the checkpoint,
+    and rank 0 alone writes the outputs and the one MLflow run, with val scored on all of val."""
+    val_rows = len(pd.read_parquet(repo / "data/split/val.parquet"))
+    steps = 3 * ROWS // 8  # 3 epochs of 64 rows at a global batch of 8
+    write_train_params(repo, "two", epochs=3, distributed=TWO)
     root = repo / "checkpoints/train"
-    already = set(root.iterdir()) if root.is_dir() else set()
     proc = subprocess.Popen(
-        train_cmd("kill"),
+        train_cmd("two"),
         cwd=repo,
         env=pipeline_env(),
         stdout=subprocess.DEVNULL,
@@ -144,18 +113,34 @@ def test_a_dead_process_stops_all_and_the_rerun_resumes(repo):
     assert proc.returncode == 128 + signal.SIGKILL, stderr
     assert "error: process 1 (local rank 1) failed with signal SIGKILL; every process was stopped" in stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers.values())  # rank 0 stopped too
-    assert not (repo / "runs/kill").exists()  # no outputs, not even half-written ones
-    (folder,) = set(root.iterdir()) - already
+    assert not (repo / "runs/two").exists()  # no outputs, not even half-written ones
+    (folder,) = root.iterdir()
     killed_run = json.loads((folder / "run.json").read_text())["mlflow_run_id"]
     assert client(repo).get_run(killed_run).info.status in {"FAILED", "KILLED"}
     done = sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
-    assert done and done[-1] < 6 * ROWS // 8
+    assert done and done[-1] < steps
 
-    result = run(train_cmd("kill"), repo, timeout=600)  # both processes resume from rank 0's checkpoint
+    result = run(train_cmd("two"), repo, timeout=600)  # both processes resume from rank 0's checkpoint
+    assert "launching 2 processes on this machine (2 in all, node 0 of 1, gloo)" in result.stdout
     assert f"resuming from the checkpoint at step {done[-1]}" in result.stdout
-    m = metrics_of(repo / "runs/kill")
-    assert m["resumed_from_step"] == done[-1] and m["global_steps"] == 6 * ROWS // 8
-    assert m["processes"] == 2
-    new = client(repo).get_run(m["mlflow_run_id"])
+    # rank 0 alone went on to write and report; rank 1 stopped after training
+    (summary,) = [line for line in result.stdout.splitlines() if line.startswith("train: full")]
+    assert "2 process(es), global batch 8" in summary
+    out = repo / "runs/two"
+    m = metrics_of(out)
+    assert m["processes"] == 2 and m["global_batch_size"] == 8
+    assert m["resumed_from_step"] == done[-1] and m["global_steps"] == steps and m["epochs_run"] == 3
+    assert (out / "model/model.safetensors").is_file()
+    assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
+    assert not folder.exists()  # cleaned up by rank 0 once the outputs are written
+
+    runs = {r.info.run_id: r for r in train_runs(repo)}
+    assert set(runs) == {killed_run, m["mlflow_run_id"]}  # one run per stage run, not one per process
+    new = runs[m["mlflow_run_id"]]
     assert new.info.status == "FINISHED" and new.data.tags["resumed_from_run_id"] == killed_run
-    assert not folder.exists()
+    assert new.data.metrics["processes"] == 2 and new.data.metrics["global_batch_size"] == 8
+    assert new.data.params["train.distributed.processes"] == "2"
+    # the val metrics of every epoch the new run trained were computed on all of val, gathered from the
+    # two processes' shards (each holds half of it)
+    history = client(repo).get_metric_history(new.info.run_id, "val_rows")
+    assert history and all(h.value == val_rows for h in history)
