@@ -1,9 +1,8 @@
 """Several training processes: the real train stage launching 2 processes on the CPU (gloo, DDP) on the
 tiny encoder, against a real MLflow store.
 
-One temporary repo runs ``dvc repro search`` once (prepare, split and the disabled search); each test
-then runs ``stages/train.py`` there with its own params file and output folder, as in
-``test_strategies.py``.
+One temporary repo runs ``dvc repro train`` once (one process); each test then runs a stage script there
+with its own params file and output folder, as ``test_strategies.py`` does.
 """
 
 from __future__ import annotations
@@ -36,10 +35,15 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
             "base": {"model": str(tiny_encoder), "max_length": 32},
             "prepare": {"max_rows": 80},
             "train": {"epochs": 2, "batch_size": 4, "logging_steps": 2, "patience": 0, "learning_rate": 1e-3},
+            "compress": {
+                "prune": {"recovery_epochs": 1, "learning_rate": 1e-3},
+                "distill": {"epochs": 1},
+                "latency": {"warmup": 1, "repeats": 3, "batch_size": 4, "batch_repeats": 2},
+            },
             "mlflow": {"experiment": "distributed"},
         },
     )
-    run(["dvc", "repro", "search"], repo, timeout=600)  # the data train reads; nothing trained yet
+    run(["dvc", "repro", "train"], repo, timeout=600)  # the data, and a model for compress
     return repo
 
 
@@ -51,12 +55,10 @@ def client(repo: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
-def train_runs(repo: Path) -> list:
+def runs_of(repo: Path, stage: str) -> list:
     mlflow = client(repo)
     experiment = mlflow.get_experiment_by_name("distributed")
-    if experiment is None:
-        return []
-    return mlflow.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
+    return mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.stage = '{stage}'")
 
 
 def metrics_of(out: Path) -> dict:
@@ -88,6 +90,7 @@ def test_two_processes_stop_together_resume_and_write_once(repo):
     val_rows = len(pd.read_parquet(repo / "data/split/val.parquet"))
     steps = 3 * ROWS // 8  # 3 epochs of 64 rows at a global batch of 8
     write_train_params(repo, "two", epochs=3, distributed=TWO)
+    before = {r.info.run_id for r in runs_of(repo, "train")}
     root = repo / "checkpoints/train"
     proc = subprocess.Popen(
         train_cmd("two"),
@@ -114,7 +117,7 @@ def test_two_processes_stop_together_resume_and_write_once(repo):
     assert "error: process 1 (local rank 1) failed with signal SIGKILL; every process was stopped" in stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers.values())  # rank 0 stopped too
     assert not (repo / "runs/two").exists()  # no outputs, not even half-written ones
-    (folder,) = root.iterdir()
+    (folder,) = root.iterdir()  # the dvc repro run left none
     killed_run = json.loads((folder / "run.json").read_text())["mlflow_run_id"]
     assert client(repo).get_run(killed_run).info.status in {"FAILED", "KILLED"}
     done = sorted(int(p.parent.name.split("-")[1]) for p in folder.glob("checkpoint-*/trainer_state.json"))
@@ -134,7 +137,7 @@ def test_two_processes_stop_together_resume_and_write_once(repo):
     assert pd.read_csv(out / "history.csv")["epoch"].tolist() == [1, 2, 3]
     assert not folder.exists()  # cleaned up by rank 0 once the outputs are written
 
-    runs = {r.info.run_id: r for r in train_runs(repo)}
+    runs = {r.info.run_id: r for r in runs_of(repo, "train") if r.info.run_id not in before}
     assert set(runs) == {killed_run, m["mlflow_run_id"]}  # one run per stage run, not one per process
     new = runs[m["mlflow_run_id"]]
     assert new.info.status == "FINISHED" and new.data.tags["resumed_from_run_id"] == killed_run
@@ -144,3 +147,28 @@ def test_two_processes_stop_together_resume_and_write_once(repo):
     # two processes' shards (each holds half of it)
     history = client(repo).get_metric_history(new.info.run_id, "val_rows")
     assert history and all(h.value == val_rows for h in history)
+
+
+def test_compress_fine_tunes_with_two_processes(repo):
+    """Pruning recovery and distillation train with DDP; rank 0 alone measures, times and writes, with one
+    parent run and one child run per variant."""
+    write_train_params(repo, "compress", distributed=TWO)
+    out = repo / "runs/compress"
+    before = {r.info.run_id for r in runs_of(repo, "compress") + runs_of(repo, "compress-variant")}
+    cmd = ["python", "stages/compress.py", "--params", "params-compress.yaml", "--data", "data/split"]
+    cmd += ["--model", "models/model", "--out", f"{out}/models", "--metrics", f"{out}/metrics.json"]
+    result = run([*cmd, "--plot", f"{out}/pareto.csv"], repo, timeout=600)
+    assert "launching 2 processes on this machine" in result.stdout
+    assert result.stdout.count("compress: variant") == 1  # one table, from rank 0
+    m = metrics_of(out)
+    assert set(m["variants"]) == {"original", "int8", "pruned", "student"}
+    assert m["variants"]["pruned"]["recovery_epochs_run"] == 1
+    assert (out / "models/student/model.safetensors").is_file()
+    (parent,) = [r for r in runs_of(repo, "compress") if r.info.run_id not in before]
+    children = [r for r in runs_of(repo, "compress-variant") if r.info.run_id not in before]
+    assert parent.info.run_id == m["mlflow_run_id"] and parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["variant"] for r in children) == ["int8", "original", "pruned", "student"]
+    for name in ("pruned", "student"):  # each fine-tune scored all of val (both processes' shards)
+        (child,) = [r for r in children if r.data.tags["variant"] == name]
+        assert child.data.metrics["global_batch_size"] == 8 and child.data.metrics["processes"] == 2
+        assert child.data.metrics["val_rows"] == len(pd.read_parquet(repo / "data/split/val.parquet"))
