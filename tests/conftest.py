@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,6 +113,29 @@ def train_cmd(name: str) -> list[str]:
         "--history",
         f"{out}/history.csv",
     ]
+
+
+def train_until_checkpoint(repo: Path, name: str) -> subprocess.Popen:
+    """Start ``train_cmd(name)`` in ``repo`` and return it, still running, once its first checkpoint under
+    ``checkpoints/train`` is complete (stderr piped, for ``communicate``)."""
+    root = repo / "checkpoints/train"
+    proc = subprocess.Popen(
+        train_cmd(name),
+        cwd=repo,
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while (
+        not list(root.glob("*/checkpoint-*/trainer_state.json"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before its first checkpoint could be interrupted"
+    return proc
 
 
 def git_commit(repo: Path, message: str) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo, pipeline_env, run, train_cmd
+from tests.conftest import new_repo, run, train_cmd, train_until_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -92,22 +90,7 @@ def test_two_processes_stop_together_resume_and_write_once(repo):
     write_train_params(repo, "two", epochs=3, distributed=TWO)
     before = {r.info.run_id for r in runs_of(repo, "train")}
     root = repo / "checkpoints/train"
-    proc = subprocess.Popen(
-        train_cmd("two"),
-        cwd=repo,
-        env=pipeline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while (
-        not list(root.glob("*/checkpoint-*/trainer_state.json"))
-        and proc.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before its first checkpoint"
+    proc = train_until_checkpoint(repo, "two")
     workers = worker_pids(proc.pid)
     assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGKILL)  # rank 1 dies: an OOM kill, a crash in native code

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo, pipeline_env, run, train_cmd
+from tests.conftest import new_repo, run, train_cmd, train_until_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -233,22 +231,7 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     write_params(repo / "params-resume.yaml", {"train.epochs": 6}, repo / "params.yaml")
     root = repo / "checkpoints/train"
     already = set(root.iterdir())
-    proc = subprocess.Popen(
-        train_cmd("resume"),
-        cwd=repo,
-        env=pipeline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while (
-        not list(root.glob("*/checkpoint-*/trainer_state.json"))
-        and proc.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.02)
-    assert proc.poll() is None, "training ended before its first checkpoint could be interrupted"
+    proc = train_until_checkpoint(repo, "resume")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr  # as an unhandled SIGTERM, but after the run's bookkeeping
