@@ -10,6 +10,8 @@ Writes: <out>/int8/ (int8.safetensors + quantization.json recipe, config, tokeni
         metrics), <plot> (macro-F1 against batch-1 latency, a DVC plot)
 Logs:   one MLflow parent run with a child run per variant (and the original); the pruning recovery
         fine-tune and the distillation log like a training run.
+Runs:   with train.distributed asking for several processes, relaunches itself under torchrun (DDP);
+        only rank 0 writes and logs (docs/distributed.md).
 """
 
 from lmpipe.runner import paths_of, run_stage, stage_parser

@@ -10,6 +10,8 @@ Keeps:  <checkpoints>/<key>/ while training (key = hash of params and inputs), s
         resumes from its last epoch on the next run; deleted once the outputs are written.
 Logs:   an MLflow run with the params, per-step loss/lr, per-epoch val metrics, per-phase metrics
         (gradual unfreezing, step = phase) and the final model.
+Runs:   with train.distributed asking for several processes, relaunches itself under torchrun (DDP);
+        only rank 0 writes and logs (docs/distributed.md).
 """
 
 from lmpipe.runner import paths_of, run_stage, stage_parser
