@@ -188,14 +188,16 @@ def run(
     stage: str,
     tags: Mapping[str, str] | None = None,
     nested: bool = False,
+    parent_run_id: str | None = None,
 ) -> Iterator[Any]:
     """Start a tagged MLflow run with the full resolved params logged, and end it honestly.
 
-    ``nested=True`` starts a child of the active run (search trials under their study's run).
+    ``nested=True`` starts a child of the active run (search trials under their study's run), or of
+    ``parent_run_id`` when given (a trial run by a search worker in another process).
     """
     import mlflow
 
-    if not nested:
+    if not nested or parent_run_id:
         uri = tracking_uri()
         prepare_store(uri)
         mlflow.set_tracking_uri(uri)
@@ -213,7 +215,7 @@ def run(
         **(tags or {}),
     }
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    active = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested)
+    active = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested, parent_run_id=parent_run_id)
     try:
         mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
         mlflow.log_dict(dict(params), "params.json")
@@ -238,11 +240,16 @@ def stage_run(params: Any, stage: str, run_name: str | None = None, tags: Mappin
 
 
 def child_run(
-    params: Any, run_name: str, section: Mapping[str, Any], stage: str, tags: Mapping[str, str] | None = None
+    params: Any,
+    run_name: str,
+    section: Mapping[str, Any],
+    stage: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
 ):
-    """A child of the active stage run (a search trial, a compressed variant) with its own params
-    ``section``, tagged with the stage's params hash."""
-    return run(params.mlflow.experiment, run_name, section, params.digest(), stage, tags, nested=True)
+    """A child of the active stage run (a search trial, a compressed variant), or of ``parent_run_id``,
+    with its own params ``section``, tagged with the stage's params hash."""
+    return run(params.mlflow.experiment, run_name, section, params.digest(), stage, tags, True, parent_run_id)
 
 
 def default_store_uri() -> str:
