@@ -133,21 +133,19 @@ class Postgres:
         return self
 
     def connect(self, db: str):
-        import psycopg2
+        import psycopg
 
-        return psycopg2.connect(
-            host="127.0.0.1", port=self.port, user=self.user, dbname=db, connect_timeout=3
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=self.user, dbname=db, connect_timeout=3, autocommit=True
         )
 
     def url(self, db: str) -> str:
-        return f"postgresql+psycopg2://{self.user}@127.0.0.1:{self.port}/{db}"
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{db}"
 
     def create_database(self, name: str) -> str:
         """A new, empty database; returns its URL."""
-        conn = self.connect("postgres")
-        conn.autocommit = True
-        with contextlib.closing(conn), conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
+        with self.connect("postgres") as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
     def stop(self) -> None:
@@ -264,3 +262,36 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+@contextlib.contextmanager
+def serve_model(model_uri: str, cwd: Path, env: dict[str, str], log: Path, timeout: float = 180):
+    """``mlflow models serve -m <model_uri>`` on a free loopback port; yields its URL, stops it after."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the uvicorn worker is stopped with it
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(
+                lambda: urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200,
+                f"mlflow models serve ({log})",
+                timeout=timeout,
+                proc=proc,
+            )
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 from lmpipe import data, models, tracking
 from lmpipe.encoding import frame_dataset
-from lmpipe.errors import UserError
+from lmpipe.errors import UserError, unreachable
 from lmpipe.params import Params, SearchParams, SpaceParam, TrainParams
 from lmpipe.training import SELECTION_METRIC, train_model
 
@@ -192,14 +192,13 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
                 grace_period=3 * heartbeat,
                 **{stale: _report_stale},
             )
-    except Exception as err:  # unreachable, refused, bad credentials, no such database, no driver
+    except ImportError:
+        raise UserError(
+            f"search.storage: no driver for {backend} URLs here: pip install -e '.[team]' "
+            "(psycopg for postgresql://)"
+        ) from None
+    except Exception as err:  # unreachable, refused, bad credentials, no such database
         raise unreachable("search.storage", shown_url(url), err) from None
-
-
-def unreachable(setting: str, where: str, err: BaseException) -> UserError:
-    """A one-line error for a service that did not answer as it should: the setting, where, and why."""
-    reason = " ".join(str(getattr(err, "orig", None) or err).split())[:300]
-    return UserError(f"{setting}: cannot use {where}: {type(err).__name__}: {reason}")
 
 
 def _report_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lmpipe.errors import Terminated
+from lmpipe.errors import Terminated, unreachable
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -60,9 +61,50 @@ def _outside_exps_tmp(path: Path) -> Path:
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the repo's SQLite store; SQLite URIs get a busy timeout."""
+    """``MLFLOW_TRACKING_URI`` if set, else the repo's SQLite store; SQLite URIs get a busy timeout, and a
+    tracking server is checked once per process (``check_server``)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     return with_busy_timeout(uri)
+
+
+# the first request to a tracking server: one try, this many seconds (MLflow's defaults, 7 retries of
+# up to 120 s with back-off, would leave a stage hanging for minutes on a wrong URL)
+PROBE_TIMEOUT = 10
+
+
+@functools.cache
+def check_server(uri: str) -> None:
+    """Ask the tracking server for one experiment, once, without retries: an unreachable or silent
+    server, or rejected credentials, become a one-line ``ServiceError`` within ``PROBE_TIMEOUT`` s
+    instead of minutes of retries. Later requests keep MLflow's retries (a server restarting mid-run)."""
+    from mlflow.tracking import MlflowClient
+
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT)}
+    saved = {k: os.environ.get(k) for k in probe}
+    os.environ.update(probe)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise unreachable("MLFLOW_TRACKING_URI", shown_uri(uri), err) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def shown_uri(uri: str) -> str:
+    """The URI without a password (``http://user:secret@host`` -> ``http://user:***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def with_busy_timeout(uri: str) -> str:

@@ -9,13 +9,12 @@ pytestmark = pytest.mark.services
 
 def test_postgres_takes_connections(postgres):
     url = postgres.create_database("smoke")
-    with postgres.connect("smoke") as conn, conn.cursor() as cur:
-        cur.execute("SELECT version()")
-        assert "PostgreSQL" in cur.fetchone()[0]
-    assert url.startswith("postgresql+psycopg2://") and url.endswith("/smoke")
+    with postgres.connect("smoke") as conn:
+        assert "PostgreSQL" in conn.execute("SELECT version()").fetchone()[0]
+    assert url.startswith("postgresql://") and url.endswith("/smoke")
 
 
-def test_mlflow_server_stores_runs_in_postgres_and_artefacts_in_s3(mlflow_server, s3, tmp_path):
+def test_mlflow_server_stores_runs_in_postgres_and_artefacts_in_s3(mlflow_server, postgres, s3, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
@@ -26,23 +25,6 @@ def test_mlflow_server_stores_runs_in_postgres_and_artefacts_in_s3(mlflow_server
     client.set_terminated(run.info.run_id)
     keys = s3.keys("mlflow")
     assert any(k.endswith(f"{run.info.run_id}/artifacts/hello.txt") for k in keys), keys
-    with mlflow_server_db(mlflow_server) as cur:
-        cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,))
-        assert cur.fetchone()[0] == "FINISHED"
-
-
-def mlflow_server_db(server):
-    import contextlib
-
-    import psycopg2
-
-    @contextlib.contextmanager
-    def cursor():
-        conn = psycopg2.connect(server.backend_uri.replace("postgresql+psycopg2", "postgresql"))
-        try:
-            with conn.cursor() as cur:
-                yield cur
-        finally:
-            conn.close()
-
-    return cursor()
+    with postgres.connect("mlflow") as conn:
+        status = conn.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,)).fetchone()
+    assert status == ("FINISHED",)

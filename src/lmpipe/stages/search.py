@@ -197,9 +197,9 @@ def worker(params: Params, paths: WorkerPaths, storage: str | None = None, index
             "search.storage: null (a local SQLite file of the search stage): a worker on another machine "
             "needs the shared RDB URL, e.g. postgresql://user@host/optuna"
         )
+    rdb = lib.open_storage(url, cfg.heartbeat)
     train, val = data.read_split(paths.data, "train"), data.read_split(paths.data, "val")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    rdb = lib.open_storage(url, cfg.heartbeat)
     # each worker samples with a seed of its own: one seed everywhere would propose the same points
     index = index if index is not None else os.getpid()
     study = lib.join_study(params, rdb, lib.data_fingerprint(train, val), params.base.seed + index)
