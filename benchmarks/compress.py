@@ -77,13 +77,15 @@ def main() -> None:
         "models",
         "--metrics",
         "metrics.json",
+        "--report",
+        "report.json",
         "--plot",
         "pareto.csv",
     ]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=args.out, env=env, check=True)
     seconds = time.perf_counter() - start
-    metrics = json.loads((args.out / "metrics.json").read_text())
+    metrics = json.loads((args.out / "report.json").read_text())
     rows = metrics["variants"]
     bs = params.compress.latency.batch_size
     print(

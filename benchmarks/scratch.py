@@ -49,10 +49,11 @@ class Scratch:
         self.params: Params = load_params(self.params_file)  # checked before any stage runs
         f, base_file = self.folder, self.params_file
         self.stage(
-            ["prepare", "--params", base_file, "--out", f / "prepared", "--report", f / "prepare.json"]
-        )
+            ["prepare", "--params", base_file, "--out", f / "prepared", "--metrics", f / "prepare-metrics.json",
+             "--report", f / "prepare.json"]
+        )  # fmt: skip
         self.stage(["split", "--params", base_file, "--data", f / "prepared/data.parquet",
-                    "--out", f / "split", "--metrics", f / "split.json"])  # fmt: skip
+                    "--out", f / "split", "--metrics", f / "split-metrics.json", "--report", f / "split.json"])  # fmt: skip
         (f / "best_params.json").write_text(json.dumps({"enabled": False, "params": {}}))
 
     def stage(self, args: list[Any]) -> None:
@@ -74,14 +75,14 @@ class Scratch:
         pfile = write_params(out / "params.yaml", overrides, self.params_file)
         self.stage(["train", "--params", pfile, "--data", f / "split", "--labels", f / "prepared/labels.json",
                     "--search", f / "best_params.json", "--out", out / "model", "--adapter", out / "adapter",
-                    "--checkpoints", f / "checkpoints", "--metrics", out / "train.json",
+                    "--checkpoints", f / "checkpoints", "--metrics", out / "train-metrics.json", "--report", out / "train.json",
                     "--history", out / "history.csv"])  # fmt: skip
         self.stage(["evaluate", "--params", pfile, "--data", f / "split", "--model", out / "model",
-                    "--train-metrics", out / "train.json", "--out", out / "evaluate"])  # fmt: skip
+                    "--train-report", out / "train.json", "--out", out / "evaluate"])  # fmt: skip
         shutil.rmtree(out / "model", ignore_errors=True)  # ~90 MB each; the metrics are what is kept
         return {
             "train": json.loads((out / "train.json").read_text()),
-            "evaluate": json.loads((out / "evaluate/metrics.json").read_text()),
+            "evaluate": json.loads((out / "evaluate/report.json").read_text()),
         }
 
     def close(self) -> None:

@@ -68,7 +68,7 @@ def run_search(strategy: str, pruner: str, n_trials: int, scratch: Path) -> dict
         check=True,
     )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    metrics = json.loads((folder / "out" / "metrics.json").read_text())
+    metrics = json.loads((folder / "out" / "report.json").read_text())
     best = json.loads((folder / "out" / "best_params.json").read_text())
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {

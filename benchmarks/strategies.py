@@ -2,7 +2,7 @@
 
 Runs prepare and split once, then train and evaluate once per strategy, all in a scratch folder against
 a scratch MLflow store, and prints a table: test macro-F1 and accuracy, training wall time (the
-Trainer's, from reports/train/metrics.json), trainable and total parameters, epochs.
+Trainer's, from reports/train/report.json), trainable and total parameters, epochs.
 
     python benchmarks/strategies.py                          # the default params: ~18 min on a 2-core CPU
     python benchmarks/strategies.py --max-rows 400 --epochs 1  # a reduced run, a few minutes

@@ -5,10 +5,13 @@ Reads:  params.yaml (base, train, compress, mlflow), <data>/{train,val,test}.par
         <model>/ (the trained model: the original and the teacher)
 Writes: <out>/int8/ (int8.safetensors + quantization.json recipe, config, tokenizer; load with
         lmpipe.compression.load_int8), <out>/pruned/ and <out>/student/ (save_pretrained folders),
-        <metrics> (one row per variant and the original: test scores and their change, size, parameters,
-        CPU latency, throughput; DVC metrics), <plot> (macro-F1 against batch-1 latency, a DVC plot)
+        <report> (one row per variant and the original: test scores and their change, size, parameters,
+        CPU latency, throughput), <metrics> (each variant's macro-F1 change and batch-1 speed-up, the DVC
+        metrics), <plot> (macro-F1 against batch-1 latency, a DVC plot)
 Logs:   one MLflow parent run with a child run per variant (and the original); the pruning recovery
         fine-tune and the distillation log like a training run.
+Runs:   with train.distributed asking for several processes, relaunches itself under torchrun (DDP);
+        only rank 0 writes and logs (docs/distributed.md).
 """
 
 from lmpipe.runner import paths_of, run_stage, stage_parser
@@ -19,7 +22,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder with train/val/test.parquet")
     parser.add_argument("--model", required=True, help="the trained model folder")
     parser.add_argument("--out", required=True, help="folder for the compressed variants")
-    parser.add_argument("--metrics", required=True, help="the comparison table (JSON metrics)")
+    parser.add_argument("--metrics", required=True, help="headline figures (DVC metrics JSON)")
+    parser.add_argument("--report", required=True, help="the comparison table (JSON)")
     parser.add_argument("--plot", required=True, help="macro-F1 vs latency points (CSV plot)")
     args = parser.parse_args()
 

@@ -2,7 +2,8 @@
 
 Reads:  params.yaml (base, search, train, mlflow), <data>/{train,val}.parquet, <labels>
 Writes: <out>/best_params.json (laid over `train` by the train stage), <out>/trials.csv,
-        <out>/history.csv and <out>/importance.csv (DVC plots), <out>/metrics.json,
+        <out>/history.csv and <out>/importance.csv (DVC plots), <out>/report.json (trial counts,
+        best value, timings, run id) and <out>/metrics.json (its headline figures, the DVC metrics),
         <db>/study.json and, with the default storage, <db>/optuna.db (the study itself)
 Logs:   one MLflow parent run per study (space, strategy, best value) with a child run per trial.
 With `search.enabled: false` it writes empty results at once, and train uses its own params.

@@ -1,7 +1,8 @@
 """split: a seeded, stratified train/val/test split with a leakage check.
 
 Reads:  params.yaml (base.seed, split), <data>/data.parquet
-Writes: <out>/{train,val,test}.parquet, <metrics> (split sizes and class counts)
+Writes: <out>/{train,val,test}.parquet, <report> (split sizes and class counts), <metrics> (the sizes,
+        the DVC metrics)
 """
 
 from lmpipe.runner import paths_of, run_stage, stage_parser
@@ -11,7 +12,8 @@ def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--data", required=True, help="prepared data.parquet")
     parser.add_argument("--out", required=True, help="folder for the split files")
-    parser.add_argument("--metrics", required=True, help="split report (JSON metrics)")
+    parser.add_argument("--metrics", required=True, help="split sizes (DVC metrics JSON)")
+    parser.add_argument("--report", required=True, help="sizes and class counts per split (JSON)")
     args = parser.parse_args()
 
     from lmpipe.params import load_params

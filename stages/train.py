@@ -4,12 +4,14 @@ Reads:  params.yaml (base, train, mlflow), <data>/{train,val}.parquet, <labels> 
         <search> (the search stage's best params, laid over `train` when the search was enabled)
 Writes: <out>/ (save_pretrained folder: safetensors, config with label maps, tokenizer; for lora the
         adapters merged in), <adapter>/ (lora: the unmerged peft adapter; otherwise adapter.json saying
-        there is none), <metrics> (best val scores, timings, parameter counts, augmented rows, phases,
-        MLflow run id), <history> (per-epoch CSV, a DVC plot)
+        there is none), <report> (best val scores, timings, parameter counts, augmented rows, phases,
+        MLflow run id), <metrics> (its headline figures, the DVC metrics), <history> (per-epoch CSV, a DVC plot)
 Keeps:  <checkpoints>/<key>/ while training (key = hash of params and inputs), so that a killed run
         resumes from its last epoch on the next run; deleted once the outputs are written.
 Logs:   an MLflow run with the params, per-step loss/lr, per-epoch val metrics, per-phase metrics
         (gradual unfreezing, step = phase) and the final model.
+Runs:   with train.distributed asking for several processes, relaunches itself under torchrun (DDP);
+        only rank 0 writes and logs (docs/distributed.md).
 """
 
 from lmpipe.runner import paths_of, run_stage, stage_parser
@@ -23,7 +25,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--adapter", required=True, help="folder for the unmerged LoRA adapter")
     parser.add_argument("--checkpoints", required=True, help="resumable checkpoints (not a DVC output)")
-    parser.add_argument("--metrics", required=True, help="training summary (JSON metrics)")
+    parser.add_argument("--metrics", required=True, help="headline figures (DVC metrics JSON)")
+    parser.add_argument("--report", required=True, help="the training summary (JSON)")
     parser.add_argument("--history", required=True, help="per-epoch history (CSV plot)")
     args = parser.parse_args()
 

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,59 @@ def copy_repo(dest: Path) -> Path:
         (dest / stale).unlink(missing_ok=True)
     shutil.rmtree(dest / "reports", ignore_errors=True)
     return dest
+
+
+def train_cmd(name: str) -> list[str]:
+    """The train stage's command in a pipeline repo with ``params-<name>.yaml`` and its outputs in
+    ``runs/<name>/`` (beside the repo's own), sharing ``checkpoints/train`` and the MLflow store."""
+    out = f"runs/{name}"
+    return [
+        "python",
+        "stages/train.py",
+        "--params",
+        f"params-{name}.yaml",
+        "--data",
+        "data/split",
+        "--labels",
+        "data/prepared/labels.json",
+        "--search",
+        "reports/search/best_params.json",
+        "--out",
+        f"{out}/model",
+        "--adapter",
+        f"{out}/adapter",
+        "--checkpoints",
+        "checkpoints/train",
+        "--metrics",
+        f"{out}/metrics.json",
+        "--report",
+        f"{out}/report.json",
+        "--history",
+        f"{out}/history.csv",
+    ]
+
+
+def train_until_checkpoint(repo: Path, name: str) -> subprocess.Popen:
+    """Start ``train_cmd(name)`` in ``repo`` and return it, still running, once its first checkpoint under
+    ``checkpoints/train`` is complete (stderr piped, for ``communicate``)."""
+    root = repo / "checkpoints/train"
+    proc = subprocess.Popen(
+        train_cmd(name),
+        cwd=repo,
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while (
+        not list(root.glob("*/checkpoint-*/trainer_state.json"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)
+    assert proc.poll() is None, "training ended before its first checkpoint could be interrupted"
+    return proc
 
 
 def git_commit(repo: Path, message: str) -> None:

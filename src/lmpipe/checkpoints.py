@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lmpipe import io
+from lmpipe import distributed, io
 
 RUN_FILE = "run.json"  # the MLflow run that wrote these checkpoints
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -68,6 +68,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
+@distributed.main_only
 def write_run(run_dir: str | Path, info: Mapping[str, Any]) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     io.write_json(Path(run_dir) / RUN_FILE, dict(info))

@@ -30,7 +30,7 @@ from lmpipe.errors import ParamsError, UserError
 
 # where the evaluate stage writes them (dvc.yaml); a flag of `lmpipe compare` can point elsewhere
 PREDICTIONS = "reports/evaluate/predictions.csv"
-EVAL_METRICS = "reports/evaluate/metrics.json"
+EVAL_REPORT = "reports/evaluate/report.json"
 SEARCH_BEST = "reports/search/best_params.json"
 PARAMS_FILE = "params.yaml"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -111,7 +111,7 @@ def from_git(ref: str, root: Path, predictions: str = PREDICTIONS) -> Candidate 
         raise UserError(
             f"{ref}: no {predictions} at {commit[:7]} (did its evaluate stage run and get committed?)"
         )
-    metrics = json.loads(show(EVAL_METRICS) or "{}")
+    metrics = json.loads(show(EVAL_REPORT) or "{}")
     search = json.loads(show(SEARCH_BEST) or "{}")
     params_text = show(PARAMS_FILE)
     kind = "DVC experiment" if refs else "git revision"
@@ -128,8 +128,8 @@ def from_workspace(root: Path, predictions: str = PREDICTIONS) -> Candidate:
     path = root / predictions
     if not path.is_file():
         raise UserError(f"workspace: {predictions} not found (run `dvc repro` first)")
-    metrics_path, search_path = root / EVAL_METRICS, root / SEARCH_BEST
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    report_path, search_path = root / EVAL_REPORT, root / SEARCH_BEST
+    metrics = json.loads(report_path.read_text()) if report_path.is_file() else {}
     search = json.loads(search_path.read_text()) if search_path.is_file() else {}
     params_path = root / PARAMS_FILE
     return Candidate(

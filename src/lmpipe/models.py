@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from lmpipe import distributed
 from lmpipe.errors import UserError
 from lmpipe.params import EMBEDDED_MODEL
 
@@ -58,7 +59,14 @@ def write_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The CPU, or the GPU: this process's own (``LOCAL_RANK``) when several processes train together."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return (
+        torch.device("cuda", distributed.local_rank())
+        if distributed.under_launcher()
+        else torch.device("cuda")
+    )
 
 
 def precision_flags(precision: str) -> dict[str, bool]:

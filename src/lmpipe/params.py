@@ -163,6 +163,34 @@ class AugmentParams(_Section):
 
 
 @dataclass(frozen=True)
+class DistributedParams(_Section):
+    """Several training processes through torchrun (``lmpipe.distributed``); 1 x 1 = one process."""
+
+    processes: int
+    nnodes: int
+    node_rank: int
+    rdzv_endpoint: str
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.nnodes
+
+    def problems(self):
+        if self.processes < 1:
+            yield "processes", f"must be >= 1 (1 = no DDP), got {self.processes}"
+        if self.nnodes < 1:
+            yield "nnodes", f"must be >= 1, got {self.nnodes}"
+        if not 0 <= self.node_rank < max(self.nnodes, 1):
+            yield "node_rank", f"must be between 0 and nnodes - 1 ({self.nnodes - 1}), got {self.node_rank}"
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if self.nnodes > 1 and not (host and port.isdigit() and 0 < int(port) < 65536):
+            yield (
+                "rdzv_endpoint",
+                f"must be host:port of machine 0, e.g. 10.0.0.1:29500, got {self.rdzv_endpoint!r}",
+            )
+
+
+@dataclass(frozen=True)
 class TrainParams(_Section):
     epochs: int
     batch_size: int
@@ -183,6 +211,7 @@ class TrainParams(_Section):
     augment: AugmentParams
     lora: LoraParams
     phases: list[PhaseParams]
+    distributed: DistributedParams
 
     @property
     def planned_epochs(self) -> int:
@@ -204,6 +233,16 @@ class TrainParams(_Section):
                     f"phases[{i}].layers",
                     f"must be >= the previous phase's {self.phases[i - 1].layers}: phases only unfreeze",
                 )
+        if self.distributed.world_size > 1 and self.strategy == "gradual_unfreezing":
+            yield (
+                "strategy",
+                "gradual_unfreezing does not work with several processes (DDP fixes the trainable set)",
+            )
+        if self.distributed.world_size > 1 and self.fgm_epsilon > 0:
+            yield (
+                "fgm_epsilon",
+                "FGM does not work with several processes yet; set it to 0 or use one process",
+            )
         if self.epochs < 1:
             yield "epochs", f"must be >= 1, got {self.epochs}"
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
@@ -440,7 +479,7 @@ class SearchParams(_Section):
             yield "study_name", "must not be empty"
         if not self.space:
             yield "space", "declare at least one parameter to search"
-        train_fields = {f.name for f in fields(TrainParams)}
+        train_fields = {f.name for f in fields(TrainParams)} - {"distributed"}  # not a hyperparameter
         for name, spec in self.space.items():
             if name not in train_fields:
                 yield f"space.{name}", f"unknown train param (searchable: {', '.join(sorted(train_fields))})"

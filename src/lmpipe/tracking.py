@@ -12,6 +12,8 @@
   the pipeline's own outputs and ``dvc.lock`` do not count), a hash of the resolved params,
   the stage, and the DVC experiment name when DVC runs the stage as an experiment.
 * A run that raises is ended as FAILED (KILLED on Ctrl-C or SIGTERM), never left RUNNING.
+* Rank-aware: with several training processes (``lmpipe.distributed``) only rank 0 opens runs and logs;
+  on the other ranks ``run`` yields a stand-in without a run id and every logging call does nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import signal
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import TrainerCallback
 
+from lmpipe import distributed
 from lmpipe.errors import Terminated, unreachable
 
 STORE_FILE = "mlflow.db"
@@ -37,6 +41,10 @@ ARTIFACT_DIR = "mlartifacts"
 # it for a while (the store's creation, migrations), far longer than sqlite3's default of 5 s
 SQLITE_BUSY_TIMEOUT = 60
 EXPS_TMP = (".dvc", "tmp", "exps")  # where DVC puts the temporary workspaces of queued experiments
+
+
+# what ``run`` yields on the ranks that do not log: ``.info.run_id`` is empty
+NO_RUN = SimpleNamespace(info=SimpleNamespace(run_id=""))
 
 
 def repo_root() -> Path:
@@ -235,8 +243,12 @@ def run(
     """Start a tagged MLflow run with the full resolved params logged, and end it honestly.
 
     ``nested=True`` starts a child of the active run (search trials under their study's run), or of
-    ``parent_run_id`` when given (a trial run by a search worker in another process).
+    ``parent_run_id`` when given (a trial run by a search worker in another process). On a rank other
+    than 0 it yields ``NO_RUN`` and logs nothing: one run per stage, not one per process.
     """
+    if not distributed.is_main():
+        yield NO_RUN
+        return
     import mlflow
 
     if not nested or parent_run_id:
@@ -319,6 +331,7 @@ def _param_value(value: Any) -> Any:
     return "null" if value is None else value
 
 
+@distributed.main_only
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
     """Log the numeric leaves of a (nested) metrics dict, keys joined with dots."""
     import mlflow
@@ -332,18 +345,21 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
         mlflow.log_metrics(numeric, step=step)
 
 
+@distributed.main_only
 def set_tags(tags: Mapping[str, Any]) -> None:
     import mlflow
 
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+@distributed.main_only
 def log_dict(obj: Any, name: str) -> None:
     import mlflow
 
     mlflow.log_dict(obj, name)
 
 
+@distributed.main_only
 def log_metrics_to(run_id: str, metrics: Mapping[str, Any], prefix: str = "") -> bool:
     """Log numeric metrics to another (finished) run, e.g. test scores onto the train run.
 
@@ -361,6 +377,7 @@ def log_metrics_to(run_id: str, metrics: Mapping[str, Any], prefix: str = "") ->
     return True
 
 
+@distributed.main_only
 def mark_resumed(run_id: str, by_run_id: str, from_step: int) -> None:
     """Tag an interrupted run with the run that took over from its checkpoint. A run that a hard kill
     (SIGKILL, power loss) left RUNNING is ended as KILLED here, so none stays RUNNING."""
@@ -379,6 +396,7 @@ def mark_resumed(run_id: str, by_run_id: str, from_step: int) -> None:
         client.set_terminated(run_id, status="KILLED")
 
 
+@distributed.main_only
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 
@@ -389,6 +407,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+@distributed.main_only
 def log_figure(figure: Any, name: str) -> None:
     import mlflow
 
@@ -434,6 +453,7 @@ def _client() -> Any:
     return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
 
 
+@distributed.main_only
 def log_pyfunc_model(
     code_path: str | Path,
     artifacts: Mapping[str, str | Path],
@@ -456,6 +476,7 @@ def log_pyfunc_model(
     return info.model_uri
 
 
+@distributed.main_only
 def register_model_version(model_uri: str, name: str, tags: Mapping[str, Any], description: str) -> str:
     """A new version of registered model ``name`` (created if needed), tagged and described."""
     import mlflow
@@ -490,6 +511,7 @@ def get_run(run_id: str) -> Any | None:
         return None
 
 
+@distributed.main_only
 def set_alias(name: str, alias: str, version: str) -> None:
     _client().set_registered_model_alias(name, alias, version)
 

@@ -10,12 +10,17 @@ logging, pruning) and ``compute_loss`` (a different loss, e.g. distillation), ne
 schedule (gradual unfreezing), FGM in ``training_step``, label smoothing and a dropout override.
 With ``checkpoint_dir`` the run checkpoints there every epoch and resumes from the newest complete
 checkpoint it finds (``checkpoints.py``).
+
+Under torchrun (``distributed.py``) the same loop trains with DDP: ``cfg.batch_size`` is per process,
+each process sees its shard of train, and evaluation gathers every process's predictions, so the val
+metrics (and ``rows``, the count they were computed on) cover all of val on every rank.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +39,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from lmpipe import checkpoints, strategies
+from lmpipe import checkpoints, distributed, strategies
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import precision_flags, seed_everything
 from lmpipe.params import TrainParams
@@ -49,7 +54,8 @@ def eval_metrics(prediction) -> dict[str, float]:
     )
     y_pred = np.asarray(logits).argmax(axis=-1)
     metrics = classification_metrics(np.asarray(prediction.label_ids), y_pred)
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    # rows: how many val predictions were scored (all of val, also when several processes share it)
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "rows": len(y_pred)}
 
 
 @dataclass
@@ -66,6 +72,10 @@ class TrainResult:
     trainable_parameters: int = 0
     phases: list[dict[str, float]] = field(default_factory=list)
     resumed_from_step: int = 0
+    # processes that trained together (DDP), and the examples per optimiser step over all of them:
+    # processes x batch_size x gradient_accumulation_steps
+    processes: int = 1
+    global_batch_size: int = 0
 
     def summary(self) -> dict[str, float | int]:
         return {
@@ -74,6 +84,8 @@ class TrainResult:
             "epochs_run": self.epochs_run,
             "global_steps": self.global_steps,
             "train_seconds": round(self.train_seconds, 1),
+            "processes": self.processes,
+            "global_batch_size": self.global_batch_size,
         }
 
 
@@ -92,7 +104,7 @@ def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
             row["train_loss"] = float(np.mean(losses))
         losses = []
         for key in sorted(entry, key=lambda k: (k != "eval_loss", k)):  # val_loss first, then a-z
-            if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second")):
+            if key.startswith("eval_") and not key.endswith(("_runtime", "_per_second", "_rows")):
                 row[key.replace("eval_", "val_")] = float(entry[key])
         rows.append(row)
     return rows
@@ -260,6 +272,9 @@ def train_model(
             disable_tqdm=not show_progress,
             dataloader_num_workers=0,
             use_cpu=not torch.cuda.is_available(),
+            ddp_backend=distributed.backend() if distributed.under_launcher() else None,
+            # several machines need their own copy of each checkpoint, to load the best and to resume
+            save_on_each_node=distributed.world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
             **precision_flags(cfg.precision),
         )
         if parts is not None:
@@ -321,4 +336,6 @@ def train_model(
         trainable_parameters=phase_counts[-1] if phase_counts else trainable,
         phases=phases,
         resumed_from_step=checkpoints.step_of(resume),
+        processes=args.world_size,
+        global_batch_size=args.train_batch_size * args.world_size * cfg.gradient_accumulation_steps,
     )

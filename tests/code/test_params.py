@@ -86,6 +86,29 @@ def test_every_key_in_params_yaml_has_a_comment():
             allow_new=True,
         ),
         case({"search.space": {}}, "search.space", "at least one parameter", replace=["search.space"]),
+        case({"train.distributed.processes": 0}, "train.distributed.processes", "must be >= 1"),
+        case({"train.distributed.procs": 2}, "train.distributed.procs", "unknown key", allow_new=True),
+        case(
+            {"train.distributed.nnodes": 2, "train.distributed.node_rank": 2},
+            "train.distributed.node_rank",
+            "between 0 and nnodes - 1",
+        ),
+        case(
+            {"train.distributed.nnodes": 2, "train.distributed.rdzv_endpoint": "machine0"},
+            "train.distributed.rdzv_endpoint",
+            "host:port",
+        ),
+        case(
+            {"train.distributed.processes": 2, "train.strategy": "gradual_unfreezing"},
+            "train.strategy",
+            "several processes",
+        ),
+        case(
+            {"search.space.distributed": {"type": "int", "low": 1, "high": 2}},
+            "search.space.distributed",
+            "unknown train param",
+            allow_new=True,
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, options, key, fragment):

@@ -44,7 +44,7 @@ def repo(tmp_path_factory, tiny_encoder):
 
 
 def table(repo) -> dict:
-    return json.loads((repo / "reports/compress/metrics.json").read_text())
+    return json.loads((repo / "reports/compress/report.json").read_text())
 
 
 def texts(repo) -> list[str]:
@@ -72,7 +72,7 @@ def test_table_has_every_variant_with_consistent_values(repo):
     assert original["delta_macro_f1"] == 0 and original["speedup_b1"] == 1
     # the original's scores are the evaluate stage's scores for the same model and test split
     run(["dvc", "repro", "evaluate"], repo, timeout=600)
-    evaluated = json.loads((repo / "reports/evaluate/metrics.json").read_text())["model"]
+    evaluated = json.loads((repo / "reports/evaluate/report.json").read_text())["model"]
     assert original["macro_f1"] == pytest.approx(evaluated["macro_f1"])
     assert original["accuracy"] == pytest.approx(evaluated["accuracy"])
     setup = metrics["latency_setup"]
@@ -200,6 +200,8 @@ def test_bad_keep_layers_fail_in_one_line_before_any_work(repo, tmp_path):
             str(tmp_path / "out"),
             "--metrics",
             str(tmp_path / "m.json"),
+            "--report",
+            str(tmp_path / "r.json"),
             "--plot",
             str(tmp_path / "p.csv"),
         ],
@@ -212,3 +214,4 @@ def test_bad_keep_layers_fail_in_one_line_before_any_work(repo, tmp_path):
         result.stderr
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+    assert not (tmp_path / "r.json").exists()

@@ -4,6 +4,8 @@ default local DVC remote into a fresh clone."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 
@@ -11,7 +13,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, TINY, git_commit, new_repo, pipeline_env, run
+from lmpipe.experiments import experiment_refs
+from lmpipe.reports import MAX_COLUMNS
+from lmpipe.tracking import flatten
+from tests.conftest import BIN, ROOT, TINY, git_commit, new_repo, pipeline_env, run
 
 pytestmark = pytest.mark.slow
 
@@ -90,6 +95,16 @@ def queued(tiny_encoder, tmp_path_factory):
     }
 
 
+def report_of(repo, name: str, stage: str) -> dict:
+    """An experiment's full report of ``stage`` (reports are git-tracked: read from its ref)."""
+    (ref,) = experiment_refs(repo)[name]
+    return json.loads(run(["git", "show", f"{ref}:reports/{stage}/report.json"], repo).stdout)
+
+
+def headline(data: dict, stage: str) -> dict:
+    return data["metrics"][f"reports/{stage}/metrics.json"]["data"]
+
+
 def runs_of(repo, stage: str) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("queue")
@@ -111,13 +126,51 @@ def test_exp_show_lists_every_experiment_with_metrics(queued):
     exps = {n: d for n, d in queued["exps"].items() if n != FAILING}
     assert len(exps) == 3, queued["status"]
     rates = []
-    for data in exps.values():
-        metrics = data["metrics"]["reports/evaluate/metrics.json"]["data"]
-        assert 0 <= metrics["model"]["accuracy"] <= 1 and len(metrics["mlflow_run_id"]) == 32
-        train = data["metrics"]["reports/train/metrics.json"]["data"]
-        assert len(train["mlflow_run_id"]) == 32
+    for name, data in exps.items():
+        assert 0 <= headline(data, "evaluate")["model"]["accuracy"] <= 1
+        assert 0 <= headline(data, "train")["best_val_macro_f1"] <= 1
+        assert len(report_of(queued["repo"], name, "train")["mlflow_run_id"]) == 32
         rates.append(data["params"]["params.yaml"]["data"]["train"]["learning_rate"])
     assert sorted(map(float, rates)) == sorted(map(float, LEARNING_RATES))
+
+
+def readme_sweep_view() -> list[str]:
+    """The commands of the README's sweep view (the code block after its `sweep-view` marker)."""
+    block = (ROOT / "README.md").read_text().split("<!-- sweep-view -->")[1].split("```")[1]
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()[1:]]
+    return [line for line in lines if line]
+
+
+def test_the_sweep_table_is_headline_metrics_and_its_views_run(queued):
+    repo, exps = queued["repo"], {n: d for n, d in queued["exps"].items() if n != FAILING}
+    for data in [*exps.values(), queued["show"][0]["data"]]:  # every experiment and the baseline
+        columns = [c for m in data["metrics"].values() for c in flatten(m["data"])]
+        assert len(columns) <= MAX_COLUMNS, columns
+        assert not set(data["metrics"]) & set(data["params"])  # no file is both: DVC's filters crash
+        assert 0 <= headline(data, "evaluate")["model"]["macro_f1"] <= 1
+    # the README's commands, as a user types them, in a 120-column terminal
+    env = {**pipeline_env(), "COLUMNS": "120"}
+    commands = readme_sweep_view()
+    assert any("--only-changed" in c for c in commands) and any("--csv" in c for c in commands)
+    for command in commands:
+        result = run(["bash", "-c", command.replace("<exp>", sorted(exps)[0])], repo, check=False, env=env)
+        assert result.returncode == 0 and "ERROR" not in result.stderr, (command, result.stderr)
+        assert len(result.stdout.splitlines()) <= MAX_COLUMNS + 10, (command, result.stdout)
+    # DVC's own filter on one headline metric (it crashed while a file was both params and metrics)
+    kept = run(["dvc", "exp", "show", "--csv", "--drop", ".*", "--keep", "model.macro_f1"], repo).stdout
+    rows = list(csv.DictReader(io.StringIO(kept)))
+    assert [c for c in rows[0] if c not in ("Experiment", "rev", "typ", "Created", "parent")] == [
+        "model.macro_f1"
+    ]
+    # (the filter drops the Experiment column too): a value for every experiment and the baseline
+    values = [float(row["model.macro_f1"]) for row in rows if row["model.macro_f1"]]
+    assert len(values) >= len(exps) + 1 and all(0 <= v <= 1 for v in values), kept
+    # --only-changed: numbers under the metric names, no file hashes
+    changed = run(["dvc", "exp", "show", "--csv", "--only-changed"], repo).stdout
+    for row in csv.DictReader(io.StringIO(changed)):
+        for column, value in row.items():
+            if column in ("model.macro_f1", "best_val_macro_f1") and value:
+                float(value)
 
 
 def test_each_experiment_has_one_finished_train_and_evaluate_run(queued):
@@ -132,16 +185,15 @@ def test_each_experiment_has_one_finished_train_and_evaluate_run(queued):
         assert [r.info.status for r in train] == ["FINISHED"], name
         assert [r.info.status for r in evaluate] == ["FINISHED"], name
         (train,), (evaluate,) = train, evaluate
-        metrics = data["metrics"]
-        assert train.info.run_id == metrics["reports/train/metrics.json"]["data"]["mlflow_run_id"]
-        assert evaluate.info.run_id == metrics["reports/evaluate/metrics.json"]["data"]["mlflow_run_id"]
+        assert train.info.run_id == report_of(repo, name, "train")["mlflow_run_id"]
+        assert evaluate.info.run_id == report_of(repo, name, "evaluate")["mlflow_run_id"]
         assert train.data.tags["dvc_exp_baseline_rev"] == queued["baseline"]
         assert train.data.tags["params_hash"] == evaluate.data.tags["params_hash"]
         hashes.add(train.data.tags["params_hash"])
         lr = data["params"]["params.yaml"]["data"]["train"]["learning_rate"]
         assert float(train.data.params["train.learning_rate"]) == float(lr)
         assert train.data.metrics["test_accuracy"] == pytest.approx(
-            metrics["reports/evaluate/metrics.json"]["data"]["model"]["accuracy"]
+            headline(data, "evaluate")["model"]["accuracy"]
         )
     assert len(hashes) == 3
 
@@ -187,16 +239,14 @@ def test_compare_experiments_and_runs(queued):
     assert data["differing_params"] == ["train.learning_rate"]
     assert len(data["pairs"]) == 3 and data["test_examples"] == 6
     for r in data["runs"]:
-        metrics = queued["exps"][r["label"]]["metrics"]["reports/evaluate/metrics.json"]["data"]
-        assert r["accuracy"]["value"] == pytest.approx(metrics["model"]["accuracy"])
-        assert r["run_id"] == metrics["mlflow_run_id"]
+        evaluated = report_of(repo, r["label"], "evaluate")
+        assert r["accuracy"]["value"] == pytest.approx(evaluated["model"]["accuracy"])
+        assert r["run_id"] == evaluated["mlflow_run_id"]
     assert "## Verdict" in report and result.stdout.count(" pt [") == 3
     # the same two models named by MLflow run ids (a train run, an evaluate run) give the same numbers
-    m0 = queued["exps"][names[0]]["metrics"]
-    m1 = queued["exps"][names[1]]["metrics"]
     ids = [
-        m0["reports/train/metrics.json"]["data"]["mlflow_run_id"],
-        m1["reports/evaluate/metrics.json"]["data"]["mlflow_run_id"],
+        report_of(repo, names[0], "train")["mlflow_run_id"],
+        report_of(repo, names[1], "evaluate")["mlflow_run_id"],
     ]
     run([str(BIN / "lmpipe"), "compare", *ids, "--resamples", "300", "--out", "by-run"], repo)
     by_run = json.loads((repo / "by-run/comparison.json").read_text())

@@ -48,7 +48,8 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
 
 
 def metrics(repo: Path, stage: str = "export") -> dict:
-    return json.loads((repo / "reports" / stage / "metrics.json").read_text())
+    """A stage's full report."""
+    return json.loads((repo / "reports" / stage / "report.json").read_text())
 
 
 def client(repo: Path) -> MlflowClient:
@@ -121,8 +122,16 @@ def test_latency_metrics(repo):
         m["latency"]["pytorch_fp32"]["latency_b1_p50_ms"] / m["latency"]["onnx_int8"]["latency_b1_p50_ms"],
         rel=1e-2,
     )
-    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
-    assert "reports/export/metrics.json" in json.dumps(shown)
+    # the DVC metrics: the served variant's headline figures
+    shown = json.loads((repo / "reports/export/metrics.json").read_text())
+    assert shown == {
+        "served": {
+            "macro_f1": m["served"]["macro_f1"],
+            "latency_b1_p50_ms": m["latency"]["onnx_fp32"]["latency_b1_p50_ms"],
+            "size_mb": m["size_mb"]["fp32"],
+        },
+        "gate": {"passed": m["gate"]["passed"]},
+    }
 
 
 def test_registered_version_links_run_commit_and_metrics(repo):
@@ -299,18 +308,20 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
             "model=models/model",
             "--data",
             "data/split",
-            "--prepare-metrics",
-            "reports/prepare/metrics.json",
-            "--split-metrics",
-            "reports/split/metrics.json",
-            "--train-metrics",
-            "reports/train/metrics.json",
-            "--eval-metrics",
-            "reports/evaluate/metrics.json",
+            "--prepare-report",
+            "reports/prepare/report.json",
+            "--split-report",
+            "reports/split/report.json",
+            "--train-report",
+            "reports/train/report.json",
+            "--eval-scores",
+            "reports/evaluate/scores.json",
             "--out",
             str(out),
             "--metrics",
             str(metrics_file),
+            "--report",
+            str(tmp_path / "report.json"),
         ],
         repo,
         check=False,
@@ -319,7 +330,7 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: export.max_logit_diff: the ONNX fp32 export differs from PyTorch by")
     assert "Traceback" not in result.stderr
-    assert not out.exists() and not metrics_file.exists()
+    assert not out.exists() and not metrics_file.exists() and not (tmp_path / "report.json").exists()
 
 
 def test_export_of_a_compress_variant(repo):

@@ -14,14 +14,16 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lmpipe import reports, tracking
 from lmpipe.params import write_params
 from tests.conftest import git_commit, run
 
 pytestmark = pytest.mark.slow
 
 
-def metrics(repo, stage):
-    return json.loads((repo / "reports" / stage / "metrics.json").read_text())
+def report(repo, stage):
+    """A stage's full report (its DVC metrics file holds only the headline figures)."""
+    return json.loads((repo / "reports" / stage / "report.json").read_text())
 
 
 def client(repo) -> MlflowClient:
@@ -42,16 +44,16 @@ def test_all_stages_ran(tiny_repo):
 
 
 def test_prepare_and_split_metrics(tiny_repo):
-    prep = metrics(tiny_repo, "prepare")
+    prep = report(tiny_repo, "prepare")
     assert prep["rows_in"] == 2225 and prep["rows_out"] == 80 and prep["duplicates_removed"] == 100
     assert sum(prep["rows_per_class"].values()) == 80
     assert prep["token_length"]["p50"] > 32 and prep["token_length"]["truncated_fraction"] == 1.0
-    sizes = metrics(tiny_repo, "split")["sizes"]
+    sizes = report(tiny_repo, "split")["sizes"]
     assert sizes == {"train": 64, "val": 8, "test": 8}
 
 
 def test_evaluate_metrics_match_predictions(tiny_repo):
-    m = metrics(tiny_repo, "evaluate")
+    m = report(tiny_repo, "evaluate")
     assert set(m) >= {"model", "baseline", "mlflow_run_id"}
     for who in ("model", "baseline"):
         assert set(m[who]) == {
@@ -92,7 +94,7 @@ def test_model_folder_is_a_complete_save_pretrained(tiny_repo):
 
 
 def test_mlflow_runs_are_tagged_and_complete(tiny_repo):
-    train_m, eval_m = metrics(tiny_repo, "train"), metrics(tiny_repo, "evaluate")
+    train_m, eval_m = report(tiny_repo, "train"), report(tiny_repo, "evaluate")
     mlflow = client(tiny_repo)
     commit = run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
 
@@ -124,6 +126,34 @@ def test_mlflow_runs_are_tagged_and_complete(tiny_repo):
     assert {"plots/confusion_matrix.png", "plots/roc.png", "plots/pr.png"} <= plots
 
 
+def test_dvc_metrics_are_the_headline_of_each_report(tiny_repo):
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
+    (files,) = [entry["data"] for entry in shown.values()]
+    stages = ("prepare", "split", "search", "train", "evaluate", "compress", "export")
+    assert set(files) == {f"reports/{stage}/metrics.json" for stage in stages}
+    columns = 0
+    for stage in stages:
+        shown_metrics = files[f"reports/{stage}/metrics.json"]["data"]
+        assert shown_metrics == reports.headline(stage, report(tiny_repo, stage)), stage
+        columns += len(tracking.flatten(shown_metrics))
+    assert 20 <= columns <= reports.MAX_COLUMNS
+    headline = files["reports/evaluate/metrics.json"]["data"]
+    assert set(headline) == {"model", "baseline", "model_minus_baseline"} and "mlflow_run_id" not in headline
+    assert set(files["reports/compress/metrics.json"]["data"]["variants"]) == {
+        "original",
+        "int8",
+        "pruned",
+        "student",
+    }
+    # export reads the scores alone, without the run ids that change on every evaluate run
+    scores = json.loads((tiny_repo / "reports/evaluate/scores.json").read_text())
+    evaluated = report(tiny_repo, "evaluate")
+    assert scores == {k: evaluated[k] for k in ("model", "baseline", "model_minus_baseline", "test_rows")}
+    # no file is both a params file and a metrics file (dvc exp show then crashes on its filters)
+    params = json.loads(run(["dvc", "params", "diff", "--all", "--json"], tiny_repo).stdout)
+    assert set(params) == {"params.yaml"}
+
+
 def test_dvc_plots_render(tiny_repo):
     out = run(["dvc", "plots", "show", "--json"], tiny_repo).stdout
     shown = json.loads(out)["data"]
@@ -147,13 +177,13 @@ def test_evaluate_param_reruns_only_evaluate(tiny_repo_copy):
     write_params(repo / "params.yaml", {"evaluate.batch_size": 3})
     status = run(["dvc", "status"], repo).stdout
     assert "evaluate:" in status and "train:" not in status and "prepare:" not in status
-    before = metrics(repo, "evaluate")
+    before = report(repo, "evaluate")
     result = run(["dvc", "repro"], repo)
     ran = re.findall(r"Running stage '(\w+)'", result.stdout)
-    after = metrics(repo, "evaluate")
+    after = report(repo, "evaluate")
     assert after["mlflow_run_id"] != before["mlflow_run_id"]
     scores = ("model", "baseline", "model_minus_baseline", "test_rows")
-    # export depends on evaluate's scores (dvc.yaml params), not on its run id: same scores, no export
+    # export depends on evaluate's scores.json, not on its run id: same scores, same bytes, no export
     assert [before[k] for k in scores] == [after[k] for k in scores]  # batch size changes no prediction
     assert ran == ["evaluate"]
     git_commit(repo, "evaluate batch size")
@@ -165,9 +195,9 @@ def test_evaluate_param_reruns_only_evaluate(tiny_repo_copy):
 
 def test_same_seed_same_numbers(tiny_repo_copy):
     repo = tiny_repo_copy
-    before = metrics(repo, "evaluate")
+    before = report(repo, "evaluate")
     run(["dvc", "repro", "--force", "train", "evaluate"], repo, timeout=600)
-    after = metrics(repo, "evaluate")
+    after = report(repo, "evaluate")
     assert after["mlflow_run_id"] != before["mlflow_run_id"]
     assert after["model"] == before["model"]
     assert after["baseline"] == before["baseline"]
@@ -187,8 +217,8 @@ def test_failed_stage_marks_run_failed_and_writes_nothing(tiny_repo_copy, tmp_pa
             "data/split",
             "--model",
             str(broken),
-            "--train-metrics",
-            "reports/train/metrics.json",
+            "--train-report",
+            "reports/train/report.json",
             "--out",
             str(out),
         ],
@@ -211,7 +241,7 @@ def test_runs_of_a_clean_checkout_are_not_dirty(tiny_repo):
     """git_dirty means "the code or params differ from the commit": the pipeline's own outputs, which
     dvc repro rewrites in every fresh clone, do not count."""
     store = client(tiny_repo)
-    train_id = json.loads((tiny_repo / "reports/train/metrics.json").read_text())["mlflow_run_id"]
+    train_id = report(tiny_repo, "train")["mlflow_run_id"]
     train = store.get_run(train_id)
     assert train.data.tags["git_dirty"] == "false" and "git_changed" not in train.data.tags
     changed = run(["git", "status", "--porcelain"], tiny_repo).stdout

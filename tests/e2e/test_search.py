@@ -66,7 +66,7 @@ def test_trials_table_records_every_state(searched):
     pruned = trials[trials["state"] == "PRUNED"]
     assert (pruned["params_learning_rate"] == 1e-6).all()
     assert trials["duration_s"].notna().all()
-    metrics = json.loads((searched / "reports/search/metrics.json").read_text())
+    metrics = json.loads((searched / "reports/search/report.json").read_text())
     assert (metrics["complete"], metrics["pruned"], metrics["failed"]) == (
         states.get("COMPLETE", 0),
         states.get("PRUNED", 0),
@@ -96,9 +96,9 @@ def test_best_params_match_best_completed_trial(searched):
 
 def test_train_used_the_best_params(searched):
     best = json.loads((searched / "reports/search/best_params.json").read_text())
-    train_metrics = json.loads((searched / "reports/train/metrics.json").read_text())
+    train_report = json.loads((searched / "reports/train/report.json").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{searched / 'mlflow.db'}")
-    train_run = client.get_run(train_metrics["mlflow_run_id"])
+    train_run = client.get_run(train_report["mlflow_run_id"])
     assert float(train_run.data.params["train.learning_rate"]) == pytest.approx(
         best["params"]["learning_rate"]
     )

@@ -38,7 +38,7 @@ def test_editing_the_user_csv_reruns_prepare_and_what_follows(tmp_path):
     git_commit(repo, "user data")
     first = run(["dvc", "repro", "split"], repo, timeout=300)
     assert ran(first) == ["prepare", "split"]
-    report = json.loads((repo / "reports/prepare/metrics.json").read_text())
+    report = json.loads((repo / "reports/prepare/report.json").read_text())
     assert report["rows_in"] == 30 and report["source"] == "`data/raw/news.csv`"
     lock = (repo / "dvc.lock").read_text()
     assert "path: data/raw/news.csv" in lock  # the data file is recorded with its hash
@@ -50,9 +50,9 @@ def test_editing_the_user_csv_reruns_prepare_and_what_follows(tmp_path):
     assert "prepare:" in status and "modified:" in status and "data/raw/news.csv" in status
     second = run(["dvc", "repro", "split"], repo, timeout=300)
     assert ran(second) == ["prepare", "split"]
-    report = json.loads((repo / "reports/prepare/metrics.json").read_text())
+    report = json.loads((repo / "reports/prepare/report.json").read_text())
     assert report["rows_in"] == 31 and report["rows_per_class"]["sport"] == 11
-    sizes = json.loads((repo / "reports/split/metrics.json").read_text())["sizes"]
+    sizes = json.loads((repo / "reports/split/report.json").read_text())["sizes"]
     assert sum(sizes.values()) == 31
 
 
@@ -68,18 +68,30 @@ def test_a_folder_of_label_txt_files_is_a_source_too(tmp_path):
     (repo / "data/raw/texts/tech/new.txt").write_text("a laptop review", encoding="utf-8")
     assert "prepare:" in run(["dvc", "status", "prepare"], repo).stdout
     assert ran(run(["dvc", "repro", "prepare"], repo, timeout=300)) == ["prepare"]
-    report = json.loads((repo / "reports/prepare/metrics.json").read_text())
+    report = json.loads((repo / "reports/prepare/report.json").read_text())
     assert report["rows_in"] == 13 and report["rows_per_class"]["tech"] == 5
 
 
 def test_a_missing_source_fails_in_one_line(tmp_path):
     repo = new_repo(tmp_path, {"prepare": {"source": "bbc_news"}})  # the old spelling of the built-in
     result = run(
-        ["python", "stages/prepare.py", "--out", "data/prepared", "--report", "r.json"], repo, check=False
+        [
+            "python",
+            "stages/prepare.py",
+            "--out",
+            "data/prepared",
+            "--metrics",
+            "m.json",
+            "--report",
+            "r.json",
+        ],
+        repo,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: prepare.source: bbc_news not found; the built-in corpus is named by its descriptor file, "
         "data/builtin/bbc_news.yaml"
     )
-    assert not (repo / "data/prepared").exists() and not (repo / "r.json").exists()
+    assert not (repo / "data/prepared").exists()
+    assert not (repo / "r.json").exists() and not (repo / "m.json").exists()

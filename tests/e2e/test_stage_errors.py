@@ -26,7 +26,16 @@ def workdir(tmp_path):
 
 def prepare(workdir):
     return run(
-        ["python", str(ROOT / "stages/prepare.py"), "--out", "out/prepared", "--report", "out/report.json"],
+        [
+            "python",
+            str(ROOT / "stages/prepare.py"),
+            "--out",
+            "out/prepared",
+            "--metrics",
+            "out/metrics.json",
+            "--report",
+            "out/report.json",
+        ],
         workdir,
         check=False,
     )

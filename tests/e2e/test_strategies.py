@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo, pipeline_env, run
+from tests.conftest import new_repo, run, train_cmd, train_until_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -57,38 +55,13 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
 def train(repo: Path, name: str, check: bool = True, **train_params):
     """Run the train stage with ``train_params`` laid over the repo's params; outputs in runs/<name>."""
     write_params(repo / f"params-{name}.yaml", {"train": train_params}, repo / "params.yaml")
-    result = run(stage_cmd(name), repo, check=check, timeout=600)
+    result = run(train_cmd(name), repo, check=check, timeout=600)
     return result, repo / "runs" / name
 
 
-def stage_cmd(name: str) -> list[str]:
-    out = f"runs/{name}"
-    return [
-        "python",
-        "stages/train.py",
-        "--params",
-        f"params-{name}.yaml",
-        "--data",
-        "data/split",
-        "--labels",
-        "data/prepared/labels.json",
-        "--search",
-        "reports/search/best_params.json",
-        "--out",
-        f"{out}/model",
-        "--adapter",
-        f"{out}/adapter",
-        "--checkpoints",
-        "checkpoints/train",
-        "--metrics",
-        f"{out}/metrics.json",
-        "--history",
-        f"{out}/history.csv",
-    ]
-
-
 def metrics_of(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
+    """The full training report of a run of ``train`` below."""
+    return json.loads((out / "report.json").read_text())
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -104,7 +77,7 @@ def split_digests(repo: Path) -> dict[str, str]:
 
 
 def test_full_is_the_default_through_dvc_repro(repo, tiny_encoder):
-    m = json.loads((repo / "reports/train/metrics.json").read_text())
+    m = json.loads((repo / "reports/train/report.json").read_text())
     assert m["strategy"] == "full" and m["resumed_from_step"] == 0 and m["augmented_rows"] == 0
     assert (
         m["trainable_parameters"]
@@ -118,7 +91,7 @@ def test_full_is_the_default_through_dvc_repro(repo, tiny_encoder):
     }
     assert not any((repo / "checkpoints/train").iterdir())  # a finished run leaves no checkpoints
     assert run(["dvc", "status", "evaluate"], repo).stdout.strip().endswith("up to date.")
-    evaluated = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    evaluated = json.loads((repo / "reports/evaluate/report.json").read_text())
     assert 0 <= evaluated["model"]["macro_f1"] <= 1
 
 
@@ -216,7 +189,7 @@ def test_gradual_unfreezing_runs_its_phases_as_steps_of_one_run(repo, tiny_encod
 def test_fgm_changes_training_and_not_the_evaluation(repo):
     before = split_digests(repo)
     _, out = train(repo, "fgm", fgm_epsilon=1.0)
-    m, full = metrics_of(out), json.loads((repo / "reports/train/metrics.json").read_text())
+    m, full = metrics_of(out), json.loads((repo / "reports/train/report.json").read_text())
     assert m["global_steps"] == full["global_steps"] and m["val_rows"] == full["val_rows"] == 8
     assert m["train_rows"] == ROWS
     fgm_w, full_w = weights(out / "model"), weights(repo / "models/model")
@@ -242,7 +215,7 @@ def test_fgm_changes_training_and_not_the_evaluation(repo):
 def test_augmentation_adds_train_rows_only(repo):
     before = split_digests(repo)
     _, out = train(repo, "augment", augment={"copies": 1, "deletion": 0.1, "swap": 0.1, "replacement": 0.1})
-    m, full = metrics_of(out), json.loads((repo / "reports/train/metrics.json").read_text())
+    m, full = metrics_of(out), json.loads((repo / "reports/train/report.json").read_text())
     assert 0 < m["augmented_rows"] <= ROWS
     assert m["train_rows"] == ROWS + m["augmented_rows"]
     assert m["val_rows"] == full["val_rows"] == 8
@@ -259,22 +232,7 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     write_params(repo / "params-resume.yaml", {"train.epochs": 6}, repo / "params.yaml")
     root = repo / "checkpoints/train"
     already = set(root.iterdir())
-    proc = subprocess.Popen(
-        stage_cmd("resume"),
-        cwd=repo,
-        env=pipeline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 300
-    while (
-        not list(root.glob("*/checkpoint-*/trainer_state.json"))
-        and proc.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.02)
-    assert proc.poll() is None, "training ended before its first checkpoint could be interrupted"
+    proc = train_until_checkpoint(repo, "resume")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr  # as an unhandled SIGTERM, but after the run's bookkeeping
@@ -292,7 +250,7 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     _, other = train(repo, "other", epochs=1)
     assert metrics_of(other)["resumed_from_step"] == 0 and folder.is_dir()
 
-    result = run(stage_cmd("resume"), repo, timeout=600)
+    result = run(train_cmd("resume"), repo, timeout=600)
     assert f"resuming from the checkpoint at step {killed_step}" in result.stdout
     m = metrics_of(repo / "runs/resume")
     assert m["resumed_from_step"] == killed_step > 0

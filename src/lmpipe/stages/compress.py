@@ -3,6 +3,10 @@ against the original with the evaluate stage's scoring, then timed together on t
 
 Each variant is one function below that trains or converts it, writes it and returns a ``Variant``; the
 stage then times every variant in the same interleaved rounds and writes one comparison table.
+
+With ``train.distributed`` asking for several processes, the stage launches them (``lmpipe.distributed``)
+and the fine-tunes (pruning recovery, distillation) train with DDP: ranks other than 0 run only those
+fine-tunes (``fine_tunes``) and stop; rank 0 does everything else, the timing included, alone.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import pandas as pd
 from torch import nn
 
 from lmpipe import compression as lib
-from lmpipe import data, io, latency, models, plots, tracking
+from lmpipe import data, distributed, io, latency, models, plots, reports, tracking
 from lmpipe.encoding import frame_dataset
 from lmpipe.evaluation import score
 from lmpipe.inference import predict_proba_model
@@ -30,7 +34,8 @@ class Paths:
     data: str  # folder with train/val/test.parquet
     model: str  # the trained model folder (the original and the teacher)
     out: str  # folder for the compressed variants
-    metrics: str  # the comparison table (JSON metrics)
+    metrics: str  # headline figures (DVC metrics)
+    report: str  # the comparison table
     plot: str  # macro-F1 vs batch-1 latency points (CSV plot)
 
 
@@ -66,6 +71,9 @@ class Variant:
 
 def run(params: Params, paths: Paths) -> str:
     cfg = params.compress
+    launched = distributed.launch(params.train.distributed)
+    if launched is not None:
+        return f"compress: {launched.message}"
     model_dir = Path(paths.model)
     config = lib.load_config(model_dir)
     if cfg.distill.enabled:  # a wrong layer list fails now, not after the other variants
@@ -79,6 +87,9 @@ def run(params: Params, paths: Paths) -> str:
         label2id=dict(config.label2id),
         source={"path": str(model_dir), "model.safetensors_sha256_16": source_hash},
     )
+    if distributed.is_worker():  # its share is the fine-tunes; rank 0 measures and writes
+        fine_tunes(inputs)
+        return ""
     tags = {"source_model": str(model_dir), "source_sha256_16": source_hash}
     with io.atomic_dir(paths.out) as out, tracking.stage_run(params, "compress", tags=tags) as parent:
         builders = [("original", original, True), ("int8", quantized, cfg.quantize.enabled)]
@@ -122,9 +133,9 @@ def run(params: Params, paths: Paths) -> str:
             "mlflow_run_id": parent.info.run_id,
         }
         tracking.log_metrics({f"{n}.{k}": v for n, r in rows.items() for k, v in r.items()})
-        tracking.log_dict(metrics, "compress_metrics.json")
+        tracking.log_dict(metrics, "compress_report.json")
         io.write_csv(paths.plot, points)
-        io.write_json(paths.metrics, metrics)
+        reports.write("compress", metrics, paths.metrics, paths.report)
     lines = ["compress: variant      macro-F1  (delta)   size MB  b1 p50 ms  speed-up"]
     for name, row in rows.items():
         lines.append(
@@ -216,9 +227,17 @@ def quantized(inputs: Inputs, folder: Path) -> Variant:
     return Variant(measure(inputs, model, folder, "int8"), model)
 
 
-def pruned(inputs: Inputs, folder: Path) -> Variant:
-    """Global magnitude pruning of the encoder's Linear weights, with an optional recovery fine-tune
-    that keeps the pruned weights at zero."""
+def fine_tunes(inputs: Inputs) -> None:
+    """What a rank other than 0 runs: the variants' fine-tunes, in the order rank 0 runs them."""
+    cfg = inputs.params.compress
+    if cfg.prune.enabled and cfg.prune.recovery_epochs:
+        prune_and_recover(inputs)
+    if cfg.distill.enabled:
+        distill(inputs)
+
+
+def prune_and_recover(inputs: Inputs) -> tuple[nn.Module, dict[str, Any]]:
+    """The pruned model, after its recovery fine-tune if there is one, and what to report about it."""
     params, p = inputs.params, inputs.params.compress.prune
     models.seed_everything(params.base.seed)
     model = models.load_classifier(inputs.model_dir).to(models.device())
@@ -237,6 +256,14 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
         )
         log_training(result)
         extra["recovery_epochs_run"] = result.epochs_run
+    return model, extra
+
+
+def pruned(inputs: Inputs, folder: Path) -> Variant:
+    """Global magnitude pruning of the encoder's Linear weights, with an optional recovery fine-tune
+    that keeps the pruned weights at zero."""
+    p = inputs.params.compress.prune
+    model, extra = prune_and_recover(inputs)
     models.write_model(model, inputs.tokenizer, folder)
     model = models.load_classifier(folder).to(models.device()).eval()
     row = measure(inputs, model, folder, "pruned")
@@ -244,7 +271,7 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
     return Variant(row, model.cpu())
 
 
-def student(inputs: Inputs, folder: Path) -> Variant:
+def distill(inputs: Inputs) -> tuple[nn.Module, TrainResult]:
     """A shallower student that keeps some of the teacher's layers, distilled in the shared loop."""
     params, d = inputs.params, inputs.params.compress.distill
     models.seed_everything(params.base.seed)
@@ -267,6 +294,12 @@ def student(inputs: Inputs, folder: Path) -> Variant:
     finally:
         loss.close()
     log_training(result)
+    return model, result
+
+
+def student(inputs: Inputs, folder: Path) -> Variant:
+    """The distilled student (``distill``), written and measured."""
+    model, result = distill(inputs)
     models.write_model(model, inputs.tokenizer, folder)
     tracking.log_artifact(folder, "model")
     model = models.load_classifier(folder).to(models.device()).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmpipe import data, io, plots, tracking
+from lmpipe import data, io, plots, reports, tracking
 from lmpipe.evaluation import (
     baseline_proba,
     curve_frames,
@@ -17,18 +17,22 @@ from lmpipe.evaluation import (
 from lmpipe.inference import predict_proba
 from lmpipe.params import Params
 
+# what export reads (a dep of export in dvc.yaml): the scores without run ids, so that an evaluate re-run
+# that scores the same leaves its bytes, and export, alone
+SCORES = "scores.json"
+
 
 @dataclass(frozen=True)
 class Paths:
     data: str  # folder with train.parquet and test.parquet
     model: str  # the trained model folder
-    train_metrics: str  # train stage metrics (for the MLflow run id)
+    train_report: str  # train stage report (for the MLflow run id)
     out: str  # folder for the evaluation outputs
 
 
 def run(params: Params, paths: Paths) -> str:
     train, test = data.read_split(paths.data, "train"), data.read_split(paths.data, "test")
-    train_run_id = io.read_json(paths.train_metrics).get("mlflow_run_id", "")
+    train_run_id = io.read_json(paths.train_report).get("mlflow_run_id", "")
 
     with tracking.stage_run(params, "evaluate", tags={"train_run_id": train_run_id}) as run:
         proba, names = predict_proba(
@@ -46,13 +50,16 @@ def run(params: Params, paths: Paths) -> str:
         base_scores = score(y_true, base_proba, names)
         predictions = predictions_frame(test, proba, names)
 
-        metrics = {
+        scores = {
             "model": model_scores["metrics"],
             "baseline": base_scores["metrics"],
             "model_minus_baseline": versus_baseline(
                 predictions, predictions_frame(test, base_proba, names), params.base.seed
             ),
             "test_rows": len(test),
+        }
+        metrics = {
+            **scores,
             "mlflow_run_id": run.info.run_id,
             "train_mlflow_run_id": train_run_id,
         }
@@ -101,7 +108,9 @@ def run(params: Params, paths: Paths) -> str:
                     f"evaluate: train run {train_run_id} is not in the MLflow store {tracking.tracking_uri()}; "
                     "the test scores are logged on the evaluate run only"
                 )
-            io.write_json(out / "metrics.json", metrics)
+            io.write_json(out / SCORES, scores)
+            reports.write("evaluate", metrics, out / "metrics.json", out / "report.json")
+            tracking.log_dict(metrics, "evaluate_report.json")
 
     m, b, d = metrics["model"], metrics["baseline"], metrics["model_minus_baseline"]
     return (

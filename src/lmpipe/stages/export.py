@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lmpipe import data, io, modelcard, promotion, serving, tracking
+from lmpipe import data, io, modelcard, promotion, reports, serving, tracking
 from lmpipe import export as lib
 from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
@@ -28,13 +28,14 @@ from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, VARIANT_FILES,
 class Paths:
     source: list[str]  # NAME=FOLDER pairs: the models export.source may choose from
     data: str  # folder with test.parquet
-    prepare_metrics: str  # prepare stage metrics (for the card)
-    split_metrics: str  # split stage metrics (for the card)
-    train_metrics: str  # train stage metrics (run id, for the card)
-    eval_metrics: str  # evaluate's metrics (its scores, for the gate and the card)
-    compress_metrics: str | None  # metrics of the compressed variants (for the card)
+    prepare_report: str  # prepare stage report (for the card)
+    split_report: str  # split stage report (for the card)
+    train_report: str  # train stage report (run id, for the card)
+    eval_scores: str  # evaluate's scores (for the gate and the card)
+    compress_report: str | None  # report of the compressed variants (for the card)
     out: str  # the export folder
-    metrics: str  # export metrics (JSON, DVC metrics)
+    metrics: str  # headline figures (DVC metrics)
+    report: str  # the export report
 
 
 def chosen_model(params: Params, pairs: list[str]) -> Path:
@@ -62,16 +63,21 @@ def chosen_model(params: Params, pairs: list[str]) -> Path:
 def run(params: Params, paths: Paths) -> str:
     model_dir = chosen_model(params, paths.source)
     records = {
-        "prepare": io.read_json(paths.prepare_metrics),
-        "split": io.read_json(paths.split_metrics),
-        "train": io.read_json(paths.train_metrics),
-        "evaluate": io.read_json(paths.eval_metrics),
-        "compression": io.read_json(paths.compress_metrics) if paths.compress_metrics else None,
+        "prepare": io.read_json(paths.prepare_report),
+        "split": io.read_json(paths.split_report),
+        "train": io.read_json(paths.train_report),
+        "evaluate": io.read_json(paths.eval_scores),
+        "compression": io.read_json(paths.compress_report) if paths.compress_report else None,
     }
+    # the scores carry no run id (an evaluate re-run that scores the same does not re-run export); the
+    # evaluate run is the latest finished one of this train run
+    train_run_id = records["train"].get("mlflow_run_id", "")
+    evaluation = tracking.evaluate_run_of(train_run_id) if train_run_id else None
+    records["evaluate_run_id"] = evaluation.info.run_id if evaluation else ""
     test = data.read_split(paths.data, "test")
     tags = {
-        "train_run_id": records["train"].get("mlflow_run_id", ""),
-        "evaluate_run_id": records["evaluate"].get("mlflow_run_id", ""),
+        "train_run_id": train_run_id,
+        "evaluate_run_id": records["evaluate_run_id"],
         "export_source": params.export.source,
     }
     cfg = params.export
@@ -81,6 +87,7 @@ def run(params: Params, paths: Paths) -> str:
         latency = benchmark(params, checked, test["text"].tolist())
         git = tracking.git_info()  # once: the registered version's tags and the metrics name the same commit
         registered = register_and_gate(params, checked, test, tmp, records, active.info.run_id, git)
+        sizes = {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()}
         metrics = {
             "source": cfg.source,
             "labels": checked.labels,
@@ -92,9 +99,13 @@ def run(params: Params, paths: Paths) -> str:
                 "variant": cfg.registered_variant,
                 "macro_f1": checked.served["macro_f1"],
                 "accuracy": checked.served["accuracy"],
+                "latency_b1_p50_ms": latency["latency"][f"onnx_{cfg.registered_variant}"].get(
+                    "latency_b1_p50_ms"
+                ),
+                "size_mb": sizes[cfg.registered_variant],
             },
             **latency,
-            "size_mb": {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()},
+            "size_mb": sizes,
             **registered,
             "git_commit": git["git_commit"],
             "mlflow_run_id": active.info.run_id,
@@ -112,8 +123,8 @@ def run(params: Params, paths: Paths) -> str:
                 "registered_version": int(metrics["registry"]["version"]),
             }
         )
-        tracking.log_dict(metrics, "export_metrics.json")
-        io.write_json(paths.metrics, metrics)
+        tracking.log_dict(metrics, "export_report.json")
+        reports.write("export", metrics, paths.metrics, paths.report)
     b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in metrics["latency"].items()}
     return (
         f"export: ONNX fp32 max |dlogit| {metrics['onnx_fp32']['max_abs_logit_diff']:.1e}, int8 agreement "
@@ -265,9 +276,8 @@ def register_and_gate(
         name,
         tags={
             "train_run_id": train_run_id,
-            # the evaluate run that gave these scores; an evaluate re-run that gave the same scores
-            # (a new run id only) does not re-run export, so this can name the earlier, identical run
-            "evaluate_run_id": evaluate.get("mlflow_run_id", ""),
+            # the latest finished evaluate run of this train run (evaluate runs before export)
+            "evaluate_run_id": records["evaluate_run_id"],
             "export_run_id": run_id,
             "git_commit": git["git_commit"],
             "git_dirty": git["git_dirty"],

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmpipe import data, io
+from lmpipe import data, io, reports
 from lmpipe.models import load_tokenizer, resolve_model_dir
 from lmpipe.params import Params
 
@@ -14,7 +14,8 @@ from lmpipe.params import Params
 @dataclass(frozen=True)
 class Paths:
     out: str  # folder for data.parquet and labels.json
-    report: str  # the data report (JSON metrics)
+    metrics: str  # headline figures (DVC metrics)
+    report: str  # the full data report
 
 
 def run(params: Params, paths: Paths) -> str:
@@ -28,7 +29,7 @@ def run(params: Params, paths: Paths) -> str:
 
     io.write_parquet(f"{paths.out}/data.parquet", frame)
     io.write_json(f"{paths.out}/labels.json", data.label_map(frame["label"]))
-    io.write_json(paths.report, report)
+    reports.write("prepare", report, paths.metrics, paths.report)
     return (
         f"prepare: {report['rows_in']} rows in, {report['rows_out']} out "
         f"({report['empty_dropped']} empty, {report['duplicates_removed']} duplicates, "

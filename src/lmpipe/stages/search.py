@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 import torch
 
-from lmpipe import data, io, models, plots, tracking
+from lmpipe import data, io, models, plots, reports, tracking
 from lmpipe import search as lib
 from lmpipe.errors import UserError
 from lmpipe.params import Params
@@ -44,7 +44,7 @@ def run(params: Params, paths: Paths) -> str:
     if not cfg.enabled:
         with io.staged_outputs(paths.out) as out:
             io.write_json(out / "best_params.json", {"enabled": False, "params": {}})
-            io.write_json(out / "metrics.json", {"enabled": False})
+            reports.write("search", {"enabled": False}, out / "metrics.json", out / "report.json")
             pd.DataFrame(columns=["number", "state", "value"]).to_csv(out / "trials.csv", index=False)
             pd.DataFrame(columns=["trial", "value", "best_so_far"]).to_csv(out / "history.csv", index=False)
             pd.DataFrame(columns=["param", "importance"]).to_csv(out / "importance.csv", index=False)
@@ -136,7 +136,8 @@ def run(params: Params, paths: Paths) -> str:
             trials.to_csv(out / "trials.csv", index=False)
             history.to_csv(out / "history.csv", index=False)
             importance.to_csv(out / "importance.csv", index=False)
-            io.write_json(out / "metrics.json", metrics)
+            reports.write("search", metrics, out / "metrics.json", out / "report.json")
+            tracking.log_dict(metrics, "search_report.json")
             io.write_json(out / "best_params.json", best_params)
             io.write_json(db / "study.json", {"enabled": True, "study_name": name, "storage": shown_storage})
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lmpipe import data, io
+from lmpipe import data, io, reports
 from lmpipe.params import Params
 
 
@@ -14,7 +14,8 @@ from lmpipe.params import Params
 class Paths:
     data: str  # prepared data.parquet
     out: str  # folder for {train,val,test}.parquet
-    metrics: str  # split sizes and class counts (JSON metrics)
+    metrics: str  # split sizes (DVC metrics)
+    report: str  # sizes and class counts per split
 
 
 def run(params: Params, paths: Paths) -> str:
@@ -23,5 +24,5 @@ def run(params: Params, paths: Paths) -> str:
         for name, part in parts.items():
             part.to_parquet(tmp / f"{name}.parquet", index=False)
     report = data.split_report(parts)
-    io.write_json(paths.metrics, report)
+    reports.write("split", report, paths.metrics, paths.report)
     return "split: " + ", ".join(f"{k} {v}" for k, v in report["sizes"].items())

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from lmpipe import augment, checkpoints, data, io, models, plots, strategies, tracking
+from lmpipe import augment, checkpoints, data, distributed, io, models, plots, reports, strategies, tracking
 from lmpipe.encoding import frame_dataset
 from lmpipe.params import Params
 from lmpipe.training import train_model
@@ -24,7 +24,8 @@ class Paths:
     out: str  # the model folder
     adapter: str  # the unmerged LoRA adapter (or adapter.json saying there is none)
     checkpoints: str  # resumable checkpoints (not a DVC output)
-    metrics: str  # training summary (JSON metrics)
+    metrics: str  # headline figures (DVC metrics)
+    report: str  # the training summary
     history: str  # per-epoch history (CSV plot)
 
 
@@ -35,9 +36,14 @@ def search_overrides(search_file: str) -> dict[str, Any]:
 
 
 def run(params: Params, paths: Paths) -> str:
-    """``params`` already carry the search's best values (``search_overrides``)."""
-    searched = io.read_json(paths.search)
+    """``params`` already carry the search's best values (``search_overrides``). With
+    ``train.distributed`` asking for several processes this process only launches them (each runs this
+    function); rank 0 alone writes the outputs and the MLflow run."""
     base, cfg = params.base, params.train
+    launched = distributed.launch(cfg.distributed)
+    if launched is not None:
+        return f"train: {launched.message}"
+    searched = io.read_json(paths.search)
     label2id = data.read_label_map(paths.labels)
     model_dir = models.resolve_model_dir(base.model)
     models.seed_everything(base.seed)  # before the head is created: its init is random
@@ -51,9 +57,9 @@ def run(params: Params, paths: Paths) -> str:
     val_set = frame_dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length)
 
     inputs = [Path(paths.data) / "train.parquet", Path(paths.data) / "val.parquet", Path(paths.labels)]
-    key = checkpoints.checkpoint_key(
-        {"base": dataclasses.asdict(base), "train": dataclasses.asdict(cfg)}, inputs
-    )
+    # where the processes meet does not shape training; how many there are does (the global batch)
+    shape = {**dataclasses.asdict(cfg), "distributed": {"world_size": cfg.distributed.world_size}}
+    key = checkpoints.checkpoint_key({"base": dataclasses.asdict(base), "train": shape}, inputs)
     run_dir = Path(paths.checkpoints) / key
     previous = checkpoints.read_run(run_dir).get("mlflow_run_id")
     resume_step = checkpoints.step_of(checkpoints.latest(run_dir))
@@ -88,6 +94,8 @@ def run(params: Params, paths: Paths) -> str:
             callbacks=[tracking.MlflowTrainingLogger()],
             checkpoint_dir=run_dir,
         )
+        if distributed.is_worker():  # its share of the training is done; rank 0 writes
+            return ""
         counts["trainable_parameters"] = result.trainable_parameters
         tracking.log_metrics({**counts, "augmented_rows": augmented})
         for phase in result.phases:  # gradual unfreezing: one step per phase
@@ -128,10 +136,12 @@ def run(params: Params, paths: Paths) -> str:
             tracking.log_figure(fig, "plots/history.png")
             plots.close(fig)
             io.write_csv(paths.history, pd.DataFrame(result.history))
-            io.write_json(paths.metrics, summary)
+            reports.write("train", summary, paths.metrics, paths.report)
+            tracking.log_dict(summary, "train_report.json")
     checkpoints.remove(run_dir)  # a finished run leaves no checkpoints behind
     return (
         f"train: {cfg.strategy}, best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
-        f"({result.epochs_run} epochs, {result.train_seconds:.0f} s, "
+        f"({result.epochs_run} epochs, {result.train_seconds:.0f} s, {result.processes} process(es), "
+        f"global batch {result.global_batch_size}, "
         f"{result.trainable_parameters:,} trainable params); MLflow run {summary['mlflow_run_id']}"
     )
