@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro test test-fast lint docs clean-venv queue-check queue-start
+.PHONY: setup repro test test-fast test-services lint docs clean-venv queue-check queue-start tracking-server
 
 setup: $(STAMP)
 
@@ -60,6 +60,15 @@ queue-check: setup
 
 queue-start: queue-check
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/dvc queue start --jobs $(JOBS)
+
+# The tests that start real PostgreSQL, S3 (moto) and MLflow servers on loopback ports (docs/team.md)
+test-services: setup
+	$(BIN)/python -m pytest -m services
+
+# A team's tracking server (PostgreSQL store, S3 artefacts): set BACKEND_STORE_URI and
+# ARTIFACTS_DESTINATION (and the S3 endpoint and keys) as scripts/tracking_server.sh says
+tracking-server: setup
+	scripts/tracking_server.sh
 
 clean-venv:
 	rm -rf $(VENV)

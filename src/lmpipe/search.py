@@ -8,9 +8,16 @@ to the pruner after every epoch through a Trainer callback, so search needs no l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import inspect
+import json
 import math
+import os
+import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +30,7 @@ from transformers import TrainerCallback
 
 from lmpipe import data, models, tracking
 from lmpipe.encoding import frame_dataset
-from lmpipe.errors import UserError
+from lmpipe.errors import UserError, unreachable
 from lmpipe.params import Params, SearchParams, SpaceParam, TrainParams
 from lmpipe.training import SELECTION_METRIC, train_model
 
@@ -38,19 +45,36 @@ def trial_seed(base_seed: int) -> int:
     return (base_seed * 1_000_003 + 7919) % (2**31 - 1)
 
 
-def study_name(params: Params) -> str:
-    """The configured name plus a hash of everything that shapes the study: a changed space, budget,
-    data seed or model starts a new study, while identical params on several machines share one."""
-    blob = {
+# search keys that say how a study runs, not what it is: workers with different values share one study
+RUN_KEYS = ("storage", "workers", "heartbeat")
+
+
+def study_params(params: Params) -> dict[str, Any]:
+    """Everything that shapes the study: a changed space, budget, data seed or model is a new study."""
+    return {
         "base": dataclasses.asdict(params.base),
         "train": dataclasses.asdict(params.train),
-        "search": {k: v for k, v in dataclasses.asdict(params.search).items() if k not in ("storage",)},
+        "search": {k: v for k, v in dataclasses.asdict(params.search).items() if k not in RUN_KEYS},
     }
-    import hashlib
-    import json
 
-    digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{params.search.study_name}-{digest}"
+
+def study_hash(params: Params) -> str:
+    blob = json.dumps(study_params(params), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def study_name(params: Params) -> str:
+    """The configured name plus a hash of ``study_params``: a changed space, budget, data seed or model
+    starts a new study, while identical params on several machines share one."""
+    return f"{params.search.study_name}-{study_hash(params)}"
+
+
+def data_fingerprint(*frames: pd.DataFrame) -> str:
+    """A hash of the rows a study trains and scores on, so that a worker with other data cannot join."""
+    digest = hashlib.sha256()
+    for frame in frames:
+        digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
+    return digest.hexdigest()[:12]
 
 
 def make_sampler(search: SearchParams, seed: int) -> optuna.samplers.BaseSampler:
@@ -101,20 +125,227 @@ def space_size(search: SearchParams) -> int | None:
         return None
 
 
-class StopAfterTrained:
-    """Stops the study once ``n_trials`` trials have trained (in this process or any other sharing the
-    storage). Duplicates (``completed_twin``) cost no training and do not count; the study also stops
-    when every point of a finite space has trained, or after ``4 * n_trials`` trials in all."""
+class Budget:
+    """How many trials a study runs, over every worker that shares its storage: ``n_trials`` trials
+    that train, in any state (a FAIL counts: it was run). Duplicates (``completed_twin``) cost no
+    training and do not count; the study also stops when every point of a finite space has trained, or
+    after ``4 * n_trials`` trials in all."""
 
     def __init__(self, n_trials: int, space_points: int | None = None):
         self.trained_needed = min(n_trials, space_points) if space_points else n_trials
         self.max_total = 4 * n_trials
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def is_open(self, study: optuna.Study) -> bool:
         trials = study.get_trials(deepcopy=False)
         trained = sum("duplicate_of" not in t.user_attrs for t in trials)
-        if trained >= self.trained_needed or len(trials) >= self.max_total:
-            study.stop()
+        return trained < self.trained_needed and len(trials) < self.max_total
+
+
+# ------------------------------------------------------------------ the storage and the workers
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which worker ran a trial (trials.csv, MLflow tag)
+# seconds a PostgreSQL or MySQL connection attempt may take before the stage says the server is unreachable
+CONNECT_TIMEOUT = 5
+SQLITE_BUSY_TIMEOUT = 60  # local workers share the default SQLite file: wait for each other's writes
+
+
+def shown_url(url: str) -> str:
+    """The URL with its password hidden, fit for logs, reports and error messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: say it as it was written
+        return url
+
+
+def open_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
+    """The study's storage, with a bounded connect time and worker heartbeats.
+
+    A worker that dies mid-trial stops beating; after ``3 * heartbeat`` seconds the next worker to start
+    a trial (or the stage waiting for the last ones) marks its trial FAIL, so no trial stays RUNNING.
+    An unreachable server, wrong credentials or a missing database raise a one-line ``UserError``
+    naming ``search.storage`` and the host, within ``CONNECT_TIMEOUT`` seconds.
+    """
+    from sqlalchemy.engine import make_url
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception as err:
+        raise UserError(f"search.storage: {url!r} is not a database URL ({err})") from None
+    if backend == "sqlite":
+        connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT}
+    elif "connect_timeout" in url:
+        connect_args = {}
+    else:
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT}
+    # Optuna 4.9 renamed the callback; heartbeats are "experimental" since 2.9 and stable in use
+    stale = "heartbeat_stale_trial_callback"
+    if stale not in inspect.signature(optuna.storages.RDBStorage).parameters:
+        stale = "failed_trial_callback"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"connect_args": connect_args, "pool_pre_ping": backend != "sqlite"},
+                heartbeat_interval=heartbeat,
+                grace_period=3 * heartbeat,
+                **{stale: _report_stale},
+            )
+    except ImportError:
+        raise UserError(
+            f"search.storage: no driver for {backend} URLs here: pip install -e '.[team]' "
+            "(psycopg for postgresql://)"
+        ) from None
+    except Exception as err:  # unreachable, refused, bad credentials, no such database
+        raise unreachable("search.storage", shown_url(url), err) from None
+
+
+def _report_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    print(f"trial {trial.number}: FAIL (its worker stopped sending heartbeats: killed or cut off)")
+
+
+@contextlib.contextmanager
+def claimed(storage: optuna.storages.RDBStorage, name: str):
+    """Held while a worker counts the study's trials and queues the next one, so that two workers
+    never both take the last slot: a PostgreSQL advisory lock, a MySQL named lock, or a file lock
+    beside a SQLite file. (Other databases get no lock and may run up to workers - 1 extra trials.)"""
+    from sqlalchemy import text
+
+    key = int(hashlib.sha256(name.encode()).hexdigest()[:15], 16)
+    dialect = storage.engine.dialect.name
+    if dialect == "sqlite":
+        import fcntl
+
+        path = storage.engine.url.database
+        with open(f"{path}.claim", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return
+    if dialect not in ("postgresql", "mysql"):
+        yield
+        return
+    lock, unlock = (
+        ("SELECT pg_advisory_lock(:k)", "SELECT pg_advisory_unlock(:k)")
+        if dialect == "postgresql"
+        else ("SELECT GET_LOCK(:k, -1)", "SELECT RELEASE_LOCK(:k)")
+    )
+    with storage.engine.connect() as conn:
+        conn.execute(text(lock), {"k": key if dialect == "postgresql" else str(key)})
+        try:
+            yield
+        finally:
+            conn.execute(text(unlock), {"k": key if dialect == "postgresql" else str(key)})
+
+
+def work(
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    objective: Callable[[optuna.Trial], float],
+    budget: Budget,
+    timeout: float | None,
+) -> int:
+    """One worker's loop: while the study's budget is open (counted over every worker), claim the next
+    trial and run it. Returns how many this worker ran. ``timeout``: no new trial after that many s."""
+    from optuna.trial import TrialState, create_trial
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ran = 0
+    while deadline is None or time.monotonic() < deadline:
+        with claimed(storage, study.study_name):
+            if not budget.is_open(study):
+                break
+            # a queued (WAITING) trial counts at once; optimize() below takes one queued trial, this
+            # one or another worker's, and runs it with the heartbeat and failure handling of Optuna
+            study.add_trial(create_trial(state=TrialState.WAITING))
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        ran += 1
+    return ran
+
+
+def wait_for_others(study: optuna.Study, heartbeat: int, say: Callable[[str], None] = print) -> None:
+    """Wait until no trial is running or queued (other workers' trials, a killed worker's trial until
+    its heartbeat is stale), so that the results read from the storage are final."""
+    from optuna.trial import TrialState
+
+    said = False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        pending = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+        if not pending:
+            return
+        if not said:
+            say(f"search: waiting for {len(pending)} trial(s) still running on other workers")
+            said = True
+        time.sleep(min(heartbeat, 5))
+
+
+def mark_study(study: optuna.Study, params: Params, fingerprint: str, parent_run_id: str) -> None:
+    """Record what a joining worker must match (the params that shape the study, the data) and the
+    MLflow run its trials go under."""
+    study.set_user_attr("params_hash", study_hash(params))
+    study.set_user_attr("params", study_params(params))
+    study.set_user_attr("data_fingerprint", fingerprint)
+    study.set_user_attr("mlflow_run_id", parent_run_id)
+
+
+def join_study(
+    params: Params, storage: optuna.storages.RDBStorage, fingerprint: str, seed: int
+) -> optuna.Study:
+    """The study this worker's params belong to, if the search stage has opened it and its data is the
+    same; otherwise a one-line ``UserError`` saying what differs."""
+    name = study_name(params)
+    names = optuna.study.get_all_study_names(storage)
+    if name not in names:
+        prefix = f"{params.search.study_name}-"
+        others = [n for n in names if n.startswith(prefix)]
+        if not others:
+            raise UserError(
+                f"search-worker: no study {name} in the storage: start the search stage first "
+                "(dvc repro search), then the workers"
+            )
+        theirs = optuna.load_study(study_name=others[-1], storage=storage).user_attrs.get("params", {})
+        diff = _differences(study_params(params), theirs)
+        raise UserError(
+            f"search-worker: params differ from study {others[-1]}'s, not joining: {'; '.join(diff[:5])}"
+        )
+    study = optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=make_sampler(params.search, seed),
+        pruner=make_pruner(params.search, max_trial_steps(params)),
+    )
+    theirs = study.user_attrs.get("data_fingerprint")
+    if theirs is not None and theirs != fingerprint:
+        raise UserError(
+            f"search-worker: train/val data differ from study {name}'s (fingerprint {fingerprint} here, "
+            f"{theirs} there), not joining: check out the same commit and `dvc pull`"
+        )
+    return study
+
+
+def _differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {json.dumps(a)} here, {json.dumps(b)} there")
+    return out
+
+
+def worker_threads(workers: int) -> int:
+    """Torch threads per local worker: an equal share of the cores (OMP_NUM_THREADS wins when set), so
+    that N workers do not oversubscribe the CPU."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def suggest(trial: optuna.Trial, name: str, spec: SpaceParam) -> Any:
@@ -173,6 +404,7 @@ class Objective:
     label2id: dict[str, int]
     model_dir: Any
     on_trial: Callable[[str], None] = print
+    parent_run_id: str | None = None  # a worker process's trials go under the stage's run by its id
 
     def __call__(self, trial: optuna.Trial) -> float:
         search, budget = self.params.search, self.params.search.trial
@@ -181,16 +413,22 @@ class Objective:
         cfg: TrainParams = dataclasses.replace(self.params.train, **{"epochs": budget.epochs, **values})
         seed = trial_seed(self.params.base.seed)
         trial.set_user_attr("seed", seed)
+        trial.set_user_attr("worker", WORKER)
         # same params, same seed, same score: a sampler that proposes a finished point again gets its
         # value back without training (TPE does this on small categorical spaces)
         twin = completed_twin(trial, values)
-        tags = {"trial_number": str(trial.number), "trial_seed": str(seed)}
+        tags = {"trial_number": str(trial.number), "trial_seed": str(seed), "worker": WORKER}
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin.number)
             tags["duplicate_of"] = str(twin.number)
         state, outcome = "COMPLETE", None
         with tracking.child_run(
-            self.params, f"trial-{trial.number}", dataclasses.asdict(cfg), "search-trial", tags
+            self.params,
+            f"trial-{trial.number}",
+            dataclasses.asdict(cfg),
+            "search-trial",
+            tags,
+            parent_run_id=self.parent_run_id,
         ) as child:
             trial.set_user_attr("mlflow_run_id", child.info.run_id)
             try:
@@ -270,8 +508,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 "duration_s": None if duration is None else round(duration, 1),
                 "seed": t.user_attrs.get("seed"),
                 "duplicate_of": t.user_attrs.get("duplicate_of"),
+                "worker": t.user_attrs.get("worker", ""),
                 **{f"params_{k}": v for k, v in t.params.items()},
-                "fail_reason": t.user_attrs.get("fail_reason", ""),
+                "fail_reason": t.user_attrs.get("fail_reason")
+                or ("its worker stopped (no heartbeat)" if t.state.name == "FAIL" else ""),
                 "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
             }
         )

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lmpipe import distributed
-from lmpipe.errors import Terminated
+from lmpipe.errors import Terminated, unreachable
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -68,9 +69,50 @@ def _outside_exps_tmp(path: Path) -> Path:
 
 
 def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the repo's SQLite store; SQLite URIs get a busy timeout."""
+    """``MLFLOW_TRACKING_URI`` if set, else the repo's SQLite store; SQLite URIs get a busy timeout, and a
+    tracking server is checked once per process (``check_server``)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / STORE_FILE}"
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     return with_busy_timeout(uri)
+
+
+# the first request to a tracking server: one try, this many seconds (MLflow's defaults, 7 retries of
+# up to 120 s with back-off, would leave a stage hanging for minutes on a wrong URL)
+PROBE_TIMEOUT = 10
+
+
+@functools.cache
+def check_server(uri: str) -> None:
+    """Ask the tracking server for one experiment, once, without retries: an unreachable or silent
+    server, or rejected credentials, become a one-line ``ServiceError`` within ``PROBE_TIMEOUT`` s
+    instead of minutes of retries. Later requests keep MLflow's retries (a server restarting mid-run)."""
+    from mlflow.tracking import MlflowClient
+
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT)}
+    saved = {k: os.environ.get(k) for k in probe}
+    os.environ.update(probe)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:
+        raise unreachable("MLFLOW_TRACKING_URI", shown_uri(uri), err) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def shown_uri(uri: str) -> str:
+    """The URI without a password (``http://user:secret@host`` -> ``http://user:***@host``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def with_busy_timeout(uri: str) -> str:
@@ -196,18 +238,20 @@ def run(
     stage: str,
     tags: Mapping[str, str] | None = None,
     nested: bool = False,
+    parent_run_id: str | None = None,
 ) -> Iterator[Any]:
     """Start a tagged MLflow run with the full resolved params logged, and end it honestly.
 
-    ``nested=True`` starts a child of the active run (search trials under their study's run). On a rank
-    other than 0 it yields ``NO_RUN`` and logs nothing: one run per stage, not one per process.
+    ``nested=True`` starts a child of the active run (search trials under their study's run), or of
+    ``parent_run_id`` when given (a trial run by a search worker in another process). On a rank other
+    than 0 it yields ``NO_RUN`` and logs nothing: one run per stage, not one per process.
     """
     if not distributed.is_main():
         yield NO_RUN
         return
     import mlflow
 
-    if not nested:
+    if not nested or parent_run_id:
         uri = tracking_uri()
         prepare_store(uri)
         mlflow.set_tracking_uri(uri)
@@ -225,7 +269,7 @@ def run(
         **(tags or {}),
     }
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    active = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested)
+    active = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested, parent_run_id=parent_run_id)
     try:
         mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
         mlflow.log_dict(dict(params), "params.json")
@@ -250,11 +294,16 @@ def stage_run(params: Any, stage: str, run_name: str | None = None, tags: Mappin
 
 
 def child_run(
-    params: Any, run_name: str, section: Mapping[str, Any], stage: str, tags: Mapping[str, str] | None = None
+    params: Any,
+    run_name: str,
+    section: Mapping[str, Any],
+    stage: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
 ):
-    """A child of the active stage run (a search trial, a compressed variant) with its own params
-    ``section``, tagged with the stage's params hash."""
-    return run(params.mlflow.experiment, run_name, section, params.digest(), stage, tags, nested=True)
+    """A child of the active stage run (a search trial, a compressed variant), or of ``parent_run_id``,
+    with its own params ``section``, tagged with the stage's params hash."""
+    return run(params.mlflow.experiment, run_name, section, params.digest(), stage, tags, True, parent_run_id)
 
 
 def default_store_uri() -> str:

@@ -69,18 +69,24 @@ def _toy_objective(trial: optuna.Trial) -> float:
     return float(x)
 
 
-def test_duplicates_do_not_use_up_the_trial_budget():
-    study = _study()
-    study.sampler = optuna.samplers.RandomSampler(seed=0)
-    study.optimize(_toy_objective, callbacks=[search.StopAfterTrained(2)])
+def _worked(tmp_path, budget: search.Budget) -> optuna.Study:
+    """A study run by one worker loop (the stage's) on a SQLite storage until ``budget`` closes."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = search.open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=10)
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(study_name="toy", storage=storage, direction="maximize", sampler=sampler)
+    search.work(study, storage, _toy_objective, budget, timeout=None)
+    return study
+
+
+def test_duplicates_do_not_use_up_the_trial_budget(tmp_path):
+    study = _worked(tmp_path, search.Budget(2))
     trained = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
     assert len(trained) == 2 and len({t.params["x"] for t in trained}) == 2
 
 
-def test_a_finite_space_stops_when_every_point_has_trained():
-    study = _study()
-    study.sampler = optuna.samplers.RandomSampler(seed=0)
-    study.optimize(_toy_objective, callbacks=[search.StopAfterTrained(10, space_points=3)])
+def test_a_finite_space_stops_when_every_point_has_trained(tmp_path):
+    study = _worked(tmp_path, search.Budget(10, space_points=3))
     trained = [t for t in study.trials if "duplicate_of" not in t.user_attrs]
     assert sorted(t.params["x"] for t in trained) == [1, 2, 3]
     assert len(study.trials) < 40

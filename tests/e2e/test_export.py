@@ -4,11 +4,6 @@ registry and its aliases, ``mlflow models serve`` answering HTTP on loopback, an
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,7 +19,8 @@ from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier
 from lmpipe.params import write_params
 from lmpipe.serving import OnnxTextClassifier, softmax
-from tests.conftest import BIN, new_repo, pipeline_env, run
+from tests.conftest import new_repo, pipeline_env, run
+from tests.services import serve_model
 
 pytestmark = pytest.mark.slow
 
@@ -181,46 +177,9 @@ def test_model_card(repo):
 @pytest.fixture(scope="module")
 def server(repo):
     """``mlflow models serve`` of version 1 on a free loopback port; stopped at the end of the module."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    log = open(repo / "serve.log", "w")  # noqa: SIM115 - closed below
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager", "local"]
-    proc = subprocess.Popen(
-        [*cmd, "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=repo,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: the uvicorn worker is stopped with it
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"mlflow models serve exited {proc.returncode}: {(repo / 'serve.log').read_text()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve not ready in 180 s: {(repo / 'serve.log').read_text()}")
-            time.sleep(1)
+    with serve_model(f"models:/{NAME}/1", repo, env, repo / "serve.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
 
 
 def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:

@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pandas as pd
+import torch
 
 from lmpipe import data, io, models, plots, reports, tracking
 from lmpipe import search as lib
@@ -23,6 +29,13 @@ class Paths:
     labels: str  # labels.json from prepare
     out: str  # folder for the search reports
     db: str  # folder for the study storage
+    params: str = "params.yaml"  # the params file, handed to the local worker processes
+
+
+@dataclass(frozen=True)
+class WorkerPaths:
+    data: str  # folder with train.parquet and val.parquet
+    labels: str  # labels.json from prepare
 
 
 def run(params: Params, paths: Paths) -> str:
@@ -46,27 +59,20 @@ def run(params: Params, paths: Paths) -> str:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     with io.atomic_dir(paths.db) as db, io.staged_outputs(paths.out) as out:
-        storage = cfg.storage or f"sqlite:///{Path(db).resolve() / 'optuna.db'}"
-        if cfg.storage is None:
-            # the default file moves into place with the rest of the outputs; record where it will be
-            shown_storage = f"sqlite:///{Path(paths.db) / 'optuna.db'}"
-        else:
-            from sqlalchemy.engine import make_url
-
-            shown_storage = make_url(cfg.storage).render_as_string(hide_password=True)
-        try:
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage,
-                direction="maximize",
-                load_if_exists=True,
-                sampler=lib.make_sampler(cfg, params.base.seed),
-                pruner=lib.make_pruner(cfg, lib.max_trial_steps(params)),
-            )
-        except Exception as err:  # a wrong URL, an unreachable server, a missing driver
-            raise UserError(
-                f"search.storage: cannot open {shown_storage}: {type(err).__name__}: {err}"
-            ) from None
+        # the default file moves into place with the rest of the outputs: record where it will be
+        storage_url = cfg.storage or f"sqlite:///{Path(db).resolve() / 'optuna.db'}"
+        shown_storage = (
+            lib.shown_url(cfg.storage) if cfg.storage else f"sqlite:///{Path(paths.db) / 'optuna.db'}"
+        )
+        storage = lib.open_storage(storage_url, cfg.heartbeat)
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+            sampler=lib.make_sampler(cfg, params.base.seed),
+            pruner=lib.make_pruner(cfg, lib.max_trial_steps(params)),
+        )
         space = {k: dataclasses.asdict(v) for k, v in cfg.space.items()}
         with tracking.stage_run(
             params,
@@ -77,19 +83,20 @@ def run(params: Params, paths: Paths) -> str:
                 "strategy": cfg.strategy,
                 "pruner": cfg.pruner,
                 "folds": str(cfg.folds),
+                "workers": str(cfg.workers),
             },
         ) as parent:
             tracking.log_dict(space, "search_space.json")
+            lib.mark_study(study, params, lib.data_fingerprint(train, val), parent.info.run_id)
             start = time.perf_counter()
             objective = lib.Objective(params, train, val, label2id, model_dir)
-            study.optimize(
-                objective,
-                n_trials=None,
-                timeout=cfg.timeout,
-                catch=(Exception,),
-                gc_after_trial=True,
-                callbacks=[lib.StopAfterTrained(n_trials, lib.space_size(cfg))],
-            )
+            budget = lib.Budget(n_trials, lib.space_size(cfg))
+            threads = lib.worker_threads(cfg.workers)
+            with local_workers(cfg.workers - 1, threads, paths, storage_url):
+                if cfg.workers > 1:
+                    torch.set_num_threads(threads)
+                lib.work(study, storage, objective, budget, cfg.timeout)
+            lib.wait_for_others(study, cfg.heartbeat)
             seconds = time.perf_counter() - start
             trials = lib.trials_frame(study)
             counts = trials["state"].value_counts().to_dict()
@@ -149,3 +156,62 @@ def run(params: Params, paths: Paths) -> str:
         f"{metrics['complete']} complete, {metrics['pruned']} pruned, {metrics['failed']} failed "
         f"in {seconds:.0f} s"
     )
+
+
+@contextlib.contextmanager
+def local_workers(count: int, threads: int, paths: Paths, storage_url: str) -> Iterator[None]:
+    """``count`` more workers on the study, as processes of ``lmpipe search-worker`` (the command that
+    other machines run too), each with its share of the cores. They are waited for on the way out,
+    and stopped if the stage fails or is interrupted."""
+    if count < 1:
+        yield
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lmpipe.cli", "search-worker", "--params", paths.params]
+            + ["--data", paths.data, "--labels", paths.labels, "--storage", storage_url]
+            + ["--worker", str(i)],
+            env=env,
+        )
+        for i in range(1, count + 1)
+    ]
+    try:
+        yield
+    except BaseException:
+        for proc in procs:
+            proc.terminate()
+        raise
+    finally:
+        for i, proc in enumerate(procs, 1):
+            if proc.wait() != 0:
+                print(f"search: worker {i} exited with code {proc.returncode}; its trials are in the study")
+
+
+def worker(params: Params, paths: WorkerPaths, storage: str | None = None, index: int | None = None) -> str:
+    """``lmpipe search-worker``: join the study that the search stage opened on the shared storage (same
+    params and data, else a one-line error) and run trials until the study has its ``n_trials``."""
+    cfg = params.search
+    url = storage or cfg.storage
+    if url is None:
+        raise UserError(
+            "search.storage: null (a local SQLite file of the search stage): a worker on another machine "
+            "needs the shared RDB URL, e.g. postgresql://user@host/optuna"
+        )
+    rdb = lib.open_storage(url, cfg.heartbeat)
+    train, val = data.read_split(paths.data, "train"), data.read_split(paths.data, "val")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # each worker samples with a seed of its own: one seed everywhere would propose the same points
+    index = index if index is not None else os.getpid()
+    study = lib.join_study(params, rdb, lib.data_fingerprint(train, val), params.base.seed + index)
+    objective = lib.Objective(
+        params,
+        train,
+        val,
+        data.read_label_map(paths.labels),
+        models.resolve_model_dir(params.base.model),
+        parent_run_id=study.user_attrs.get("mlflow_run_id"),
+    )
+    n_trials = lib.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
+    ran = lib.work(study, rdb, objective, lib.Budget(n_trials, lib.space_size(cfg)), cfg.timeout)
+    return f"search-worker: ran {ran} trial(s) of study {study.study_name} on {lib.shown_url(url)}"
