@@ -44,6 +44,7 @@ def calls(folder, order, allow_spinning=False):
     return {name: runners[name] for name in order}, previous
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("order", [("pytorch_fp32", "onnx_int8"), ("onnx_int8", "pytorch_fp32")])
 def test_interleaved_timer_agrees_with_each_backend_alone(backends, order):
     cases, previous = calls(backends, order)
@@ -54,6 +55,7 @@ def test_interleaved_timer_agrees_with_each_backend_alone(backends, order):
     assert all(1 / TOLERANCE <= r["ratio"] <= TOLERANCE for r in result.values()), result
 
 
+@pytest.mark.timing
 def test_the_speedup_does_not_depend_on_the_order(backends):
     def speedup(order):
         cases, previous = calls(backends, order)
@@ -96,6 +98,7 @@ def busy_after(call, window: float = 0.05, samples: int = 10) -> float:
     return float(np.median(shares))
 
 
+@pytest.mark.timing
 def test_timed_onnx_sessions_leave_no_work_behind(backends):
     (cases, previous), (spinning, _) = calls(backends, ["onnx_int8"]), calls(backends, ["onnx_int8"], True)
     try:
