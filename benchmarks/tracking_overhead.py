@@ -66,6 +66,7 @@ def timed_run(args: argparse.Namespace) -> dict:
         adapter=str(out / "adapter"),
         checkpoints=str(out / "checkpoints"),
         metrics=str(out / "metrics.json"),
+        report=str(out / "report.json"),
         history=str(out / "history.csv"),
     )
     start = time.perf_counter()
