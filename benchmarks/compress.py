@@ -81,6 +81,8 @@ def main() -> None:
         "report.json",
         "--plot",
         "pareto.csv",
+        "--prune-curve",
+        "prune_curve.csv",
     ]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=args.out, env=env, check=True)
@@ -92,10 +94,10 @@ def main() -> None:
         f"\ncompress stage: {seconds:.0f} s; latency setup {metrics['latency_setup']}; overrides {args.set}; train rows {args.train_rows or 'all'}\n"
     )
     print(
-        f"| variant | macro-F1 | Δ F1 (pt) | accuracy | size MB | params | non-zero | b1 p50/p95 ms "
-        f"| b{bs} p50/p95 ms | b{bs} ex/s | speed-up b1 | target | met |"
+        f"| variant | val loss (pt) | within budget | test macro-F1 | Δ F1 (pt) | accuracy | size MB | params "
+        f"| non-zero | b1 p50/p95 ms | b{bs} p50/p95 ms | b{bs} ex/s | speed-up b1 | target | met |"
     )
-    print("|---" * 13 + "|")
+    print("|---" * 15 + "|")
     for name, row in rows.items():
         delta = 100 * row["delta_macro_f1"]
         target, met = "", ""
@@ -104,17 +106,36 @@ def main() -> None:
             ok = delta >= -loss and (speed is None or row["speedup_b1"] >= speed)
             target = (f">= {speed}x, " if speed else "") + f"<= {loss} pt lost"
             met = "yes" if ok else "**no**"
+        flag = {True: "yes", False: "**no**"}.get(row.get("within_budget"), "")
         print(
-            f"| {name} | {row['macro_f1']:.4f} | {delta:+.2f} | {row['accuracy']:.4f} | {row['size_mb']:.1f} "
+            f"| {name} | {100 * row['val_loss']:+.2f} | {flag} | {row['macro_f1']:.4f} | {delta:+.2f} | {row['accuracy']:.4f} | {row['size_mb']:.1f} "
             f"| {row['parameters'] / 1e6:.2f} M | {row['nonzero_parameters'] / 1e6:.2f} M "
             f"| {row['latency_b1_p50_ms']:.1f} / {row['latency_b1_p95_ms']:.1f} "
             f"| {row[f'latency_b{bs}_p50_ms']:.0f} / {row[f'latency_b{bs}_p95_ms']:.0f} "
             f"| {row[f'throughput_b{bs}_per_s']:.0f} | {row['speedup_b1']:.2f}x | {target} | {met} |"
         )
+    print(f"\nbudget: compress.max_loss {metrics['max_loss']} of val macro-F1")
     if "pruned" in rows:
+        pruned = rows["pruned"]
         print(
-            f"\npruned: measured sparsity {rows['pruned']['measured_sparsity']:.4f} of the encoder's Linear weights"
+            f"pruned: sparsity {pruned['sparsity']} ({pruned['chosen_by']}); measured "
+            f"{pruned['measured_sparsity']:.4f} of the encoder's Linear weights; recovery epochs run "
+            f"{pruned['recovery_epochs_run']}"
         )
+        print(
+            "| sparsity | recovered | val macro-F1 | val loss (pt) | within budget |\n|---|---|---|---|---|"
+        )
+        for point in metrics["prune_curve"]:
+            print(
+                f"| {point['sparsity']} | {point['recovered']} | {point['val_macro_f1']:.4f} "
+                f"| {100 * point['val_loss']:+.2f} | {point['within_budget']} |"
+            )
+    if "int8" in rows:
+        print(
+            f"int8: fp32 layers kept {rows['int8']['fp32_layers'] or 'none'}; trials {rows['int8']['fp32_trials']}"
+        )
+    for warning in metrics["budget_warnings"]:
+        print(f"WARNING: {warning}")
     print(f"Pareto front (macro-F1 vs batch-1 latency): {', '.join(metrics['pareto'])}")
 
 

@@ -76,7 +76,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="split folder (train/val/test.parquet)")
     parser.add_argument("--labels", required=True, help="labels.json from prepare")
-    parser.add_argument("--processes", type=int, default=2, help="the processes of the second run (default 2)")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="the processes of the second run (default 2)"
+    )
     parser.add_argument("--set", action="append", default=[], help="params override, dotted.key=value")
     args = parser.parse_args()
     args.data, args.labels = str(Path(args.data).resolve()), str(Path(args.labels).resolve())
@@ -91,7 +93,9 @@ def main() -> None:
             train_and_evaluate(1, global_batch, args, Path(tmp)),
             train_and_evaluate(args.processes, global_batch // args.processes, args, Path(tmp)),
         ]
-    print(f"\n{'processes':>9}{'batch':>7}{'global':>8}{'steps':>7}{'val F1':>9}{'test F1':>9}{'Trainer s':>11}{'wall s':>8}")
+    print(
+        f"\n{'processes':>9}{'batch':>7}{'global':>8}{'steps':>7}{'val F1':>9}{'test F1':>9}{'Trainer s':>11}{'wall s':>8}"
+    )
     for r in results:
         print(
             f"{r['processes']:>9}{r['batch_size']:>7}{r['global_batch_size']:>8}{r['steps']:>7}"

@@ -5,9 +5,10 @@ Reads:  params.yaml (base, train, compress, mlflow), <data>/{train,val,test}.par
         <model>/ (the trained model: the original and the teacher)
 Writes: <out>/int8/ (int8.safetensors + quantization.json recipe, config, tokenizer; load with
         lmpipe.compression.load_int8), <out>/pruned/ and <out>/student/ (save_pretrained folders),
-        <report> (one row per variant and the original: test scores and their change, size, parameters,
-        CPU latency, throughput), <metrics> (each variant's macro-F1 change and batch-1 speed-up, the DVC
-        metrics), <plot> (macro-F1 against batch-1 latency, a DVC plot)
+        <report> (one row per variant and the original: val loss against compress.max_loss and the
+        within_budget flag, test scores and their change, size, parameters, CPU latency, throughput), <metrics> (each variant's macro-F1 change and batch-1 speed-up, the DVC
+        metrics), <plot> (macro-F1 against batch-1 latency, a DVC plot), <prune-curve> (val macro-F1
+        against sparsity, a DVC plot)
 Logs:   one MLflow parent run with a child run per variant (and the original); the pruning recovery
         fine-tune and the distillation log like a training run.
 Runs:   with train.distributed asking for several processes, relaunches itself under torchrun (DDP);
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="headline figures (DVC metrics JSON)")
     parser.add_argument("--report", required=True, help="the comparison table (JSON)")
     parser.add_argument("--plot", required=True, help="macro-F1 vs latency points (CSV plot)")
+    parser.add_argument("--prune-curve", required=True, help="val macro-F1 against sparsity (CSV plot)")
     args = parser.parse_args()
 
     from lmpipe.params import load_params

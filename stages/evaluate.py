@@ -4,7 +4,8 @@ Reads:  params.yaml (base, evaluate, mlflow), <data>/{train,test}.parquet, <mode
 Writes: <out>/report.json ({"model": {...}, "baseline": {...}, "model_minus_baseline": {...}, run ids}),
         <out>/metrics.json (its headline figures, the DVC metrics), <out>/scores.json (the scores alone,
         what export reads: its bytes change only when a score does), <out>/per_class.json,
-        <out>/predictions.csv (per-example, also the confusion-matrix plot),
+        <out>/predictions.csv (per-example, also the confusion-matrix plot), <out>/baseline_predictions.csv
+        (the baseline's, for export's gate),
         <out>/misclassified.csv, <out>/plots/{roc,pr}/<class>.csv (one-vs-rest curves, DVC plots)
 Logs:   an MLflow run with the test metrics, per-class report and PNG plots; the model's test metrics
         are also added to the train run, so one row in the MLflow UI shows params and test scores.

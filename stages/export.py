@@ -29,6 +29,11 @@ def main() -> None:
     parser.add_argument(
         "--eval-scores", required=True, help="evaluate's scores.json (for the gate and model card)"
     )
+    parser.add_argument(
+        "--baseline-predictions",
+        required=True,
+        help="evaluate's baseline test predictions (the gate's paired CI)",
+    )
     parser.add_argument("--compress-report", help="optional: report of the compressed variants")
     parser.add_argument("--out", required=True, help="export folder to write")
     parser.add_argument("--metrics", required=True, help="headline figures (DVC metrics JSON)")

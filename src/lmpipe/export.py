@@ -77,19 +77,49 @@ def write_classifier_folder(
     return out_dir
 
 
-def quantize_onnx_int8(folder: str | Path) -> Path:
-    """ONNX Runtime dynamic quantisation: int8 weights of MatMul/Gemm, activations quantised per batch."""
+def quantize_onnx_int8(folder: str | Path, fp32_layers: Sequence[str] = ()) -> Path:
+    """ONNX Runtime dynamic quantisation: int8 weights of MatMul/Gemm, activations quantised per batch.
+    The MatMul/Gemm nodes of the torch Linear layers named in ``fp32_layers`` stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = Path(folder)
+    exclude = nodes_of_modules(folder / FP32_FILE, fp32_layers) if fp32_layers else []
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs "consider pre-processing" on the root logger
     try:
-        quantize_dynamic(folder / FP32_FILE, folder / INT8_FILE, weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            folder / FP32_FILE, folder / INT8_FILE, weight_type=QuantType.QInt8, nodes_to_exclude=exclude
+        )
     finally:
         root.setLevel(level)
     return folder / INT8_FILE
+
+
+def nodes_of_modules(onnx_path: str | Path, modules: Sequence[str]) -> list[str]:
+    """The names of the MatMul/Gemm nodes that the torch modules ``modules`` (e.g.
+    ``bert.encoder.layer.3.output.dense``) became in a dynamo export: its ``pkg.torch.onnx.name_scopes``
+    metadata lists the module path of each node, outermost first, ending with the op (``linear_12``). A
+    module with no node is an error."""
+    import ast
+
+    import onnx
+
+    wanted = set(modules)
+    found: dict[str, list[str]] = {}
+    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        for module in wanted.intersection(scopes):
+            # the quantizer first splits a Gemm into MatMul + Add, naming the MatMul <gemm>_MatMul
+            names = [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
+            found.setdefault(module, []).extend(names)
+    missing = wanted - set(found)
+    if missing:
+        raise ValueError(f"{onnx_path}: no MatMul/Gemm node for the modules {sorted(missing)}")
+    return [name for module in modules for name in found[module]]
 
 
 @dataclass

@@ -106,21 +106,41 @@ def render(
         if params.export.source == "model"
         else f"This export is the compress stage's `{params.export.source}` variant."
     )
+    if export.get("source_within_budget") is False:
+        lines.append(
+            f"**It broke compress's quality budget**: it loses {100 * export['source_val_loss']:.2f} pt of val "
+            f"macro-F1 against the trained model, over the {100 * export['source_max_loss']:g} pt allowed; it "
+            "was shipped only because `export.allow_over_budget` names it."
+        )
     variants = (compression or {}).get("variants", {})
     if variants:
         lines += [
             "",
-            "The compress stage's variants on the same test split (CPU, batch 1):",
+            "The compress stage's variants: their val macro-F1 loss against the trained model, judged against "
+            f"the quality budget (`compress.max_loss`, {100 * compression.get('max_loss', 0):g} pt by default), "
+            "and their test scores (CPU, batch 1):",
             "",
-            "| variant | macro-F1 | change | size (MB) | non-zero params | p50 latency (ms) | speed-up |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | val loss (pt) | within budget | test macro-F1 | change | size (MB) | non-zero params "
+            "| p50 latency (ms) | speed-up |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, v in variants.items():
+            loss = v.get("val_loss")
+            flag = {True: "yes", False: "**no**"}.get(v.get("within_budget"), "")
             lines.append(
-                f"| {name} | {_f(v.get('macro_f1'), 4)} | {_f(v.get('delta_macro_f1'), 4)} | "
+                f"| {name} | {_f(None if loss is None else 100 * loss, 2)} | {flag} | "
+                f"{_f(v.get('macro_f1'), 4)} | {_f(v.get('delta_macro_f1'), 4)} | "
                 f"{_f(v.get('size_mb'), 1)} | {v.get('nonzero_parameters', 'n/a')} | "
                 f"{_f(v.get('latency_b1_p50_ms'), 1)} | {_f(v.get('speedup_b1'), 2)} |"
             )
+        notes = []
+        if "sparsity" in variants.get("pruned", {}):
+            notes.append(
+                f"pruned at sparsity {variants['pruned']['sparsity']:g} ({variants['pruned']['chosen_by']})"
+            )
+        if variants.get("int8", {}).get("fp32_layers"):
+            notes.append(f"int8 keeps these Linear layers fp32: {', '.join(variants['int8']['fp32_layers'])}")
+        lines += ["", *[f"- {n}" for n in notes]] if notes else []
     lines += [
         "",
         "## Promotion gate",

@@ -26,6 +26,7 @@ import yaml
 from lmpipe.errors import ParamsError
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+SHIPPABLE_VARIANTS = ("pruned", "student")  # compress variants export.source may name
 
 
 class _Section:
@@ -285,23 +286,64 @@ class EvaluateParams(_Section):
             yield "batch_size", f"must be >= 1, got {self.batch_size}"
 
 
+def _budget_problem(value: float | None, nullable: bool) -> Iterator[tuple[str, str]]:
+    if value is None:
+        if not nullable:
+            yield "max_loss", "must be a number between 0 and 1"
+    elif not 0 <= value <= 1:
+        what = "null (the compress.max_loss budget) or " if nullable else ""
+        yield "max_loss", f"must be {what}between 0 and 1 (a share of val macro-F1), got {value}"
+
+
 @dataclass(frozen=True)
 class QuantizeParams(_Section):
     enabled: bool
+    max_loss: float | None
+    max_fp32_layers: int
+
+    def problems(self):
+        yield from _budget_problem(self.max_loss, nullable=True)
+        if self.max_fp32_layers < 0:
+            yield (
+                "max_fp32_layers",
+                f"must be >= 0 (0 = quantize every Linear layer), got {self.max_fp32_layers}",
+            )
 
 
 @dataclass(frozen=True)
 class PruneParams(_Section):
     enabled: bool
-    sparsity: float
+    max_loss: float | None
+    sparsity: float | None
+    grid: list
+    recovery: Literal["auto", "always", "never"]
     recovery_epochs: int
+    recovery_max_train_samples: int | None
     learning_rate: float
 
     def problems(self):
-        if not 0 < self.sparsity < 1:
-            yield "sparsity", f"must be between 0 and 1 (exclusive), got {self.sparsity}"
-        if self.recovery_epochs < 0:
-            yield "recovery_epochs", f"must be >= 0 (0 = no recovery fine-tune), got {self.recovery_epochs}"
+        yield from _budget_problem(self.max_loss, nullable=True)
+        if self.sparsity is not None and not 0 < self.sparsity < 1:
+            yield (
+                "sparsity",
+                f"must be null (chosen on val) or between 0 and 1 (exclusive), got {self.sparsity}",
+            )
+        if not self.grid:
+            yield "grid", "must list at least one sparsity between 0 and 1 (exclusive)"
+        elif any(isinstance(s, bool) or not isinstance(s, int | float) or not 0 < s < 1 for s in self.grid):
+            yield "grid", f"every sparsity must be a number between 0 and 1 (exclusive), got {self.grid}"
+        elif len(set(self.grid)) != len(self.grid):
+            yield "grid", f"must not repeat a sparsity, got {self.grid}"
+        if self.recovery_epochs < 1:
+            yield (
+                "recovery_epochs",
+                f"must be >= 1 (turn recovery off with recovery: never), got {self.recovery_epochs}",
+            )
+        if self.recovery_max_train_samples is not None and self.recovery_max_train_samples < 2:
+            yield (
+                "recovery_max_train_samples",
+                f"must be null (the whole train split) or >= 2, got {self.recovery_max_train_samples}",
+            )
         if not 0 < self.learning_rate < 1:
             yield "learning_rate", f"must be > 0 and < 1, got {self.learning_rate}"
 
@@ -309,6 +351,7 @@ class PruneParams(_Section):
 @dataclass(frozen=True)
 class DistillParams(_Section):
     enabled: bool
+    max_loss: float | None
     keep_layers: list | None
     temperature: float
     alpha: float
@@ -316,6 +359,7 @@ class DistillParams(_Section):
     learning_rate: float
 
     def problems(self):
+        yield from _budget_problem(self.max_loss, nullable=True)
         if self.keep_layers is not None:
             if not self.keep_layers:
                 yield "keep_layers", "must be null (every other layer) or a non-empty list of layer indices"
@@ -355,10 +399,19 @@ class LatencyParams(_Section):
 
 @dataclass(frozen=True)
 class CompressParams(_Section):
+    max_loss: float
     quantize: QuantizeParams
     prune: PruneParams
     distill: DistillParams
     latency: LatencyParams
+
+    def problems(self):
+        yield from _budget_problem(self.max_loss, nullable=False)
+
+    def budget(self, variant: str) -> float:
+        """The largest val macro-F1 loss against the trained model that ``variant`` may have."""
+        own = {"int8": self.quantize, "pruned": self.prune, "student": self.distill}[variant].max_loss
+        return self.max_loss if own is None else own
 
 
 @dataclass(frozen=True)
@@ -512,17 +565,21 @@ class ExportLatencyParams(_Section):
 
 @dataclass(frozen=True)
 class GateParams(_Section):
-    min_macro_f1: float
-    must_beat_baseline: bool
+    baseline: Literal["ci", "point", "none"]
+    min_macro_f1: float | None
 
     def problems(self):
-        if not 0 <= self.min_macro_f1 <= 1:
-            yield "min_macro_f1", f"must be between 0 and 1, got {self.min_macro_f1}"
+        if self.min_macro_f1 is not None and not 0 <= self.min_macro_f1 <= 1:
+            yield (
+                "min_macro_f1",
+                f"must be null (no absolute floor) or between 0 and 1, got {self.min_macro_f1}",
+            )
 
 
 @dataclass(frozen=True)
 class ExportParams(_Section):
     source: Literal["model", "pruned", "student"]
+    allow_over_budget: list
     opset: int
     registered_variant: Literal["fp32", "int8"]
     allow_spinning: bool
@@ -534,6 +591,12 @@ class ExportParams(_Section):
     gate: GateParams
 
     def problems(self):
+        wrong = [v for v in self.allow_over_budget if v not in SHIPPABLE_VARIANTS]
+        if wrong:
+            yield (
+                "allow_over_budget",
+                f"{wrong} not compress variants export can ship ({', '.join(SHIPPABLE_VARIANTS)})",
+            )
         if not 18 <= self.opset <= 23:
             yield "opset", f"must be between 18 and 23 (the dynamo exporter's range), got {self.opset}"
         if self.batch_size < 1:

@@ -1,6 +1,7 @@
 """The promotion gate: criteria from ``export.gate``, decisions as registry aliases (not stages).
 
-A version that passes every criterion becomes ``challenger``. It also becomes ``champion`` when there is
+A version that passes every criterion (by default relative ones: it beats the TF-IDF baseline on the same
+test rows with the paired bootstrap CI above 0) becomes ``challenger``. It also becomes ``champion`` when there is
 no champion yet, or when it scores a strictly higher macro-F1 than the current champion *on the same test
 split* (the export stage re-scores the champion's own ONNX model on today's test split, so the numbers
 compare). A failing version stays registered, with no alias, and the reasons say why.
@@ -28,29 +29,45 @@ class Decision:
 
 def decide(
     macro_f1: float,
-    baseline_macro_f1: float,
+    versus_baseline: dict,
     gate: GateParams,
     champion_macro_f1: float | None = None,
     champion_version: str | None = None,
     checks: list[tuple[bool, str]] | None = None,
 ) -> Decision:
-    """Apply the gate to a candidate's test macro-F1. ``checks`` are extra (ok, reason) conditions,
-    e.g. the int8 label agreement when the int8 model is the served one."""
+    """Apply the gate to a candidate's test macro-F1. ``versus_baseline`` is the candidate-minus-baseline
+    macro-F1 difference on the same test rows (``macro_f1``, ``macro_f1_ci95_low``, ``macro_f1_ci95_high``,
+    as ``lmpipe.compare.versus_baseline`` gives it) with ``baseline_macro_f1``. ``checks`` are extra
+    (ok, reason) conditions, e.g. the int8 label agreement when the int8 model is the served one.
+
+    The default criteria are relative, so they hold on any data: beat the baseline (``gate.baseline``:
+    ``ci`` = the paired bootstrap 95% CI of the difference lies above 0, ``point`` = a higher point
+    estimate), and beat the champion for that alias. ``gate.min_macro_f1`` adds an absolute floor."""
     reasons: list[str] = []
     passed = True
-    if macro_f1 >= gate.min_macro_f1:
-        reasons.append(f"macro-F1 {macro_f1:.4f} >= min_macro_f1 {gate.min_macro_f1:.4f}")
-    else:
-        passed = False
-        reasons.append(f"FAIL: macro-F1 {macro_f1:.4f} < min_macro_f1 {gate.min_macro_f1:.4f}")
-    if gate.must_beat_baseline:
-        if macro_f1 > baseline_macro_f1:
-            reasons.append(f"macro-F1 {macro_f1:.4f} beats the baseline's {baseline_macro_f1:.4f}")
+    if gate.min_macro_f1 is not None:
+        if macro_f1 >= gate.min_macro_f1:
+            reasons.append(f"macro-F1 {macro_f1:.4f} >= min_macro_f1 {gate.min_macro_f1:.4f}")
         else:
             passed = False
-            reasons.append(
-                f"FAIL: macro-F1 {macro_f1:.4f} does not beat the baseline's {baseline_macro_f1:.4f}"
-            )
+            reasons.append(f"FAIL: macro-F1 {macro_f1:.4f} < min_macro_f1 {gate.min_macro_f1:.4f}")
+    base = versus_baseline["baseline_macro_f1"]
+    diff, low, high = (versus_baseline[k] for k in ("macro_f1", "macro_f1_ci95_low", "macro_f1_ci95_high"))
+    versus = (
+        f"{100 * diff:+.2f} pt vs the baseline's {base:.4f}, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}]"
+    )
+    if gate.baseline == "ci":
+        if low > 0:
+            reasons.append(f"beats the baseline beyond test noise: {versus}")
+        else:
+            passed = False
+            reasons.append(f"FAIL: does not beat the baseline beyond test noise (CI low <= 0): {versus}")
+    elif gate.baseline == "point":
+        if diff > 0:
+            reasons.append(f"beats the baseline: {versus}")
+        else:
+            passed = False
+            reasons.append(f"FAIL: does not beat the baseline: {versus}")
     for ok, reason in checks or []:
         passed = passed and ok
         reasons.append(reason if ok else f"FAIL: {reason}")

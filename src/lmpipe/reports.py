@@ -32,7 +32,12 @@ HEADLINE: dict[str, tuple[str, ...]] = {
         "model_minus_baseline.macro_f1_ci95_low",
         "model_minus_baseline.macro_f1_ci95_high",
     ),
-    "compress": ("variants.*.delta_macro_f1", "variants.*.speedup_b1"),
+    "compress": (
+        "variants.*.delta_macro_f1",
+        "variants.*.speedup_b1",
+        "variants.*.within_budget",
+        "variants.pruned.sparsity",
+    ),
     "export": ("served.macro_f1", "served.latency_b1_p50_ms", "served.size_mb", "gate.passed"),
 }
 

@@ -63,6 +63,64 @@ def test_int8_round_trip_is_exact_and_agrees_with_fp32(model, tokenizer, texts, 
     assert counts["parameters"] == sum(p.numel() for p in model.parameters())
 
 
+def test_int8_keeps_the_named_layers_fp32_on_disk_and_in_onnx(model, tokenizer, texts, tmp_path):
+    """The budget's fallback: named Linear layers stay fp32 in the torch int8 model, survive save/load,
+    and become the ONNX Runtime int8 model's ``nodes_to_exclude``."""
+    import onnx
+
+    from lmpipe import export
+
+    keep = ["bert.encoder.layer.3.output.dense", "classifier"]
+    quantized = lib.quantize_dynamic_int8(model, keep)
+    assert isinstance(quantized.classifier, torch.nn.Linear)
+    assert not isinstance(quantized.bert.encoder.layer[0].output.dense, torch.nn.Linear)
+    lib.save_int8(quantized, tokenizer, tmp_path / "int8", {"path": "in-memory"})
+    reloaded = lib.load_int8(tmp_path / "int8")
+    assert lib.linear_names(reloaded) == keep
+    in_memory, _ = predict_proba_model(quantized, tokenizer, texts, 32, 16)
+    from_disk, _ = predict_proba_model(reloaded, tokenizer, texts, 32, 16)
+    np.testing.assert_array_equal(in_memory, from_disk)
+    torch.testing.assert_close(reloaded.classifier.weight, model.classifier.weight)  # not quantized
+    with pytest.raises(ValueError, match="not Linear layers"):
+        lib.quantize_dynamic_int8(model, ["bert.embeddings"])
+
+    folder = tmp_path / "onnx"
+    model.save_pretrained(tmp_path / "fp32")
+    tokenizer.save_pretrained(tmp_path / "fp32")
+    export.write_classifier_folder(tmp_path / "fp32", folder, 32, 18)
+    nodes = export.nodes_of_modules(folder / "model.onnx", keep)
+    assert len(nodes) == 3  # a MatMul, and the classifier's Gemm under both names the quantizer uses
+    export.quantize_onnx_int8(folder, keep)
+    graph = onnx.load(str(folder / "model.int8.onnx")).graph
+    floats = {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")}
+    quantized = [n.name for n in graph.node if n.op_type == "MatMulInteger"]
+    assert len(quantized) == 4 * 6 + 2 - 2  # every Linear's MatMul but the two kept fp32 ...
+    assert nodes[0] in floats and not any(
+        q.startswith(tuple(nodes)) for q in quantized
+    )  # ... which stay float
+    with pytest.raises(ValueError, match="no MatMul/Gemm node"):
+        export.nodes_of_modules(folder / "model.onnx", ["bert.nothing"])
+
+
+def test_budget_helpers():
+    assert lib.fits(0.01, 0.01) and lib.fits(-0.02, 0.0) and not lib.fits(0.0101, 0.01)
+    curve = [
+        {"sparsity": 0.3, "within_budget": True},
+        {"sparsity": 0.5, "within_budget": False},
+        {"sparsity": 0.6, "within_budget": True},  # noisy: a larger sparsity that fits is still the largest
+        {"sparsity": 0.8, "within_budget": False},
+    ]
+    assert lib.largest_fitting(curve)["sparsity"] == 0.6
+    assert lib.largest_fitting([c for c in curve if not c["within_budget"]]) is None
+    assert lib.next_up([0.3, 0.5, 0.8], 0.3) == 0.5 and lib.next_up([0.5, 0.3], None) == 0.3
+    assert lib.next_up([0.3, 0.5], 0.5) is None
+    assert lib.fp32_steps(8, 38) == [1, 2, 4, 8] and lib.fp32_steps(6, 38) == [1, 2, 4, 6]
+    assert lib.fp32_steps(8, 3) == [1, 2, 3] and lib.fp32_steps(0, 38) == []
+    same = np.array([[1.0, 2.0, 0.5]])
+    assert lib.mean_kl(same, same) == pytest.approx(0.0, abs=1e-12)
+    assert lib.mean_kl(same, same[:, ::-1].copy()) > 0.01
+
+
 def test_global_pruning_hits_the_target_and_spares_the_head(model):
     head = model.classifier.weight.detach().clone()
     embeddings = model.bert.embeddings.word_embeddings.weight.detach().clone()
@@ -164,6 +222,13 @@ def test_compress_params_are_checked(tmp_path):
 
     for section, key, value, fragment in [
         ("prune", "sparsity", 1.0, "between 0 and 1"),
+        ("prune", "grid", [], "at least one sparsity"),
+        ("prune", "grid", [0.5, 1.2], "between 0 and 1 (exclusive)"),
+        ("prune", "grid", [0.0], "between 0 and 1 (exclusive)"),
+        ("prune", "max_loss", -0.1, "between 0 and 1"),
+        ("prune", "recovery", "sometimes", "must be one of auto, always, never"),
+        ("quantize", "max_loss", 1.5, "between 0 and 1"),
+        ("quantize", "max_fp32_layers", -1, "must be >= 0"),
         ("distill", "alpha", 1.5, "must be in [0, 1]"),
         ("distill", "keep_layers", [1, 1], "must not repeat"),
         ("latency", "repeats", 1, "must be >= 2"),
@@ -174,3 +239,21 @@ def test_compress_params_are_checked(tmp_path):
         with pytest.raises(ParamsError) as err:
             load_params(path)
         assert err.value.key == f"compress.{section}.{key}" and fragment in str(err.value)
+
+
+def test_the_compress_budget_is_checked_and_resolved(tmp_path):
+    from lmpipe.params import load_params, write_params
+    from tests.code.test_params import ROOT
+
+    for value in (-0.01, 1.01, None):
+        path = write_params(tmp_path / "params.yaml", {"compress.max_loss": value}, ROOT / "params.yaml")
+        with pytest.raises(ParamsError) as err:
+            load_params(path)
+        assert err.value.key == "compress.max_loss", value
+    path = write_params(
+        tmp_path / "params.yaml",
+        {"compress.max_loss": 0.02, "compress.prune.max_loss": 0.05},
+        ROOT / "params.yaml",
+    )
+    cfg = load_params(path).compress
+    assert cfg.budget("pruned") == 0.05 and cfg.budget("int8") == 0.02 and cfg.budget("student") == 0.02

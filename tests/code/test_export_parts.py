@@ -25,7 +25,8 @@ def test_export_params_load():
     assert cfg.source == "model" and cfg.registered_variant in {"fp32", "int8"}
     assert cfg.max_logit_diff == pytest.approx(1e-4) and cfg.min_int8_agreement == pytest.approx(0.99)
     assert 1 in cfg.latency.batch_sizes and 32 in cfg.latency.batch_sizes
-    assert isinstance(cfg.gate.must_beat_baseline, bool)
+    assert cfg.gate.baseline == "ci" and cfg.gate.min_macro_f1 is None  # relative by default
+    assert cfg.allow_over_budget == []
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,8 @@ def test_export_params_load():
         ({"latency.repeats": 1}, "export.latency.repeats", "must be >= 2"),
         ({"latency.batch_sizes": [1, 0]}, "export.latency.batch_sizes", ">= 1"),
         ({"gate.min_macro_f1": 2}, "export.gate.min_macro_f1", "between 0 and 1"),
-        ({"gate.must_beat_baseline": "yes"}, "export.gate.must_beat_baseline", "true or false"),
+        ({"gate.baseline": "yes"}, "export.gate.baseline", "must be one of ci, point, none"),
+        ({"allow_over_budget": ["prunned"]}, "export.allow_over_budget", "['prunned'] not compress variants"),
         ({"gate.min_f1": 0.5}, "export.gate.min_f1", "unknown key"),
     ],
 )
@@ -53,24 +55,41 @@ def test_bad_export_params_are_named(tmp_path, export, key, fragment):
 
 
 # ------------------------------------------------------------------------------------------------ gate
-GATE = GateParams(min_macro_f1=0.9, must_beat_baseline=True)
+GATE = GateParams(baseline="ci", min_macro_f1=None)  # the default: relative criteria only
 
 
-def test_gate_fails_below_minimum_and_names_the_reason():
-    d = decide(0.85, 0.80, GATE)
-    assert not d.passed and d.aliases == []
-    assert any(r.startswith("FAIL: macro-F1 0.8500 < min_macro_f1 0.9000") for r in d.reasons)
+def versus(diff: float, low: float, high: float, baseline: float = 0.80) -> dict:
+    return {
+        "macro_f1": diff,
+        "macro_f1_ci95_low": low,
+        "macro_f1_ci95_high": high,
+        "baseline_macro_f1": baseline,
+    }
 
 
-def test_gate_fails_when_not_beating_the_baseline_even_above_minimum():
-    d = decide(0.95, 0.95, GATE)
-    assert not d.passed and d.aliases == []
-    assert "FAIL: macro-F1 0.9500 does not beat the baseline's 0.9500" in d.reasons
-
-
-def test_first_passing_version_is_challenger_and_champion():
-    d = decide(0.95, 0.90, GATE)
+def test_default_gate_needs_the_ci_above_zero_not_an_absolute_score():
+    # the user data: +10.8 pt over the baseline, CI [+7.1, +14.6], test macro-F1 0.762 (< BBC's 0.9)
+    d = decide(0.762, versus(0.108, 0.071, 0.146, 0.654), GATE)
     assert d.passed and d.aliases == ["challenger", "champion"]
+    assert "beats the baseline beyond test noise: +10.80 pt" in d.reasons[0]
+    # a higher point estimate whose CI crosses 0 is test noise: not promoted, and the reason says why
+    d = decide(0.95, versus(0.01, -0.01, 0.03, 0.94), GATE)
+    assert not d.passed and d.aliases == []
+    assert d.reasons[0].startswith("FAIL: does not beat the baseline beyond test noise (CI low <= 0)")
+
+
+def test_point_gate_and_opt_in_absolute_floor():
+    point = GateParams(baseline="point", min_macro_f1=None)
+    assert decide(0.95, versus(0.01, -0.01, 0.03), point).passed
+    d = decide(0.95, versus(0.0, -0.02, 0.02), point)
+    assert not d.passed and d.reasons[0].startswith("FAIL: does not beat the baseline: +0.00 pt")
+    floor = GateParams(baseline="none", min_macro_f1=0.9)
+    d = decide(0.85, versus(-0.1, -0.2, 0.0), floor)
+    assert not d.passed and d.reasons == ["FAIL: macro-F1 0.8500 < min_macro_f1 0.9000"]
+    assert decide(0.1, versus(-0.8, -0.9, -0.7), GateParams(baseline="none", min_macro_f1=None)).passed
+
+
+WIN = versus(0.05, 0.02, 0.08)
 
 
 @pytest.mark.parametrize(
@@ -78,21 +97,19 @@ def test_first_passing_version_is_challenger_and_champion():
     [(0.96, ["challenger"]), (0.95, ["challenger"]), (0.94, ["challenger", "champion"])],
 )
 def test_champion_only_when_strictly_better_on_the_same_split(champion_f1, aliases):
-    d = decide(0.95, 0.90, GATE, champion_macro_f1=champion_f1, champion_version="3")
+    d = decide(0.95, WIN, GATE, champion_macro_f1=champion_f1, champion_version="3")
     assert d.passed and d.aliases == aliases
     assert "champion v3" in d.reasons[-1]
 
 
 def test_unscorable_champion_keeps_the_candidate_challenger():
-    d = decide(0.95, 0.90, GATE, champion_macro_f1=None, champion_version="2")
+    d = decide(0.95, WIN, GATE, champion_macro_f1=None, champion_version="2")
     assert d.aliases == ["challenger"] and "cannot be scored" in d.reasons[-1]
 
 
 def test_extra_checks_can_fail_the_gate():
-    d = decide(0.95, 0.90, GATE, checks=[(False, "int8 label agreement 0.9800 vs min_int8_agreement 0.99")])
+    d = decide(0.95, WIN, GATE, checks=[(False, "int8 label agreement 0.9800 vs min_int8_agreement 0.99")])
     assert not d.passed and d.reasons[-1].startswith("FAIL: int8 label agreement")
-    no_baseline = GateParams(min_macro_f1=0.0, must_beat_baseline=False)
-    assert decide(0.1, 0.9, no_baseline).passed
 
 
 # ------------------------------------------------------------------------------------- parity and timing

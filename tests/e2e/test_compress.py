@@ -27,7 +27,7 @@ def overrides(encoder) -> dict:
         "prepare": {"max_rows": 100},
         "train": {"epochs": 1, "batch_size": 8, "logging_steps": 2},
         "compress": {
-            "prune": {"sparsity": 0.5, "recovery_epochs": 1, "learning_rate": 1.0e-4},
+            "prune": {"sparsity": 0.5, "recovery": "always", "recovery_epochs": 1, "learning_rate": 1.0e-4},
             "distill": {"epochs": 1, "learning_rate": 1.0e-3},
             "latency": {"threads": 1, "warmup": 1, "repeats": 5, "batch_size": 4, "batch_repeats": 2},
         },
@@ -204,6 +204,8 @@ def test_bad_keep_layers_fail_in_one_line_before_any_work(repo, tmp_path):
             str(tmp_path / "r.json"),
             "--plot",
             str(tmp_path / "p.csv"),
+            "--prune-curve",
+            str(tmp_path / "c.csv"),
         ],
         repo,
         check=False,

@@ -37,7 +37,7 @@ def repo(tmp_path_factory, tiny_encoder, mlflow_server) -> Path:
         "export": {
             "registered_model": NAME,
             "latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "threads": 1},
-            "gate": {"min_macro_f1": 0.0, "must_beat_baseline": False},  # a tiny model: exercise aliases
+            "gate": {"baseline": "none", "min_macro_f1": None},  # a tiny model: exercise aliases
         },
     }
     repo = new_repo(tmp_path_factory.mktemp("team-repo"), overrides)

@@ -11,20 +11,25 @@ fine-tunes (``fine_tunes``) and stop; rank 0 does everything else, the timing in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import DataCollatorWithPadding
 
 from lmpipe import compression as lib
 from lmpipe import data, distributed, io, latency, models, plots, reports, tracking
-from lmpipe.encoding import frame_dataset
-from lmpipe.evaluation import score
-from lmpipe.inference import predict_proba_model
+from lmpipe.encoding import TextDataset, frame_dataset
+from lmpipe.inference import batches_logits
+from lmpipe.metrics import classification_metrics
 from lmpipe.params import Params, TrainParams
 from lmpipe.training import TrainResult, train_model
 
@@ -37,6 +42,7 @@ class Paths:
     metrics: str  # headline figures (DVC metrics)
     report: str  # the comparison table
     plot: str  # macro-F1 vs batch-1 latency points (CSV plot)
+    prune_curve: str  # val macro-F1 against sparsity (CSV plot)
 
 
 @dataclass
@@ -51,13 +57,42 @@ class Inputs:
     tokenizer: Any
     label2id: dict[str, int]
     source: dict[str, str]  # the original's path and weights hash, recorded with the int8 recipe
+    reference: float | None = None  # the original's val macro-F1, the budgets' reference (computed once)
 
-    def datasets(self):
+    def reference_val_macro_f1(self) -> float:
+        if self.reference is None:
+            model = models.load_classifier(self.model_dir).to(models.device())
+            self.reference = self.val_macro_f1(model, "original")
+        return self.reference
+
+    def datasets(self, max_train_samples: int | None = None):
         max_length = self.params.base.max_length
+        train = data.stratified_sample(self.train, max_train_samples, self.params.base.seed)
         return (
-            frame_dataset(self.tokenizer, self.train, self.label2id, max_length),
+            frame_dataset(self.tokenizer, train, self.label2id, max_length),
             frame_dataset(self.tokenizer, self.val, self.label2id, max_length),
         )
+
+    def logits(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The model's logits on the val or test split through the one inference loop, with the truth."""
+        frame = {"val": self.val, "test": self.test}[split]
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        dataset = TextDataset(self.tokenizer, frame["text"].tolist(), None, self.params.base.max_length)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.params.train.eval_batch_size,
+            collate_fn=DataCollatorWithPadding(self.tokenizer),
+        )
+        logits = batches_logits(model.eval(), tqdm(loader, desc=f"{desc} ({split})", unit="batch"))
+        y_true = data.encode_labels(
+            frame["label"], data.model_label2id(names), f"the model in {self.model_dir}"
+        )
+        return logits, y_true, names
+
+    def val_macro_f1(self, model: nn.Module, desc: str) -> float:
+        """What every budget decision is made on: macro-F1 on the val split."""
+        logits, y_true, _ = self.logits(model, "val", desc)
+        return float(classification_metrics(y_true, logits.argmax(axis=1))["macro_f1"])
 
 
 @dataclass
@@ -67,6 +102,7 @@ class Variant:
     row: dict[str, Any]
     model: nn.Module
     run_id: str = ""
+    warnings: list[str] = dataclasses.field(default_factory=list)  # budget misses, printed and logged
 
 
 def run(params: Params, paths: Paths) -> str:
@@ -100,8 +136,11 @@ def run(params: Params, paths: Paths) -> str:
                 with child_run(params, name, variant_params(params, name)) as child:
                     variants[name] = build(inputs, out / name)
                     variants[name].run_id = child.info.run_id
+                    if name != "original":
+                        judge(params, variants["original"], name, variants[name])
         time_variants(inputs, variants)
         rows = comparison(variants, cfg.latency.batch_size)
+        curve = variants["pruned"].row.pop("curve") if "pruned" in variants else []
         for name, variant in variants.items():
             tracking.log_metrics_to(variant.run_id, rows[name])
         names = list(rows)
@@ -117,8 +156,12 @@ def run(params: Params, paths: Paths) -> str:
             }
         )
         lat = cfg.latency
+        warned = [w for v in variants.values() for w in v.warnings]
         metrics = {
             "variants": rows,
+            "max_loss": cfg.max_loss,
+            "budget_warnings": warned,
+            "prune_curve": curve,
             "pareto": [n for n, f in zip(names, front, strict=True) if f],
             "latency_setup": {
                 "device": "cpu",
@@ -135,14 +178,48 @@ def run(params: Params, paths: Paths) -> str:
         tracking.log_metrics({f"{n}.{k}": v for n, r in rows.items() for k, v in r.items()})
         tracking.log_dict(metrics, "compress_report.json")
         io.write_csv(paths.plot, points)
+        io.write_csv(paths.prune_curve, pd.DataFrame(curve, columns=CURVE_COLUMNS))
+        if warned:
+            tracking.set_tags({"budget_warnings": " | ".join(warned)[:5000]})
         reports.write("compress", metrics, paths.metrics, paths.report)
-    lines = ["compress: variant      macro-F1  (delta)   size MB  b1 p50 ms  speed-up"]
+    lines = [
+        f"compress: budget {100 * cfg.max_loss:g} pt of val macro-F1 (per-variant budgets in the report)",
+        "compress: variant      test F1  (delta)   val loss  budget   size MB  b1 p50 ms  speed-up",
+    ]
     for name, row in rows.items():
+        verdict = "" if name == "original" else ("ok" if row["within_budget"] else "MISSED")
         lines.append(
             f"compress: {name:<10} {row['macro_f1']:.4f}  ({row['delta_macro_f1']:+.4f})  "
-            f"{row['size_mb']:7.1f}  {row[b1]:9.2f}  {row['speedup_b1']:.2f}x"
+            f"{100 * row['val_loss']:+6.2f} pt  {verdict:<6}  {row['size_mb']:7.1f}  {row[b1]:9.2f}  "
+            f"{row['speedup_b1']:.2f}x"
         )
+    if "pruned" in rows:
+        lines.append(
+            f"compress: pruned at sparsity {rows['pruned']['sparsity']:g} ({rows['pruned']['chosen_by']})"
+        )
+    if "int8" in rows and rows["int8"]["fp32_layer_count"]:
+        lines.append(
+            f"compress: int8 keeps {rows['int8']['fp32_layer_count']} Linear layer(s) fp32 (see report.json)"
+        )
+    lines += [f"compress: WARNING: {w}" for w in warned]
     return "\n".join(lines)
+
+
+CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_loss", "within_budget"]
+
+
+def judge(params: Params, original: Variant, name: str, variant: Variant) -> None:
+    """The variant's val loss against the original, its budget and the flag, in its row; a miss warns."""
+    budget = params.compress.budget(name)
+    loss = original.row["val_macro_f1"] - variant.row["val_macro_f1"]
+    ok = lib.fits(loss, budget)
+    variant.row.update(val_loss=loss, max_loss=budget, within_budget=ok)
+    tracking.log_metrics({"within_budget": int(ok), "val_loss": loss, "max_loss": budget})
+    if not ok:
+        variant.warnings.append(
+            f"{name} loses {100 * loss:.2f} pt of val macro-F1, over its budget of {100 * budget:g} pt "
+            "(flagged within_budget: false; export refuses it unless export.allow_over_budget names it)"
+        )
 
 
 def child_run(params: Params, name: str, section: dict):
@@ -184,20 +261,17 @@ def student_params(params: Params) -> TrainParams:
     return dataclasses.replace(plain_train(params), epochs=d.epochs, learning_rate=d.learning_rate)
 
 
-def measure(inputs: Inputs, model: nn.Module, folder: Path, desc: str) -> dict[str, Any]:
-    """Test accuracy and macro-F1 through the evaluate stage's scoring, weight size and parameters."""
-    base = inputs.params.base
-    proba, names = predict_proba_model(
-        model, inputs.tokenizer, inputs.test["text"].tolist(), base.max_length,
-        inputs.params.train.eval_batch_size, desc=desc,
-    )  # fmt: skip
-    y_true = data.encode_labels(
-        inputs.test["label"], data.model_label2id(names), f"the model in {inputs.model_dir}"
-    )
-    m = score(y_true, proba, names)["metrics"]
+def measure(inputs: Inputs, model: nn.Module, folder: Path, desc: str, val_macro_f1: float | None = None):
+    """Test accuracy and macro-F1 (reported, never used to choose), val macro-F1 (what the budget is
+    judged on; pass it when already known), weight size and parameters."""
+    logits, y_true, _ = inputs.logits(model, "test", desc)
+    m = classification_metrics(y_true, logits.argmax(axis=1))
+    if val_macro_f1 is None:
+        val_macro_f1 = inputs.val_macro_f1(model, desc)
     return {
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
+        "val_macro_f1": val_macro_f1,
         "size_mb": lib.weights_bytes(folder) / 2**20,
         "layers": model.config.num_hidden_layers,
         **lib.parameter_counts(model),
@@ -214,37 +288,133 @@ def log_training(result: TrainResult) -> None:
 def original(inputs: Inputs, folder: Path) -> Variant:
     """The trained model itself, scored the same way as the variants (nothing is written to ``folder``)."""
     model = models.load_classifier(inputs.model_dir).to(models.device())
-    row = measure(inputs, model, inputs.model_dir, "original")
+    row = measure(inputs, model, inputs.model_dir, "original", inputs.reference_val_macro_f1())
+    row["val_loss"] = 0.0
     return Variant(row, model.cpu().eval())
 
 
 def quantized(inputs: Inputs, folder: Path) -> Variant:
-    """Dynamic int8 of every Linear layer; measured as reloaded from what was saved."""
+    """Dynamic int8 of every Linear layer. When that breaks the budget on val, the Linear layers whose
+    int8 version moves the val predictions most (one layer quantized at a time, KL to the fp32 outputs)
+    stay fp32: 1, 2, 4, ... of them, up to ``quantize.max_fp32_layers``, until the loss fits. Measured as
+    reloaded from what was saved."""
+    cfg = inputs.params.compress
     fp32 = models.load_classifier(inputs.model_dir).cpu().eval()
-    lib.save_int8(lib.quantize_dynamic_int8(fp32), inputs.tokenizer, folder, inputs.source)
+    reference = inputs.reference_val_macro_f1()
+    budget = cfg.budget("int8")
+    fp32_layers: list[str] = []
+    val_f1 = inputs.val_macro_f1(lib.quantize_dynamic_int8(fp32), "int8")
+    trials = [{"fp32_layers": 0, "val_macro_f1": val_f1}]
+    sensitivity: list[dict[str, Any]] = []
+    steps = lib.fp32_steps(cfg.quantize.max_fp32_layers, len(lib.linear_names(fp32)))
+    if not lib.fits(reference - val_f1, budget) and steps:
+        sensitivity = int8_sensitivity(inputs, fp32)
+        ranked = [s["layer"] for s in sensitivity]
+        for k in steps:
+            fp32_layers = ranked[:k]
+            val_f1 = inputs.val_macro_f1(lib.quantize_dynamic_int8(fp32, fp32_layers), f"int8, {k} fp32")
+            trials.append({"fp32_layers": k, "val_macro_f1": val_f1})
+            if lib.fits(reference - val_f1, budget):
+                break
+    lib.save_int8(lib.quantize_dynamic_int8(fp32, fp32_layers), inputs.tokenizer, folder, inputs.source)
     model = lib.load_int8(folder)
     tracking.log_artifact(folder / lib.INT8_RECIPE)
-    return Variant(measure(inputs, model, folder, "int8"), model)
+    row = measure(inputs, model, folder, "int8", val_f1)
+    row.update(fp32_layer_count=len(fp32_layers), fp32_layers=fp32_layers, fp32_trials=trials)
+    if sensitivity:
+        row["sensitivity"] = sensitivity[: max(cfg.quantize.max_fp32_layers, 1)]
+        tracking.log_dict(sensitivity, "int8_sensitivity.json")
+    return Variant(row, model)
+
+
+def int8_sensitivity(inputs: Inputs, fp32: nn.Module) -> list[dict[str, Any]]:
+    """Each Linear layer quantized alone, ranked by how far it moves the val outputs (mean KL of the
+    softmax against fp32's): the most sensitive first."""
+    reference, _, _ = inputs.logits(fp32, "val", "sensitivity: fp32")
+    scores = []
+    for name in tqdm(lib.linear_names(fp32), desc="int8 sensitivity", unit="layer"):
+        others = [n for n in lib.linear_names(fp32) if n != name]
+        alone = lib.quantize_dynamic_int8(fp32, others)
+        logits, _, _ = inputs.logits(alone, "val", name)
+        scores.append({"layer": name, "val_kl": lib.mean_kl(reference, logits)})
+    return sorted(scores, key=lambda s: -s["val_kl"])
 
 
 def fine_tunes(inputs: Inputs) -> None:
-    """What a rank other than 0 runs: the variants' fine-tunes, in the order rank 0 runs them."""
+    """What a rank other than 0 runs: the variants' fine-tunes, in the order rank 0 runs them (the pruning
+    plan is scored on val on every rank alike, so all ranks agree on whether to fine-tune)."""
     cfg = inputs.params.compress
-    if cfg.prune.enabled and cfg.prune.recovery_epochs:
-        prune_and_recover(inputs)
+    if cfg.prune.enabled:
+        plan = plan_pruning(inputs)
+        if plan.recover:
+            prune_and_recover(inputs, plan.sparsity, recover=True)
     if cfg.distill.enabled:
         distill(inputs)
 
 
-def prune_and_recover(inputs: Inputs) -> tuple[nn.Module, dict[str, Any]]:
-    """The pruned model, after its recovery fine-tune if there is one, and what to report about it."""
+@dataclass
+class PrunePlan:
+    """The val curve of magnitude pruning without recovery, and what to build: ``sparsity``, fine-tuned
+    or not; ``fallback`` is the no-recovery choice kept if an ``auto`` recovery still misses the budget."""
+
+    reference: float  # the original's val macro-F1
+    curve: list[dict[str, Any]]
+    sparsity: float
+    recover: bool
+    chosen_by: str
+    fallback: float | None = None
+
+
+def plan_pruning(inputs: Inputs) -> PrunePlan:
+    """Score every grid sparsity (and a user's target) on val without recovery, then decide:
+
+    * a target ``prune.sparsity`` is honoured; ``auto`` fine-tunes it only if it misses the budget;
+    * otherwise the largest grid sparsity within the budget is chosen; ``auto`` then tries the next one up
+      the grid once, with one bounded recovery fine-tune (``recovery_epochs`` on at most
+      ``recovery_max_train_samples`` rows), and keeps it only if it then fits;
+    * ``always`` fine-tunes the chosen sparsity; ``never`` never fine-tunes.
+    """
+    p, budget = inputs.params.compress.prune, inputs.params.compress.budget("pruned")
+    models.seed_everything(inputs.params.base.seed)
+    model = models.load_classifier(inputs.model_dir).to(models.device())
+    reference = inputs.reference_val_macro_f1()
+    curve = []
+    for sparsity in sorted({*p.grid, *([p.sparsity] if p.sparsity is not None else [])}):
+        pruned_copy = copy.deepcopy(model)
+        lib.magnitude_prune(pruned_copy, sparsity)
+        f1 = inputs.val_macro_f1(pruned_copy, f"sparsity {sparsity:g}")
+        del pruned_copy
+        loss = reference - f1
+        curve.append(
+            {"sparsity": sparsity, "recovered": False, "val_macro_f1": f1, "val_loss": loss,
+             "within_budget": lib.fits(loss, budget)}
+        )  # fmt: skip
+    if p.sparsity is not None:
+        target = next(c for c in curve if c["sparsity"] == p.sparsity)
+        recover = p.recovery == "always" or (p.recovery == "auto" and not target["within_budget"])
+        return PrunePlan(reference, curve, p.sparsity, recover, "prune.sparsity, set by the user")
+    best = lib.largest_fitting([c for c in curve if c["sparsity"] in p.grid])
+    chosen = best["sparsity"] if best else min(p.grid)
+    how = "largest grid sparsity within the budget on val" if best else "no grid sparsity fits: the smallest"
+    if p.recovery == "always":
+        return PrunePlan(reference, curve, chosen, True, f"{how}, then fine-tuned")
+    up = lib.next_up(p.grid, best["sparsity"] if best else None)
+    if p.recovery == "auto" and up is not None:
+        return PrunePlan(
+            reference, curve, up, True, "next grid sparsity up, after a recovery fine-tune", chosen
+        )
+    return PrunePlan(reference, curve, chosen, False, how)
+
+
+def prune_and_recover(inputs: Inputs, sparsity: float, recover: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """The model pruned to ``sparsity``, after its recovery fine-tune if asked, and what to report."""
     params, p = inputs.params, inputs.params.compress.prune
     models.seed_everything(params.base.seed)
     model = models.load_classifier(inputs.model_dir).to(models.device())
-    keep = lib.magnitude_prune(model, p.sparsity)
-    extra: dict[str, Any] = {"sparsity_after_pruning": lib.sparsity_of(model)}
-    if p.recovery_epochs:
-        train_set, val_set = inputs.datasets()
+    keep = lib.magnitude_prune(model, sparsity)
+    extra: dict[str, Any] = {"sparsity_after_pruning": lib.sparsity_of(model), "recovery_epochs_run": 0}
+    if recover:
+        train_set, val_set = inputs.datasets(p.recovery_max_train_samples)
         result = train_model(
             model,
             inputs.tokenizer,
@@ -260,19 +430,48 @@ def prune_and_recover(inputs: Inputs) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def pruned(inputs: Inputs, folder: Path) -> Variant:
-    """Global magnitude pruning of the encoder's Linear weights, with an optional recovery fine-tune
-    that keeps the pruned weights at zero."""
-    p = inputs.params.compress.prune
-    model, extra = prune_and_recover(inputs)
+    """Global magnitude pruning of the encoder's Linear weights at the sparsity ``plan_pruning`` picks,
+    with a recovery fine-tune (pruned weights kept at zero) when the plan asks for one."""
+    plan = plan_pruning(inputs)
+    budget = inputs.params.compress.budget("pruned")
+    model, extra = prune_and_recover(inputs, plan.sparsity, plan.recover)
+    sparsity, chosen_by = plan.sparsity, plan.chosen_by
+    val_f1 = inputs.val_macro_f1(model, f"sparsity {sparsity:g}, recovered" if plan.recover else "pruned")
+    if plan.recover:
+        ok = lib.fits(plan.reference - val_f1, budget)
+        plan.curve.append(
+            {"sparsity": sparsity, "recovered": True, "val_macro_f1": val_f1,
+             "val_loss": plan.reference - val_f1,
+             "within_budget": ok}
+        )  # fmt: skip
+        if not ok and plan.fallback is not None:  # the fine-tune did not earn the higher sparsity
+            sparsity = plan.fallback
+            chosen_by = (
+                "largest grid sparsity within the budget on val (a recovery fine-tune one step up missed)"
+            )
+            model, extra = prune_and_recover(inputs, sparsity, recover=False)
+            extra["recovery_tried_at"] = plan.sparsity
+            val_f1 = next(c["val_macro_f1"] for c in plan.curve if c["sparsity"] == sparsity)
+    tracking.log_metrics(
+        {f"val_macro_f1_at_{c['sparsity']:g}": c["val_macro_f1"] for c in plan.curve if not c["recovered"]}
+    )
     models.write_model(model, inputs.tokenizer, folder)
     model = models.load_classifier(folder).to(models.device()).eval()
-    row = measure(inputs, model, folder, "pruned")
-    row.update(target_sparsity=p.sparsity, measured_sparsity=lib.sparsity_of(model), **extra)
+    row = measure(inputs, model, folder, "pruned", val_f1)
+    row.update(
+        sparsity=sparsity,
+        chosen_by=chosen_by,
+        target_sparsity=inputs.params.compress.prune.sparsity,
+        measured_sparsity=lib.sparsity_of(model),
+        curve=plan.curve,
+        **extra,
+    )
     return Variant(row, model.cpu())
 
 
 def distill(inputs: Inputs) -> tuple[nn.Module, TrainResult]:
-    """A shallower student that keeps some of the teacher's layers, distilled in the shared loop."""
+    """A shallower student that keeps some of the teacher's layers, distilled in the shared loop (which
+    keeps the best val epoch)."""
     params, d = inputs.params, inputs.params.compress.distill
     models.seed_everything(params.base.seed)
     teacher = models.load_classifier(inputs.model_dir).to(models.device())
@@ -307,6 +506,7 @@ def student(inputs: Inputs, folder: Path) -> Variant:
     row.update(
         kept_layers=",".join(map(str, model.config.distilled_from_layers)),
         best_val_macro_f1=result.best_val_macro_f1,
+        best_epoch=result.best_epoch,
     )
     return Variant(row, model.cpu())
 

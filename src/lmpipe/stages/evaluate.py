@@ -6,20 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmpipe import data, io, plots, reports, tracking
-from lmpipe.evaluation import (
-    baseline_proba,
-    curve_frames,
-    misclassified_frame,
-    predictions_frame,
-    score,
-    versus_baseline,
-)
+from lmpipe.compare import predictions_frame, versus_baseline
+from lmpipe.evaluation import baseline_proba, curve_frames, misclassified_frame, score
 from lmpipe.inference import predict_proba
 from lmpipe.params import Params
 
 # what export reads (a dep of export in dvc.yaml): the scores without run ids, so that an evaluate re-run
 # that scores the same leaves its bytes, and export, alone
 SCORES = "scores.json"
+# the baseline's per-text predictions, for export's gate (the served model against it, paired)
+BASELINE_PREDICTIONS = "baseline_predictions.csv"
 
 
 @dataclass(frozen=True)
@@ -49,13 +45,12 @@ def run(params: Params, paths: Paths) -> str:
         )
         base_scores = score(y_true, base_proba, names)
         predictions = predictions_frame(test, proba, names)
+        base_predictions = predictions_frame(test, base_proba, names)
 
         scores = {
             "model": model_scores["metrics"],
             "baseline": base_scores["metrics"],
-            "model_minus_baseline": versus_baseline(
-                predictions, predictions_frame(test, base_proba, names), params.base.seed
-            ),
+            "model_minus_baseline": versus_baseline(predictions, base_predictions, params.base.seed),
             "test_rows": len(test),
         }
         metrics = {
@@ -70,6 +65,7 @@ def run(params: Params, paths: Paths) -> str:
                 for name, frame in frames.items():
                     frame.to_csv(out / "plots" / kind / f"{name}.csv", index=False)
             predictions.to_csv(out / "predictions.csv", index=False)
+            base_predictions.to_csv(out / BASELINE_PREDICTIONS, index=False)
             misclassified_frame(test, predictions).to_csv(out / "misclassified.csv", index=False)
             io.write_json(
                 out / "per_class.json",

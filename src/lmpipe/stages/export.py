@@ -18,6 +18,7 @@ import torch
 
 from lmpipe import data, io, modelcard, promotion, reports, serving, tracking
 from lmpipe import export as lib
+from lmpipe.compare import predictions_frame, versus_baseline
 from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
 from lmpipe.params import Params
@@ -32,6 +33,7 @@ class Paths:
     split_report: str  # split stage report (for the card)
     train_report: str  # train stage report (run id, for the card)
     eval_scores: str  # evaluate's scores (for the gate and the card)
+    baseline_predictions: str  # evaluate's baseline predictions on test (the gate's paired CI)
     compress_report: str | None  # report of the compressed variants (for the card)
     out: str  # the export folder
     metrics: str  # headline figures (DVC metrics)
@@ -60,15 +62,43 @@ def chosen_model(params: Params, pairs: list[str]) -> Path:
     return chosen
 
 
+def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
+    """Refuse a compress variant that broke compress's quality budget on val, unless
+    ``export.allow_over_budget`` names it. Returns what the report records about the source's budget."""
+    source = params.export.source
+    row = (compression or {}).get("variants", {}).get(source)
+    if source == "model" or row is None or "within_budget" not in row:
+        return {"source_within_budget": None}
+    loss, budget = row["val_loss"], row["max_loss"]
+    if not row["within_budget"]:
+        if source not in params.export.allow_over_budget:
+            raise UserError(
+                f"export.source: '{source}' loses {100 * loss:.2f} pt of val macro-F1 against the trained "
+                f"model, over compress's budget of {100 * budget:g} pt; ship another model, or add "
+                f"'{source}' to export.allow_over_budget to ship it anyway"
+            )
+        print(
+            f"export: WARNING: shipping '{source}' although it loses {100 * loss:.2f} pt of val macro-F1, "
+            f"over the budget of {100 * budget:g} pt (export.allow_over_budget)"
+        )
+    return {"source_within_budget": row["within_budget"], "source_val_loss": loss, "source_max_loss": budget}
+
+
 def run(params: Params, paths: Paths) -> str:
     model_dir = chosen_model(params, paths.source)
+    compression = io.read_json(paths.compress_report) if paths.compress_report else None
+    budget = budget_check(params, compression)  # before any work
     records = {
         "prepare": io.read_json(paths.prepare_report),
         "split": io.read_json(paths.split_report),
         "train": io.read_json(paths.train_report),
         "evaluate": io.read_json(paths.eval_scores),
-        "compression": io.read_json(paths.compress_report) if paths.compress_report else None,
+        "compression": compression,
     }
+    # the Linear layers compress's int8 variant kept fp32 to meet the budget: the ONNX int8 model keeps
+    # the same ones (they were ranked on the trained model, so only when that is what is shipped)
+    int8_row = (records["compression"] or {}).get("variants", {}).get("int8", {})
+    fp32_layers = int8_row.get("fp32_layers", []) if params.export.source == "model" else []
     # the scores carry no run id (an evaluate re-run that scores the same does not re-run export); the
     # evaluate run is the latest finished one of this train run
     train_run_id = records["train"].get("mlflow_run_id", "")
@@ -83,13 +113,15 @@ def run(params: Params, paths: Paths) -> str:
     cfg = params.export
     torch.set_num_threads(cfg.latency.threads)
     with tracking.stage_run(params, "export", tags=tags) as active, io.atomic_dir(paths.out) as tmp:
-        checked = export_and_check(params, model_dir, test, tmp)
+        checked = export_and_check(params, model_dir, test, tmp, fp32_layers)
         latency = benchmark(params, checked, test["text"].tolist())
         git = tracking.git_info()  # once: the registered version's tags and the metrics name the same commit
-        registered = register_and_gate(params, checked, test, tmp, records, active.info.run_id, git)
+        baseline = pd.read_csv(paths.baseline_predictions)
+        registered = register_and_gate(params, checked, test, baseline, tmp, records, active.info.run_id, git)
         sizes = {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()}
         metrics = {
             "source": cfg.source,
+            **budget,
             "labels": checked.labels,
             "test_rows": len(test),
             "pytorch_fp32": checked.pytorch,
@@ -126,11 +158,13 @@ def run(params: Params, paths: Paths) -> str:
         tracking.log_dict(metrics, "export_report.json")
         reports.write("export", metrics, paths.metrics, paths.report)
     b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in metrics["latency"].items()}
+    failed = [r.removeprefix("FAIL: ") for r in metrics["gate"]["reasons"] if r.startswith("FAIL: ")]
+    gate = "gate passed" if metrics["gate"]["passed"] else "gate FAILED: " + "; ".join(failed)
     return (
         f"export: ONNX fp32 max |dlogit| {metrics['onnx_fp32']['max_abs_logit_diff']:.1e}, int8 agreement "
         f"{metrics['onnx_int8']['label_agreement']:.4f} | batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, "
         f"int8 {b1['onnx_int8']:.1f} ms | {metrics['registry']['name']} v{metrics['registry']['version']} "
-        f"aliases: {', '.join(metrics['gate']['aliases']) or 'none'}"
+        f"aliases: {', '.join(metrics['gate']['aliases']) or 'none'}\nexport: {gate}"
     )
 
 
@@ -147,14 +181,18 @@ class Checked:
     onnx_fp32: dict[str, Any]
     onnx_int8: dict[str, Any]
     served: dict[str, Any]  # the registered variant's report (one of the two above)
+    served_logits: np.ndarray  # the registered variant's test logits (the gate's paired CI)
 
 
-def export_and_check(params: Params, model_dir: Path, test: pd.DataFrame, out: Path) -> Checked:
-    """Write the ONNX fp32 and int8 files into ``out`` and check both against PyTorch on the test split;
-    an fp32 export that drifts past ``export.max_logit_diff`` (or changes a label) fails the stage."""
+def export_and_check(
+    params: Params, model_dir: Path, test: pd.DataFrame, out: Path, fp32_layers: list[str]
+) -> Checked:
+    """Write the ONNX fp32 and int8 files into ``out`` (int8 keeps ``fp32_layers``, torch module names, in
+    fp32) and check both against PyTorch on the test split; an fp32 export that drifts past
+    ``export.max_logit_diff`` (or changes a label) fails the stage."""
     cfg = params.export
     lib.write_classifier_folder(model_dir, out, params.base.max_length, cfg.opset, cfg.allow_spinning)
-    lib.quantize_onnx_int8(out)
+    lib.quantize_onnx_int8(out, fp32_layers)
     # checked and timed with spinning off whatever is served: a spinning ONNX Runtime pool slows the
     # PyTorch call timed after it (3x on 2 cores), and the table must compare the backends fairly
     fp32 = OnnxTextClassifier(out, FP32_FILE, threads=cfg.latency.threads, allow_spinning=False)
@@ -165,8 +203,13 @@ def export_and_check(params: Params, model_dir: Path, test: pd.DataFrame, out: P
     pytorch = lib.torch_runner(model_dir)
     ref = lib.all_logits(pytorch, batches, "pytorch fp32")
     torch_scores = classification_metrics(y_true, ref.argmax(axis=1))
-    onnx_fp32 = lib.parity_report(ref, lib.all_logits(fp32.logits, batches, "onnx fp32"), y_true)
-    onnx_int8 = lib.parity_report(ref, lib.all_logits(int8.logits, batches, "onnx int8"), y_true)
+    logits = {
+        "fp32": lib.all_logits(fp32.logits, batches, "onnx fp32"),
+        "int8": lib.all_logits(int8.logits, batches, "onnx int8"),
+    }
+    onnx_fp32 = lib.parity_report(ref, logits["fp32"], y_true)
+    onnx_int8 = lib.parity_report(ref, logits["int8"], y_true)
+    onnx_int8["fp32_layers"] = fp32_layers
     onnx_int8["macro_f1_minus_pytorch"] = onnx_int8["macro_f1"] - torch_scores["macro_f1"]
     fp32_ok = onnx_fp32["max_abs_logit_diff"] <= cfg.max_logit_diff and onnx_fp32["labels_differing"] == 0
     onnx_fp32["ok"] = fp32_ok
@@ -187,6 +230,7 @@ def export_and_check(params: Params, model_dir: Path, test: pd.DataFrame, out: P
         onnx_fp32,
         onnx_int8,
         {"fp32": onnx_fp32, "int8": onnx_int8}[cfg.registered_variant],
+        logits[cfg.registered_variant],
     )
 
 
@@ -226,6 +270,7 @@ def register_and_gate(
     params: Params,
     checked: Checked,
     test: pd.DataFrame,
+    baseline: pd.DataFrame,
     folder: Path,
     records: dict,
     run_id: str,
@@ -238,6 +283,10 @@ def register_and_gate(
     evaluate, train_run_id = records["evaluate"], records["train"].get("mlflow_run_id", "")
     baseline_f1 = float(evaluate["baseline"]["macro_f1"])
     served = checked.served
+    # the served variant against the baseline on the same test rows, paired: the code of evaluate
+    proba = torch.softmax(torch.from_numpy(checked.served_logits), dim=-1).numpy()
+    versus = versus_baseline(predictions_frame(test, proba, checked.labels), baseline, params.base.seed)
+    versus["baseline_macro_f1"] = baseline_f1
 
     # the registered model: the served ONNX variant as model.onnx, with tokenizer and labels
     with tempfile.TemporaryDirectory() as staging_root:
@@ -268,9 +317,7 @@ def register_and_gate(
                 f"int8 label agreement {agreement:.4f} vs min_int8_agreement {cfg.min_int8_agreement}",
             )
         )
-    decision = promotion.decide(
-        served["macro_f1"], baseline_f1, cfg.gate, champion_f1, champion_version, checks
-    )
+    decision = promotion.decide(served["macro_f1"], versus, cfg.gate, champion_f1, champion_version, checks)
     version = tracking.register_model_version(
         model_uri,
         name,
@@ -287,6 +334,7 @@ def register_and_gate(
             "test_macro_f1": f"{served['macro_f1']:.6f}",
             "test_accuracy": f"{served['accuracy']:.6f}",
             "baseline_test_macro_f1": f"{baseline_f1:.6f}",
+            "minus_baseline_macro_f1_ci95": f"[{versus['macro_f1_ci95_low']:.4f}, {versus['macro_f1_ci95_high']:.4f}]",
             "test_rows": len(test),
             "test_split_sha256": lib.split_fingerprint(test),
             "gate_passed": str(decision.passed).lower(),
@@ -305,6 +353,7 @@ def register_and_gate(
         "gate": {
             **decision.to_dict(),
             "baseline_macro_f1": baseline_f1,
+            "minus_baseline": {k: v for k, v in versus.items() if k != "baseline_macro_f1"},
             "champion_before": champion_version,
             "champion_before_macro_f1": champion_f1,
         },
