@@ -150,6 +150,11 @@ def test_registered_version_links_run_commit_and_metrics(repo):
     # the first passing version is both challenger and champion, and the metrics say why
     assert m["gate"]["passed"] is True and m["gate"]["aliases"] == ["challenger", "champion"]
     assert "no champion yet: becomes champion" in m["gate"]["reasons"]
+    # the gate's served-minus-baseline CI: the served fp32 ONNX model gives PyTorch's labels, so the paired
+    # bootstrap on its own predictions is evaluate's, to the digit
+    versus = m["gate"]["minus_baseline"]
+    for key in ("macro_f1", "macro_f1_ci95_low", "macro_f1_ci95_high"):
+        assert versus[key] == pytest.approx(evaluate["model_minus_baseline"][key]), key
     for alias in ("challenger", "champion"):
         assert str(mlflow.get_model_version_by_alias(NAME, alias).version) == m["registry"]["version"]
     # the logged model holds ONNX, tokenizer and JSON: no pickled weights
@@ -316,6 +321,8 @@ def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
             "reports/train/report.json",
             "--eval-scores",
             "reports/evaluate/scores.json",
+            "--baseline-predictions",
+            "reports/evaluate/baseline_predictions.csv",
             "--out",
             str(out),
             "--metrics",
