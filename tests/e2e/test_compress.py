@@ -159,6 +159,10 @@ def test_mlflow_parent_with_a_child_per_variant(repo):
         assert child.info.run_id == row["mlflow_run_id"] and child.info.status == "FINISHED"
         assert child.data.metrics["macro_f1"] == pytest.approx(row["macro_f1"])
         assert child.data.metrics["latency_b1_p50_ms"] == pytest.approx(row["latency_b1_p50_ms"])
+        if name != "original":  # each variant's budget verdict is on its run, as a metric and a tag
+            assert child.data.metrics["within_budget"] == int(row["within_budget"])
+            assert child.data.tags["within_budget"] == str(row["within_budget"]).lower()
+            assert child.data.metrics["val_loss"] == pytest.approx(row["val_loss"])
     student = by_name["student"]
     assert student.data.params["distill.temperature"] == "2.0"
     assert student.data.params["distill.alpha"] == "0.5"

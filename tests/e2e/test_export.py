@@ -34,6 +34,8 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
         "prepare": {"max_rows": 80},
         "train": {"epochs": 1, "batch_size": 8, "logging_steps": 4},
         "mlflow": {"experiment": "tiny-export"},
+        # 8 val rows: one error is 12 pt; a budget this model's variants meet, so export may ship one
+        "compress": {"max_loss": 1.0},
         "export": {
             "registered_model": NAME,
             "latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "threads": 1},
@@ -365,7 +367,8 @@ def test_export_of_a_compress_variant(repo):
         assert "compress stage's `student` variant" in card
         compress = metrics(repo, "compress")
         f1 = compress["variants"]["student"]["macro_f1"]
-        assert f"| student | {f1:.4f} |" in card
+        (row,) = [line for line in card.splitlines() if line.startswith("| student |")]
+        assert f" | yes | {f1:.4f} | " in row  # within the budget, then its test macro-F1
         assert m["served"]["macro_f1"] == pytest.approx(f1, abs=1e-9)
     finally:
         write_params(repo / "params.yaml", {"export.source": "model"})
