@@ -108,7 +108,7 @@ def main() -> None:
             met = "yes" if ok else "**no**"
         flag = {True: "yes", False: "**no**"}.get(row.get("within_budget"), "")
         print(
-            f"| {name} | {100 * row['val_loss']:+.2f} | {flag} | {row['macro_f1']:.4f} | {delta:+.2f} | {row['accuracy']:.4f} | {row['size_mb']:.1f} "
+            f"| {name} | {100 * row['val_f1_loss']:+.2f} | {flag} | {row['macro_f1']:.4f} | {delta:+.2f} | {row['accuracy']:.4f} | {row['size_mb']:.1f} "
             f"| {row['parameters'] / 1e6:.2f} M | {row['nonzero_parameters'] / 1e6:.2f} M "
             f"| {row['latency_b1_p50_ms']:.1f} / {row['latency_b1_p95_ms']:.1f} "
             f"| {row[f'latency_b{bs}_p50_ms']:.0f} / {row[f'latency_b{bs}_p95_ms']:.0f} "
@@ -128,7 +128,7 @@ def main() -> None:
         for point in metrics["prune_curve"]:
             print(
                 f"| {point['sparsity']} | {point['recovered']} | {point['val_macro_f1']:.4f} "
-                f"| {100 * point['val_loss']:+.2f} | {point['within_budget']} |"
+                f"| {100 * point['val_f1_loss']:+.2f} | {point['within_budget']} |"
             )
     if "int8" in rows:
         print(

@@ -108,7 +108,7 @@ def render(
     )
     if export.get("source_within_budget") is False:
         lines.append(
-            f"**It broke compress's quality budget**: it loses {100 * export['source_val_loss']:.2f} pt of val "
+            f"**It broke compress's quality budget**: it loses {100 * export['source_val_f1_loss']:.2f} pt of val "
             f"macro-F1 against the trained model, over the {100 * export['source_max_loss']:g} pt allowed; it "
             "was shipped only because `export.allow_over_budget` names it."
         )
@@ -125,7 +125,7 @@ def render(
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, v in variants.items():
-            loss = v.get("val_loss")
+            loss = v.get("val_f1_loss")
             flag = {True: "yes", False: "**no**"}.get(v.get("within_budget"), "")
             lines.append(
                 f"| {name} | {_f(None if loss is None else 100 * loss, 2)} | {flag} | "

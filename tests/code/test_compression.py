@@ -126,7 +126,9 @@ def test_global_pruning_hits_the_target_and_spares_the_head(model):
     embeddings = model.bert.embeddings.word_embeddings.weight.detach().clone()
     keep = lib.magnitude_prune(model, 0.3)
     assert lib.sparsity_of(model) == pytest.approx(0.3, abs=1e-4)
-    assert len(keep) == 4 * 6  # every Linear of the encoder's layers; not the pooler (head), see prunable_linears
+    assert (
+        len(keep) == 4 * 6
+    )  # every Linear of the encoder's layers; not the pooler (head), see prunable_linears
     assert torch.count_nonzero(model.bert.pooler.dense.weight) == model.bert.pooler.dense.weight.numel()
     assert not [n for n, _ in model.named_parameters() if n.endswith(("_orig", "_mask"))]  # permanent
     assert torch.equal(model.classifier.weight, head)

@@ -54,13 +54,13 @@ def test_each_variant_is_judged_on_val_against_its_budget(repo):
     m = report(repo)
     rows = m["variants"]
     assert set(rows) == {"original", "int8", "pruned"} and m["max_loss"] == BUDGET
-    reference = rows["original"]["val_macro_f1"]
+    reference = rows["original"]["val_f1"]
     assert reference > 0.5  # the model learned the titles: there is something to lose
     for name in ("int8", "pruned"):
         row = rows[name]
         assert row["max_loss"] == BUDGET
-        assert row["val_loss"] == pytest.approx(reference - row["val_macro_f1"])
-        assert row["within_budget"] == (row["val_loss"] <= BUDGET + 1e-9), name
+        assert row["val_f1_loss"] == pytest.approx(reference - row["val_f1"])
+        assert row["within_budget"] == (row["val_f1_loss"] <= BUDGET + 1e-9), name
     # int8 meets the budget, or keeps every layer it may in fp32 and is flagged
     int8 = rows["int8"]
     assert int8["within_budget"] or int8["fp32_layer_count"] == 2
@@ -86,7 +86,7 @@ def test_a_pruned_model_outside_the_budget_is_flagged_and_warned_about(repo):
     curve = pd.read_csv(repo / "reports/compress/prune_curve.csv")
     assert curve["sparsity"].tolist() == [0.2, 0.5, 0.9] and not curve["recovered"].any()
     assert curve["within_budget"].tolist() == [p["within_budget"] for p in m["prune_curve"]]
-    assert curve.loc[curve["sparsity"] == 0.9, "val_macro_f1"].item() == pytest.approx(pruned["val_macro_f1"])
+    assert curve.loc[curve["sparsity"] == 0.9, "val_macro_f1"].item() == pytest.approx(pruned["val_f1"])
 
 
 def test_export_refuses_a_variant_outside_the_budget_unless_allowed(repo, tmp_path):
@@ -100,7 +100,7 @@ def test_export_refuses_a_variant_outside_the_budget_unless_allowed(repo, tmp_pa
     result = run(cmd, repo, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
-    loss = 100 * report(repo)["variants"]["pruned"]["val_loss"]
+    loss = 100 * report(repo)["variants"]["pruned"]["val_f1_loss"]
     assert lines == [
         f"error: export.source: 'pruned' loses {loss:.2f} pt of val macro-F1 against the trained model, over "
         "compress's budget of 0.5 pt; ship another model, or add 'pruned' to export.allow_over_budget to ship "
@@ -113,4 +113,6 @@ def test_export_refuses_a_variant_outside_the_budget_unless_allowed(repo, tmp_pa
 
     allowed = write_params(tmp_path / "allowed.yaml", {"export.allow_over_budget": ["pruned"]}, params)
     record = budget_check(load_params(allowed), report(repo))
-    assert record["source_within_budget"] is False and record["source_val_loss"] == pytest.approx(loss / 100)
+    assert record["source_within_budget"] is False and record["source_val_f1_loss"] == pytest.approx(
+        loss / 100
+    )

@@ -190,7 +190,7 @@ def run(params: Params, paths: Paths) -> str:
         verdict = "" if name == "original" else ("ok" if row["within_budget"] else "MISSED")
         lines.append(
             f"compress: {name:<10} {row['macro_f1']:.4f}  ({row['delta_macro_f1']:+.4f})  "
-            f"{100 * row['val_loss']:+6.2f} pt  {verdict:<6}  {row['size_mb']:7.1f}  {row[b1]:9.2f}  "
+            f"{100 * row['val_f1_loss']:+6.2f} pt  {verdict:<6}  {row['size_mb']:7.1f}  {row[b1]:9.2f}  "
             f"{row['speedup_b1']:.2f}x"
         )
     if "pruned" in rows:
@@ -205,16 +205,16 @@ def run(params: Params, paths: Paths) -> str:
     return "\n".join(lines)
 
 
-CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_loss", "within_budget"]
+CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_f1_loss", "within_budget"]
 
 
 def judge(params: Params, original: Variant, name: str, variant: Variant) -> None:
     """The variant's val loss against the original, its budget and the flag, in its row; a miss warns."""
     budget = params.compress.budget(name)
-    loss = original.row["val_macro_f1"] - variant.row["val_macro_f1"]
+    loss = original.row["val_f1"] - variant.row["val_f1"]
     ok = lib.fits(loss, budget)
-    variant.row.update(val_loss=loss, max_loss=budget, within_budget=ok)
-    tracking.log_metrics({"within_budget": int(ok), "val_loss": loss, "max_loss": budget})
+    variant.row.update(val_f1_loss=loss, max_loss=budget, within_budget=ok)
+    tracking.log_metrics({"within_budget": int(ok), "val_f1_loss": loss, "max_loss": budget})
     tracking.set_tags({"within_budget": str(ok).lower()})
     if not ok:
         variant.warnings.append(
@@ -272,7 +272,7 @@ def measure(inputs: Inputs, model: nn.Module, folder: Path, desc: str, val_macro
     return {
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
-        "val_macro_f1": val_macro_f1,
+        "val_f1": val_macro_f1,  # val macro-F1 (not val_macro_f1: a fine-tune logs that per epoch)
         "size_mb": lib.weights_bytes(folder) / 2**20,
         "layers": model.config.num_hidden_layers,
         **lib.parameter_counts(model),
@@ -290,7 +290,7 @@ def original(inputs: Inputs, folder: Path) -> Variant:
     """The trained model itself, scored the same way as the variants (nothing is written to ``folder``)."""
     model = models.load_classifier(inputs.model_dir).to(models.device())
     row = measure(inputs, model, inputs.model_dir, "original", inputs.reference_val_macro_f1())
-    row["val_loss"] = 0.0
+    row["val_f1_loss"] = 0.0
     return Variant(row, model.cpu().eval())
 
 
@@ -388,7 +388,7 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
         f1 = inputs.val_macro_f1(pruned_copy, f"sparsity {sparsity:g}")
         loss = reference - f1
         curve.append(
-            {"sparsity": sparsity, "recovered": False, "val_macro_f1": f1, "val_loss": loss,
+            {"sparsity": sparsity, "recovered": False, "val_macro_f1": f1, "val_f1_loss": loss,
              "within_budget": lib.fits(loss, budget)}
         )  # fmt: skip
 
@@ -412,7 +412,7 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
         return PrunePlan(reference, curve, chosen, True, f"{how}, then fine-tuned")
     up = lib.next_up(p.grid, best["sparsity"] if best else None)
     point = next((c for c in curve if c["sparsity"] == up), None)
-    if p.recovery == "auto" and point is not None and point["val_loss"] <= RECOVERABLE * budget:
+    if p.recovery == "auto" and point is not None and point["val_f1_loss"] <= RECOVERABLE * budget:
         how = "next grid sparsity up, after a recovery fine-tune"
         return PrunePlan(reference, curve, up, True, how, chosen)
     if p.recovery == "auto" and point is not None:
@@ -461,7 +461,7 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
         ok = lib.fits(plan.reference - val_f1, budget)
         plan.curve.append(
             {"sparsity": sparsity, "recovered": True, "val_macro_f1": val_f1,
-             "val_loss": plan.reference - val_f1,
+             "val_f1_loss": plan.reference - val_f1,
              "within_budget": ok}
         )  # fmt: skip
         if not ok and plan.fallback is not None:  # the fine-tune did not earn the higher sparsity

@@ -69,7 +69,7 @@ def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
     row = (compression or {}).get("variants", {}).get(source)
     if source == "model" or row is None or "within_budget" not in row:
         return {"source_within_budget": None}
-    loss, budget = row["val_loss"], row["max_loss"]
+    loss, budget = row["val_f1_loss"], row["max_loss"]
     if not row["within_budget"]:
         if source not in params.export.allow_over_budget:
             raise UserError(
@@ -81,7 +81,11 @@ def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
             f"export: WARNING: shipping '{source}' although it loses {100 * loss:.2f} pt of val macro-F1, "
             f"over the budget of {100 * budget:g} pt (export.allow_over_budget)"
         )
-    return {"source_within_budget": row["within_budget"], "source_val_loss": loss, "source_max_loss": budget}
+    return {
+        "source_within_budget": row["within_budget"],
+        "source_val_f1_loss": loss,
+        "source_max_loss": budget,
+    }
 
 
 def run(params: Params, paths: Paths) -> str:
