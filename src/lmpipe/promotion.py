@@ -56,18 +56,18 @@ def decide(
     versus = (
         f"{100 * diff:+.2f} pt vs the baseline's {base:.4f}, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}]"
     )
-    if gate.baseline == "ci":
-        if low > 0:
-            reasons.append(f"beats the baseline beyond test noise: {versus}")
-        else:
-            passed = False
-            reasons.append(f"FAIL: does not beat the baseline beyond test noise (CI low <= 0): {versus}")
-    elif gate.baseline == "point":
-        if diff > 0:
-            reasons.append(f"beats the baseline: {versus}")
-        else:
-            passed = False
-            reasons.append(f"FAIL: does not beat the baseline: {versus}")
+    baseline_checks = {  # gate.baseline: (passes, reason if it does, reason if it does not)
+        "ci": (
+            low > 0,
+            "beats the baseline beyond test noise",
+            "does not beat the baseline beyond test noise (CI low <= 0)",
+        ),
+        "point": (diff > 0, "beats the baseline", "does not beat the baseline"),
+    }
+    if gate.baseline in baseline_checks:
+        ok, yes, no = baseline_checks[gate.baseline]
+        passed = passed and ok
+        reasons.append(f"{yes}: {versus}" if ok else f"FAIL: {no}: {versus}")
     for ok, reason in checks or []:
         passed = passed and ok
         reasons.append(reason if ok else f"FAIL: {reason}")
