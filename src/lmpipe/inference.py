@@ -33,13 +33,26 @@ def predict_proba_model(
     desc: str = "predict",
 ) -> tuple[np.ndarray, list[str]]:
     """``predict_proba`` for a model already in memory (e.g. a quantized one), on the device it is on."""
+    logits, names = predict_logits_model(model, tokenizer, texts, max_length, batch_size, desc)
+    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy(), names
+
+
+def predict_logits_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+    desc: str = "predict",
+) -> tuple[np.ndarray, list[str]]:
+    """fp32 logits for ``texts`` from a model in memory, and its class names in id order."""
     model = model.eval()
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     dataset = TextDataset(tokenizer, texts, None, max_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer)
     )
-    return batches_proba(model, tqdm(loader, desc=desc, unit="batch")), names
+    return batches_logits(model, tqdm(loader, desc=desc, unit="batch")), names
 
 
 def batches_logits(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]]) -> np.ndarray:

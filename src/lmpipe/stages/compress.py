@@ -20,15 +20,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding
 
 from lmpipe import compression as lib
 from lmpipe import data, distributed, io, latency, models, plots, reports, tracking
-from lmpipe.encoding import TextDataset, frame_dataset
-from lmpipe.inference import batches_logits
+from lmpipe.encoding import frame_dataset
+from lmpipe.inference import predict_logits_model
 from lmpipe.metrics import classification_metrics
 from lmpipe.params import Params, TrainParams
 from lmpipe.training import TrainResult, train_model
@@ -76,14 +74,10 @@ class Inputs:
     def logits(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The model's logits on the val or test split through the one inference loop, with the truth."""
         frame = {"val": self.val, "test": self.test}[split]
-        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        dataset = TextDataset(self.tokenizer, frame["text"].tolist(), None, self.params.base.max_length)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=self.params.train.eval_batch_size,
-            collate_fn=DataCollatorWithPadding(self.tokenizer),
-        )
-        logits = batches_logits(model.eval(), tqdm(loader, desc=f"{desc} ({split})", unit="batch"))
+        logits, names = predict_logits_model(
+            model, self.tokenizer, frame["text"].tolist(), self.params.base.max_length,
+            self.params.train.eval_batch_size, desc=f"{desc} ({split})",
+        )  # fmt: skip
         y_true = data.encode_labels(
             frame["label"], data.model_label2id(names), f"the model in {self.model_dir}"
         )
@@ -208,13 +202,19 @@ def run(params: Params, paths: Paths) -> str:
 CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_f1_loss", "within_budget"]
 
 
+def curve_point(sparsity: float, recovered: bool, f1: float, reference: float, budget: float) -> dict:
+    """One point of the pruning curve (a row of ``CURVE_COLUMNS``)."""
+    loss = reference - f1
+    return dict(zip(CURVE_COLUMNS, (sparsity, recovered, f1, loss, lib.fits(loss, budget)), strict=True))
+
+
 def judge(params: Params, original: Variant, name: str, variant: Variant) -> None:
     """The variant's val loss against the original, its budget and the flag, in its row; a miss warns."""
     budget = params.compress.budget(name)
     loss = original.row["val_f1"] - variant.row["val_f1"]
     ok = lib.fits(loss, budget)
     variant.row.update(val_f1_loss=loss, max_loss=budget, within_budget=ok)
-    tracking.log_metrics({"within_budget": int(ok), "val_f1_loss": loss, "max_loss": budget})
+    tracking.log_metrics({"within_budget": int(ok)})  # a bool; the row's numbers reach the run with the row
     tracking.set_tags({"within_budget": str(ok).lower()})
     if not ok:
         variant.warnings.append(
@@ -304,7 +304,8 @@ def quantized(inputs: Inputs, folder: Path) -> Variant:
     reference = inputs.reference_val_macro_f1()
     budget = cfg.budget("int8")
     fp32_layers: list[str] = []
-    val_f1 = inputs.val_macro_f1(lib.quantize_dynamic_int8(fp32), "int8")
+    chosen = lib.quantize_dynamic_int8(fp32)
+    val_f1 = inputs.val_macro_f1(chosen, "int8")
     trials = [{"fp32_layers": 0, "val_macro_f1": val_f1}]
     sensitivity: list[dict[str, Any]] = []
     steps = lib.fp32_steps(cfg.quantize.max_fp32_layers, len(lib.linear_names(fp32)))
@@ -313,11 +314,12 @@ def quantized(inputs: Inputs, folder: Path) -> Variant:
         ranked = [s["layer"] for s in sensitivity]
         for k in steps:
             fp32_layers = ranked[:k]
-            val_f1 = inputs.val_macro_f1(lib.quantize_dynamic_int8(fp32, fp32_layers), f"int8, {k} fp32")
+            chosen = lib.quantize_dynamic_int8(fp32, fp32_layers)
+            val_f1 = inputs.val_macro_f1(chosen, f"int8, {k} fp32")
             trials.append({"fp32_layers": k, "val_macro_f1": val_f1})
             if lib.fits(reference - val_f1, budget):
                 break
-    lib.save_int8(lib.quantize_dynamic_int8(fp32, fp32_layers), inputs.tokenizer, folder, inputs.source)
+    lib.save_int8(chosen, inputs.tokenizer, folder, inputs.source)
     model = lib.load_int8(folder)
     tracking.log_artifact(folder / lib.INT8_RECIPE)
     row = measure(inputs, model, folder, "int8", val_f1)
@@ -332,9 +334,9 @@ def int8_sensitivity(inputs: Inputs, fp32: nn.Module) -> list[dict[str, Any]]:
     """Each Linear layer quantized alone, ranked by how far it moves the val outputs (mean KL of the
     softmax against fp32's): the most sensitive first."""
     reference, _, _ = inputs.logits(fp32, "val", "sensitivity: fp32")
-    scores = []
-    for name in tqdm(lib.linear_names(fp32), desc="int8 sensitivity", unit="layer"):
-        others = [n for n in lib.linear_names(fp32) if n != name]
+    scores, layers = [], lib.linear_names(fp32)
+    for name in tqdm(layers, desc="int8 sensitivity", unit="layer"):
+        others = [n for n in layers if n != name]
         alone = lib.quantize_dynamic_int8(fp32, others)
         logits, _, _ = inputs.logits(alone, "val", name)
         scores.append({"layer": name, "val_kl": lib.mean_kl(reference, logits)})
@@ -386,11 +388,7 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
         pruned_copy = copy.deepcopy(model)
         lib.magnitude_prune(pruned_copy, sparsity)
         f1 = inputs.val_macro_f1(pruned_copy, f"sparsity {sparsity:g}")
-        loss = reference - f1
-        curve.append(
-            {"sparsity": sparsity, "recovered": False, "val_macro_f1": f1, "val_f1_loss": loss,
-             "within_budget": lib.fits(loss, budget)}
-        )  # fmt: skip
+        curve.append(curve_point(sparsity, False, f1, reference, budget))
 
     # up the grid, stopping after two misses in a row: the pruned sets are nested (a larger sparsity
     # zeroes a superset of the weights), so the loss rarely comes back, and each point is a val pass
@@ -458,13 +456,10 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
     sparsity, chosen_by = plan.sparsity, plan.chosen_by
     val_f1 = inputs.val_macro_f1(model, f"sparsity {sparsity:g}, recovered" if plan.recover else "pruned")
     if plan.recover:
-        ok = lib.fits(plan.reference - val_f1, budget)
-        plan.curve.append(
-            {"sparsity": sparsity, "recovered": True, "val_macro_f1": val_f1,
-             "val_f1_loss": plan.reference - val_f1,
-             "within_budget": ok}
-        )  # fmt: skip
-        if not ok and plan.fallback is not None:  # the fine-tune did not earn the higher sparsity
+        plan.curve.append(curve_point(sparsity, True, val_f1, plan.reference, budget))
+        if (
+            not plan.curve[-1]["within_budget"] and plan.fallback is not None
+        ):  # the fine-tune did not earn the higher sparsity
             sparsity = plan.fallback
             chosen_by = (
                 "largest grid sparsity within the budget on val (a recovery fine-tune one step up missed)"

@@ -288,7 +288,7 @@ def register_and_gate(
     baseline_f1 = float(evaluate["baseline"]["macro_f1"])
     served = checked.served
     # the served variant against the baseline on the same test rows, paired: the code of evaluate
-    proba = torch.softmax(torch.from_numpy(checked.served_logits), dim=-1).numpy()
+    proba = serving.softmax(checked.served_logits)
     versus = versus_baseline(predictions_frame(test, proba, checked.labels), baseline, params.base.seed)
     versus["baseline_macro_f1"] = baseline_f1
 
