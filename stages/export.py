@@ -35,6 +35,9 @@ def main() -> None:
         help="evaluate's baseline test predictions (the gate's paired CI)",
     )
     parser.add_argument("--compress-report", help="optional: report of the compressed variants")
+    parser.add_argument(
+        "--calibration", help="optional: analyze's calibration.json (the temperature served; default 1)"
+    )
     parser.add_argument("--out", required=True, help="export folder to write")
     parser.add_argument("--metrics", required=True, help="headline figures (DVC metrics JSON)")
     parser.add_argument("--report", required=True, help="the export report (JSON)")

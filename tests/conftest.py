@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # A few dozen rows, short texts, two quick epochs: the whole pipeline in well under a minute.
+# analyze on a few test texts (a tiny split has ~8): every e2e repo starts from these (``new_repo``)
+ANALYZE_SMALL = {
+    "robustness": {
+        "perturbations": {"char_noise": [0.1], "lowercase": [1.0], "window_shift": [0.5]},
+        "resamples": 200,
+    },
+    "attack": {"samples": 2},
+    "explain": {"samples": 3, "n_steps": 4},
+}
+
 TINY = {
     "base": {"max_length": 32},
     "prepare": {"max_rows": 80},
@@ -31,6 +41,7 @@ TINY = {
         "distill": {"epochs": 1},
         "latency": {"warmup": 1, "repeats": 5, "batch_size": 4, "batch_repeats": 2},
     },
+    "analyze": ANALYZE_SMALL,
     "mlflow": {"experiment": "tiny"},
     # a few timed runs at small batches: the export stage's benchmark is not what these runs test
     "export": {"latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3}},
@@ -150,6 +161,9 @@ def new_repo(dest: Path, overrides: dict, message: str = "test params") -> Path:
     Nothing has run in it yet: call ``run(["dvc", "repro"], repo)``."""
     repo = copy_repo(dest)
     run(["git", "init", "-q"], repo)
+    write_params(
+        repo / "params.yaml", {"analyze": ANALYZE_SMALL}, replace={"analyze.robustness.perturbations"}
+    )
     write_params(repo / "params.yaml", overrides)
     git_commit(repo, message)
     return repo
@@ -162,7 +176,7 @@ def tiny_repo(tmp_path_factory) -> Iterator[Path]:
     ends (an error in the teardown of the last test to use it)."""
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     run(["git", "init", "-q"], repo)
-    write_params(repo / "params.yaml", TINY)
+    write_params(repo / "params.yaml", TINY, replace={"analyze.robustness.perturbations"})
     git_commit(repo, "tiny")
     result = run(["dvc", "repro"], repo, timeout=900)
     (repo / "first_repro.log").write_text(result.stdout + result.stderr)

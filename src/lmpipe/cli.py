@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def add_predict_parser(sub) -> None:
         help="tokens read per text; default: the export's own (onnx) or base.max_length in --params (pytorch)",
     )
     p.add_argument("--params", default="params.yaml", help="params file, for pytorch's max_length")
+    p.add_argument(
+        "--calibration",
+        default="models/calibration.json",
+        help="pytorch: the analyze stage's fitted temperature, applied when the file exists (the onnx "
+        "export carries its own); default: models/calibration.json",
+    )
 
 
 def predict(args: argparse.Namespace) -> None:
@@ -75,6 +82,10 @@ def predict(args: argparse.Namespace) -> None:
 
         max_length = load_params(args.params).base.max_length
     model = args.model or ("models/export" if args.backend == "onnx" else "models/model")
+    temperature = 1.0
+    if args.backend == "pytorch" and Path(args.calibration).is_file():
+        temperature = float(json.loads(Path(args.calibration).read_text())["temperature"])
+        print(f"predict: probabilities at temperature {temperature:g} ({args.calibration})", file=sys.stderr)
     frame = predict_file(
         args.input,
         args.output,
@@ -84,6 +95,7 @@ def predict(args: argparse.Namespace) -> None:
         text_column=args.text_column,
         batch_size=args.batch_size,
         max_length=max_length,
+        temperature=temperature,
     )
     truncated = int(frame["truncated"].sum())
     if truncated:

@@ -9,15 +9,13 @@ import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 
 from lmpipe.metrics import classification_metrics, confusion, one_vs_rest_curves, per_class_report
 from lmpipe.params import BaselineParams
 
 
-def baseline_proba(
-    train: pd.DataFrame, texts: Sequence[str], names: Sequence[str], cfg: BaselineParams, seed: int
-) -> np.ndarray:
+def fit_baseline(train: pd.DataFrame, cfg: BaselineParams, seed: int) -> Pipeline:
     """TF-IDF (sublinear tf, word 1..n-grams) + multinomial logistic regression, fit on ``train``."""
     pipeline = make_pipeline(
         TfidfVectorizer(
@@ -29,15 +27,25 @@ def baseline_proba(
         ),
         LogisticRegression(C=cfg.C, max_iter=2000, random_state=seed),
     )
-    pipeline.fit(train["text"].tolist(), train["label"].tolist())
+    return pipeline.fit(train["text"].tolist(), train["label"].tolist())
+
+
+def aligned_proba(pipeline: Pipeline, texts: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """The fitted baseline's class probabilities for ``texts``, columns in the model's class order."""
     proba = pipeline.predict_proba(list(texts))
-    # align the classifier's column order with the model's class order
     order = [list(pipeline.classes_).index(name) if name in pipeline.classes_ else -1 for name in names]
     aligned = np.zeros((len(texts), len(names)))
     for j, col in enumerate(order):
         if col >= 0:
             aligned[:, j] = proba[:, col]
     return aligned
+
+
+def baseline_proba(
+    train: pd.DataFrame, texts: Sequence[str], names: Sequence[str], cfg: BaselineParams, seed: int
+) -> np.ndarray:
+    """The baseline fit on ``train``, its probabilities for ``texts`` (the model's class order)."""
+    return aligned_proba(fit_baseline(train, cfg, seed), texts, names)
 
 
 def score(y_true: np.ndarray, proba: np.ndarray, names: Sequence[str]) -> dict:

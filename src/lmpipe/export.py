@@ -28,11 +28,17 @@ from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OnnxTextClassi
 
 
 def write_classifier_folder(
-    model_dir: str | Path, out_dir: str | Path, max_length: int, opset: int, allow_spinning: bool = False
+    model_dir: str | Path,
+    out_dir: str | Path,
+    max_length: int,
+    opset: int,
+    allow_spinning: bool = False,
+    temperature: float = 1.0,
 ) -> Path:
     """Export ``model_dir`` (a save_pretrained classifier) to ``out_dir``: ``model.onnx`` with dynamic
-    batch and sequence axes, the tokenizer, and ``classifier.json`` (labels, max_length, inputs, and
-    whether served ONNX Runtime sessions let their threads spin)."""
+    batch and sequence axes, the tokenizer, and ``classifier.json`` (labels, max_length, inputs, the
+    temperature its probabilities are served at, and whether served ONNX Runtime sessions let their
+    threads spin)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_classifier(model_dir).eval()
@@ -72,6 +78,7 @@ def write_classifier_folder(
         "onnx_file": FP32_FILE,
         "inputs": names,
         "allow_spinning": allow_spinning,
+        "temperature": temperature,
     }
     (out_dir / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir

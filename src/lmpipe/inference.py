@@ -43,16 +43,17 @@ def predict_logits_model(
     texts: Sequence[str],
     max_length: int,
     batch_size: int,
-    desc: str = "predict",
+    desc: str | None = "predict",
 ) -> tuple[np.ndarray, list[str]]:
-    """fp32 logits for ``texts`` from a model in memory, and its class names in id order."""
+    """fp32 logits for ``texts`` from a model in memory, and its class names in id order (``desc=None``:
+    no progress bar, for the many small calls of an attack)."""
     model = model.eval()
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     dataset = TextDataset(tokenizer, texts, None, max_length)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer)
     )
-    return batches_logits(model, tqdm(loader, desc=desc, unit="batch")), names
+    return batches_logits(model, tqdm(loader, desc=desc, unit="batch", disable=desc is None)), names
 
 
 def batches_logits(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]]) -> np.ndarray:

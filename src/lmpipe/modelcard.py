@@ -51,6 +51,8 @@ def render(
         "",
         f"- Base model: `{params.base.model}`; {train.get('parameters', 'n/a')} parameters.",
         f"- Exported source: `{params.export.source}`.",
+        f"- Probabilities: softmax(logits / T) with T = {export.get('temperature', 1.0):g}, fit on val by "
+        "the analyze stage (temperature scaling: it changes no prediction, only how sure the model says it is).",
         "- Training params: "
         + ", ".join(f"{k}={v}" for k, v in params.to_dict()["train"].items())
         + f"; max_length={params.base.max_length}.",

@@ -286,6 +286,103 @@ class EvaluateParams(_Section):
             yield "batch_size", f"must be >= 1, got {self.batch_size}"
 
 
+# the perturbations analyze knows (lmpipe.robustness.PERTURBATIONS), each strength a share in [0, 1]
+PERTURBATION_NAMES = (
+    "char_noise",
+    "word_dropout",
+    "lowercase",
+    "uppercase",
+    "strip_punctuation",
+    "whitespace",
+    "window_shift",
+)
+
+
+@dataclass(frozen=True)
+class RobustnessParams(_Section):
+    enabled: bool
+    perturbations: dict[str, list[float]]
+    resamples: int
+
+    def problems(self):
+        for name, strengths in self.perturbations.items():
+            if name not in PERTURBATION_NAMES:
+                yield (
+                    f"perturbations.{name}",
+                    f"unknown perturbation (known: {', '.join(PERTURBATION_NAMES)})",
+                )
+                continue
+            if not strengths:
+                yield f"perturbations.{name}", "needs at least one strength"
+            for i, value in enumerate(strengths):
+                top = "< 1 (1 would cut the whole text)" if name == "window_shift" else "<= 1"
+                if not 0 < value <= 1 or (name == "window_shift" and value >= 1):
+                    yield f"perturbations.{name}[{i}]", f"must be > 0 and {top}, got {value}"
+        if self.resamples < 100:
+            yield "resamples", f"must be >= 100 (bootstrap CIs), got {self.resamples}"
+
+
+@dataclass(frozen=True)
+class AttackParams(_Section):
+    enabled: bool
+    samples: int
+    max_edit_share: float
+
+    def problems(self):
+        if self.samples < 1:
+            yield "samples", f"must be >= 1, got {self.samples}"
+        if not 0 < self.max_edit_share < 1:
+            yield "max_edit_share", f"must be > 0 and < 1, got {self.max_edit_share}"
+
+
+@dataclass(frozen=True)
+class ExplainParams(_Section):
+    enabled: bool
+    samples: int
+    n_steps: int
+    top_k_share: float
+    top_tokens: int
+
+    def problems(self):
+        if self.samples < 1:
+            yield "samples", f"must be >= 1, got {self.samples}"
+        if not 2 <= self.n_steps <= 500:
+            yield "n_steps", f"must be between 2 and 500, got {self.n_steps}"
+        if not 0 < self.top_k_share < 1:
+            yield "top_k_share", f"must be > 0 and < 1, got {self.top_k_share}"
+        if self.top_tokens < 1:
+            yield "top_tokens", f"must be >= 1, got {self.top_tokens}"
+
+
+@dataclass(frozen=True)
+class CalibrationParams(_Section):
+    enabled: bool
+    bins: int
+
+    def problems(self):
+        if not 2 <= self.bins <= 100:
+            yield "bins", f"must be between 2 and 100, got {self.bins}"
+
+
+@dataclass(frozen=True)
+class SlicesParams(_Section):
+    length_edges: list[float]
+
+    def problems(self):
+        edges = self.length_edges
+        if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
+            yield "length_edges", f"must be increasing numbers > 0, got {edges}"
+
+
+@dataclass(frozen=True)
+class AnalyzeParams(_Section):
+    robustness: RobustnessParams
+    attack: AttackParams
+    explain: ExplainParams
+    calibration: CalibrationParams
+    slices: SlicesParams
+
+
 def _budget_problem(value: float | None, nullable: bool) -> Iterator[tuple[str, str]]:
     if value is None:
         if not nullable:
@@ -620,6 +717,7 @@ class Params(_Section):
     search: SearchParams
     train: TrainParams
     evaluate: EvaluateParams
+    analyze: AnalyzeParams
     compress: CompressParams
     mlflow: MlflowParams
     export: ExportParams

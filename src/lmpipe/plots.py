@@ -76,6 +76,47 @@ def history_figure(history: Sequence[dict]):
     return fig
 
 
+def robustness_figure(frame):
+    """Macro-F1 against perturbation strength, one panel per perturbation, model against baseline
+    (``frame``: perturbation, strength, predictor, macro_f1; strength 0 is the clean text)."""
+    kinds = list(dict.fromkeys(frame["perturbation"]))
+    cols = min(4, len(kinds)) or 1
+    rows = -(-len(kinds) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    for ax, kind in zip(axes.flat, kinds, strict=False):
+        part = frame[frame["perturbation"] == kind]
+        for predictor, style in (("model", "o-"), ("baseline", "s--")):
+            line = part[part["predictor"] == predictor].sort_values("strength")
+            ax.plot(line["strength"], line["macro_f1"], style, label=predictor)
+        ax.set_title(kind)
+        ax.set_xlabel("strength")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("test macro-F1")
+    axes[0][0].legend()
+    fig.suptitle("Robustness: macro-F1 under perturbation (strength 0 = clean)")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_figure(tables: dict, eces: dict):
+    """Reliability diagram: accuracy against confidence per bin, one line per predictor, with its ECE."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for name, table in tables.items():
+        used = table[table["count"] > 0]
+        ax.plot(used["confidence"], used["accuracy"], "o-", label=f"{name} (ECE {eces[name]:.3f})")
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left")
+    ax.set_title("Reliability diagram (test)")
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)
 
@@ -166,3 +207,29 @@ def _seed_groups_panel(ax, result: dict) -> None:
     ax.set_xlabel("test score, % (mean +- std over seeds)")
     ax.legend(fontsize=8)
     ax.set_title("Settings over seeds")
+
+
+def top_tokens_figure(frame):
+    """``explain.top_tokens``: one panel per predicted class, its words by total attribution (red toward
+    the class, blue against, as in the explanations page)."""
+    classes = list(dict.fromkeys(frame["class"]))
+    ncols = min(3, max(1, len(classes)))
+    nrows = max(1, -(-len(classes) // ncols))
+    longest = max([int((frame["class"] == name).sum()) for name in classes], default=1)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(4.2 * ncols, (0.28 * longest + 1.2) * nrows), squeeze=False
+    )
+    for ax, name in zip(axes.flat, classes, strict=False):
+        part = frame[frame["class"] == name]
+        values = part["total_attribution"].to_numpy()[::-1]
+        ax.barh(part["token"].to_numpy()[::-1], values, color=np.where(values > 0, "tab:red", "tab:blue"))
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("total attribution")
+        ax.set_title(name)
+    for ax in axes.flat[len(classes) :]:
+        ax.axis("off")
+    if not classes:
+        axes.flat[0].text(0.5, 0.5, "no explained texts", ha="center", va="center")
+    fig.suptitle("Top tokens per predicted class")
+    fig.tight_layout()
+    return fig

@@ -98,8 +98,10 @@ def predict_file(
     text_column: str = "text",
     batch_size: int = 32,
     max_length: int | None = None,
+    temperature: float = 1.0,
 ) -> pd.DataFrame:
-    """Score every text of ``input_path`` and write ``output_path`` (.csv or .jsonl) atomically."""
+    """Score every text of ``input_path`` and write ``output_path`` (.csv or .jsonl) atomically. The onnx
+    backend serves the temperature of its export folder; ``temperature`` is the pytorch backend's."""
     from lmpipe import io
 
     output_path = Path(output_path)
@@ -131,11 +133,17 @@ def predict_file(
             raise UserError(
                 "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
             )
-        from lmpipe.inference import predict_proba
-        from lmpipe.models import load_tokenizer
+        from lmpipe.inference import predict_logits_model
+        from lmpipe.models import device, load_classifier, load_tokenizer
+        from lmpipe.serving import softmax
 
-        proba, labels = predict_proba(model, texts, max_length, batch_size, desc="predict (pytorch)")
+        if temperature <= 0:
+            raise UserError(f"temperature: must be > 0, got {temperature}")
         tokenizer, limit = load_tokenizer(model), max_length
+        logits, labels = predict_logits_model(
+            load_classifier(model).to(device()), tokenizer, texts, max_length, batch_size, "predict (pytorch)"
+        )
+        proba = softmax(logits / temperature)
 
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
     truncated = [n > limit for n in lengths]

@@ -32,6 +32,12 @@ HEADLINE: dict[str, tuple[str, ...]] = {
         "model_minus_baseline.macro_f1_ci95_low",
         "model_minus_baseline.macro_f1_ci95_high",
     ),
+    "analyze": (
+        "robustness.model_mean_drop",
+        "attack.model.success_rate",
+        "explain.faithfulness.comprehensiveness_minus_random",
+        "calibration.model_scaled.ece",
+    ),
     "compress": (
         "variants.*.delta_macro_f1",
         "variants.*.speedup_b1",

@@ -7,7 +7,8 @@ same ``OnnxTextClassifier`` for the export checks and ``lmpipe predict``: one im
 
 The folder (``CLASSIFIER_FILE`` + ``model.onnx`` + tokenizer files) holds no pickles: ONNX protobuf,
 JSON and the tokenizer's own files. Texts longer than ``max_length`` tokens are truncated (the head and
-lead are kept), exactly as in training and evaluation.
+lead are kept), exactly as in training and evaluation. Probabilities are softmax(logits / temperature),
+with the temperature the analyze stage fit on val (``classifier.json``; 1 = the raw softmax).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class OnnxTextClassifier:
         self.info = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
         self.labels: list[str] = list(self.info["labels"])
         self.max_length: int = int(self.info["max_length"])
+        self.temperature: float = float(self.info.get("temperature", 1.0))
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -101,9 +103,13 @@ class OnnxTextClassifier:
     def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, features)[0]
 
+    def proba(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities of logits: softmax(logits / temperature)."""
+        return softmax(logits / self.temperature)
+
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         chunks = [
-            softmax(self.logits(self.encode(texts[i : i + batch_size])))
+            self.proba(self.logits(self.encode(texts[i : i + batch_size])))
             for i in range(0, len(texts), batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), dtype=np.float32)

@@ -34,6 +34,7 @@ class Paths:
     train_report: str  # train stage report (run id, for the card)
     eval_scores: str  # evaluate's scores (for the gate and the card)
     baseline_predictions: str  # evaluate's baseline predictions on test (the gate's paired CI)
+    calibration: str | None  # analyze's fitted temperature (served probabilities are softmax(logits / T))
     compress_report: str | None  # report of the compressed variants (for the card)
     out: str  # the export folder
     metrics: str  # headline figures (DVC metrics)
@@ -109,6 +110,13 @@ def run(params: Params, paths: Paths) -> str:
     evaluation = tracking.evaluate_run_of(train_run_id) if train_run_id else None
     records["evaluate_run_id"] = evaluation.info.run_id if evaluation else ""
     test = data.read_split(paths.data, "test")
+    calibration = io.read_json(paths.calibration) if paths.calibration else {"temperature": 1.0}
+    temperature = float(calibration["temperature"])
+    if params.export.source != "model" and temperature != 1.0:
+        print(
+            f"export: serving '{params.export.source}' at the temperature fit on the trained model "
+            f"({temperature:g}); its own calibration may differ (docs/analysis.md)"
+        )
     tags = {
         "train_run_id": train_run_id,
         "evaluate_run_id": records["evaluate_run_id"],
@@ -117,7 +125,7 @@ def run(params: Params, paths: Paths) -> str:
     cfg = params.export
     torch.set_num_threads(cfg.latency.threads)
     with tracking.stage_run(params, "export", tags=tags) as active, io.atomic_dir(paths.out) as tmp:
-        checked = export_and_check(params, model_dir, test, tmp, fp32_layers)
+        checked = export_and_check(params, model_dir, test, tmp, fp32_layers, temperature)
         latency = benchmark(params, checked, test["text"].tolist())
         git = tracking.git_info()  # once: the registered version's tags and the metrics name the same commit
         baseline = pd.read_csv(paths.baseline_predictions)
@@ -126,6 +134,7 @@ def run(params: Params, paths: Paths) -> str:
         metrics = {
             "source": cfg.source,
             **budget,
+            "temperature": temperature,
             "labels": checked.labels,
             "test_rows": len(test),
             "pytorch_fp32": checked.pytorch,
@@ -189,13 +198,20 @@ class Checked:
 
 
 def export_and_check(
-    params: Params, model_dir: Path, test: pd.DataFrame, out: Path, fp32_layers: list[str]
+    params: Params,
+    model_dir: Path,
+    test: pd.DataFrame,
+    out: Path,
+    fp32_layers: list[str],
+    temperature: float = 1.0,
 ) -> Checked:
     """Write the ONNX fp32 and int8 files into ``out`` (int8 keeps ``fp32_layers``, torch module names, in
     fp32) and check both against PyTorch on the test split; an fp32 export that drifts past
     ``export.max_logit_diff`` (or changes a label) fails the stage."""
     cfg = params.export
-    lib.write_classifier_folder(model_dir, out, params.base.max_length, cfg.opset, cfg.allow_spinning)
+    lib.write_classifier_folder(
+        model_dir, out, params.base.max_length, cfg.opset, cfg.allow_spinning, temperature
+    )
     lib.quantize_onnx_int8(out, fp32_layers)
     # checked and timed with spinning off whatever is served: a spinning ONNX Runtime pool slows the
     # PyTorch call timed after it (3x on 2 cores), and the table must compare the backends fairly
@@ -216,13 +232,20 @@ def export_and_check(
     onnx_int8["fp32_layers"] = fp32_layers
     onnx_int8["macro_f1_minus_pytorch"] = onnx_int8["macro_f1"] - torch_scores["macro_f1"]
     fp32_ok = onnx_fp32["max_abs_logit_diff"] <= cfg.max_logit_diff and onnx_fp32["labels_differing"] == 0
+    # what is served: calibrated probabilities, PyTorch's (softmax(logits / T)) against the ONNX classifier's
+    onnx_fp32["max_abs_proba_diff"] = float(
+        np.abs(serving.softmax(ref / temperature) - fp32.proba(logits["fp32"])).max(initial=0.0)
+    )
+    onnx_fp32["temperature"] = fp32.temperature
+    fp32_ok = fp32_ok and onnx_fp32["max_abs_proba_diff"] <= cfg.max_logit_diff
     onnx_fp32["ok"] = fp32_ok
     onnx_int8["ok"] = onnx_int8["label_agreement"] >= cfg.min_int8_agreement
     if not fp32_ok:
         raise UserError(
             f"export.max_logit_diff: the ONNX fp32 export differs from PyTorch by "
             f"{onnx_fp32['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
-            f"{onnx_fp32['labels_differing']} label(s) changed on {model_dir}; not registering it"
+            f"{onnx_fp32['labels_differing']} label(s) changed (calibrated probabilities differ by "
+            f"{onnx_fp32['max_abs_proba_diff']:.2e}) on {model_dir}; not registering it"
         )
     return Checked(
         fp32,
