@@ -366,6 +366,7 @@ class CalibrationParams(_Section):
 
 @dataclass(frozen=True)
 class SlicesParams(_Section):
+    enabled: bool
     length_edges: list[float]
 
     def problems(self):

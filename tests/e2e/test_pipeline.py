@@ -32,7 +32,7 @@ def client(repo) -> MlflowClient:
 
 def test_all_stages_ran(tiny_repo):
     log = (tiny_repo / "first_repro.log").read_text()
-    for stage in ("prepare", "split", "search", "train", "evaluate", "compress", "export"):
+    for stage in ("prepare", "split", "search", "train", "evaluate", "analyze", "compress", "export"):
         assert f"Running stage '{stage}'" in log
     assert (tiny_repo / "dvc.lock").is_file()
     # search is off by default: it hands train nothing, and says so

@@ -27,6 +27,8 @@ TABLES = {
     "attack": "attack",
     "faithfulness": "explain",
     "top_tokens": "explain",
+    "slices_length": "slices",
+    "slices_class": "slices",
 }
 
 
@@ -206,20 +208,21 @@ def run(params: Params, paths: Paths) -> str:
             lap("explain")
 
         # ------------------------------------------------------------------------------ slices
-        lengths = np.array(
-            [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
-        )
-        preds = {"model": clean_pred, "baseline": base_pred}
-        resamples = cfg.robustness.resamples
-        tables["slices_length"] = slices.by_length(
-            lengths, y, preds, len(names), max_length, cfg.slices.length_edges, resamples, seed
-        )
-        tables["slices_class"] = slices.by_class(y, preds, names, resamples, seed)
-        report["slices"] = {
-            "length": tables["slices_length"].to_dict(orient="records"),
-            "class": tables["slices_class"].to_dict(orient="records"),
-        }
-        lap("slices")
+        if cfg.slices.enabled:
+            lengths = np.array(
+                [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+            )
+            preds = {"model": clean_pred, "baseline": base_pred}
+            resamples = cfg.robustness.resamples
+            tables["slices_length"] = slices.by_length(
+                lengths, y, preds, len(names), max_length, cfg.slices.length_edges, resamples, seed
+            )
+            tables["slices_class"] = slices.by_class(y, preds, names, resamples, seed)
+            report["slices"] = {
+                "length": tables["slices_length"].to_dict(orient="records"),
+                "class": tables["slices_class"].to_dict(orient="records"),
+            }
+            lap("slices")
         report["seconds"] = {**seconds, "total": round(sum(seconds.values()), 1)}
         report["mlflow_run_id"] = run.info.run_id
         report["train_mlflow_run_id"] = train_run_id
