@@ -129,7 +129,7 @@ def test_mlflow_runs_are_tagged_and_complete(tiny_repo):
 def test_dvc_metrics_are_the_headline_of_each_report(tiny_repo):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
     (files,) = [entry["data"] for entry in shown.values()]
-    stages = ("prepare", "split", "search", "train", "evaluate", "compress", "export")
+    stages = ("prepare", "split", "search", "train", "evaluate", "analyze", "compress", "export")
     assert set(files) == {f"reports/{stage}/metrics.json" for stage in stages}
     columns = 0
     for stage in stages:

@@ -74,7 +74,7 @@ def run(params: Params, paths: Paths) -> str:
 
     model = load_classifier(paths.model).to(device()).eval()
     tokenizer = load_tokenizer(paths.model)
-    batch = params.evaluate.batch_size
+    batch = params.train.eval_batch_size
 
     def logits_of(items: list[str], desc: str | None = None) -> np.ndarray:
         return predict_logits_model(model, tokenizer, items, max_length, batch, desc)[0]
