@@ -191,18 +191,18 @@ def attack_many(
         attack(text, int(y), proba, max_edit_share, read_words(text))
         for text, y in tqdm(list(zip(texts, true_ids, strict=True)), desc=desc, unit="text")
     ]
-    frame = pd.DataFrame([r.__dict__ for r in results])
-    wins = frame[frame["success"]]
+    frame = pd.DataFrame([r.__dict__ for r in results], columns=list(AttackResult.__dataclass_fields__))
+    wins = frame[frame["success"].astype(bool)]
     summary = {
         "texts": len(frame),
-        "success_rate": float(frame["success"].mean()) if len(frame) else 0.0,
+        "success_rate": float(frame["success"].mean()) if len(frame) else None,
         "mean_edits": float(wins["edits"].mean()) if len(wins) else None,
         "mean_edit_share": float((wins["edits"] / wins["budget"]).mean() * max_edit_share)
         if len(wins)
         else None,
         "mean_p_true_drop": float((frame["p_true_before"] - frame["p_true_after"]).mean())
         if len(frame)
-        else 0.0,
+        else None,
     }
     return frame, summary
 
