@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
+from lmpipe.serving import softmax as serving_softmax
+
 # T is fit as exp(t), t in this range: T from ~0.02 to ~55, far beyond what a sane model needs
 _LOG_T_BOUNDS = (-4.0, 4.0)
 
@@ -22,7 +24,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature))
+    """softmax(logits / T) in float64: the served classifier's softmax (``serving.softmax``), so analysis
+    and serving compute calibrated probabilities with one function."""
+    return serving_softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
