@@ -31,7 +31,7 @@ from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from lmpipe.encoding import TextDataset
+from lmpipe.encoding import TextDataset, model_reading
 from lmpipe.evaluation import aligned_proba
 from lmpipe.inference import batches_proba
 
@@ -52,6 +52,13 @@ class Explanation:
     scores: np.ndarray  # one signed attribution per token, toward ``predicted``
     baseline_terms: list[tuple[str, float]] = field(default_factory=list)  # from ``baseline_terms``
     baseline_predicted: str = ""  # the class the baseline predicts, which its terms point toward
+
+
+def single_unit_reading(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's reading of a long text, as one input per text: a ``windows`` model is explained on
+    its first window (its head), the others on what they read."""
+    reading = model_reading(model)
+    return {**reading, "mode": "head"} if reading["mode"] == "windows" else reading
 
 
 def attribute(
@@ -78,7 +85,7 @@ def attribute(
         raise ValueError("the tokenizer has no pad token to build the integrated-gradients baseline from")
     model = model.eval()
     model_device = next(model.parameters()).device
-    encodings = TextDataset(tokenizer, texts, None, max_length).encodings
+    encodings = TextDataset(tokenizer, texts, None, max_length, single_unit_reading(model)).encodings
     keys = [key for key in encodings if key != "input_ids"]
 
     def logits(input_ids: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
@@ -120,6 +127,7 @@ def faithfulness(
     seed: int,
     batch_size: int = 32,
     random_draws: int = 3,
+    max_length: int | None = None,
 ) -> pd.DataFrame:
     """ERASER comprehensiveness and sufficiency of ``attributions`` (from ``attribute``), one row per text
     (index aligned with ``texts``). With ``k = max(1, round(k_share * n_tokens))`` top tokens (largest
@@ -140,10 +148,14 @@ def faithfulness(
     columns += ["random_comprehensiveness", "random_sufficiency"]
     if not texts:
         return pd.DataFrame(columns=columns)
-    # the longest attributed text fixes the truncation ``attribute`` used: re-encoding at it gives the
-    # same ids (checked below), so that a deleted token is the one its score belongs to
-    max_length = max(len(tokens) for tokens, _ in attributions) + tokenizer.num_special_tokens_to_add()
-    encodings = TextDataset(tokenizer, texts, None, max_length).encodings
+    # re-encoding as ``attribute`` did gives the same ids (checked below), so that a deleted token is the
+    # one its score belongs to; without ``max_length``, the longest attributed text fixes the (head)
+    # truncation ``attribute`` used
+    reading = single_unit_reading(model)
+    if max_length is None:
+        max_length = max(len(tokens) for tokens, _ in attributions) + tokenizer.num_special_tokens_to_add()
+        reading = None
+    encodings = TextDataset(tokenizer, texts, None, max_length, reading).encodings
     rng = np.random.default_rng(seed)
     variants: list[dict[str, Any]] = []  # per text: full, top-k removed, top-k only, then each random draw
     ks = []

@@ -21,10 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from lmpipe import latency
+from lmpipe.encoding import model_reading
 from lmpipe.inference import batches_logits
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier, load_tokenizer
-from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OnnxTextClassifier
+from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OnnxTextClassifier, pool_logits
 
 
 def write_classifier_folder(
@@ -36,8 +37,8 @@ def write_classifier_folder(
     temperature: float = 1.0,
 ) -> Path:
     """Export ``model_dir`` (a save_pretrained classifier) to ``out_dir``: ``model.onnx`` with dynamic
-    batch and sequence axes, the tokenizer, and ``classifier.json`` (labels, max_length, inputs, the
-    temperature its probabilities are served at, and whether served ONNX Runtime sessions let their
+    batch and sequence axes, the tokenizer, and ``classifier.json`` (labels, max_length, the reading of
+    long texts, inputs, the temperature its probabilities are served at, and whether served ONNX Runtime sessions let their
     threads spin)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,8 @@ def write_classifier_folder(
         "inputs": names,
         "allow_spinning": allow_spinning,
         "temperature": temperature,
+        # how the model reads a text longer than max_length (serving.read_texts), as it was trained to
+        "reading": model_reading(model),
     }
     (out_dir / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir
@@ -134,10 +137,14 @@ class Batches:
     """The test texts tokenised once, so every backend sees exactly the same inputs."""
 
     features: list[dict[str, np.ndarray]]
+    # per batch, the text each input row belongs to, and how rows are pooled into texts (windows)
+    owners: list[np.ndarray] | None = None
+    pooling: str = "mean"
 
     @classmethod
     def of(cls, classifier: OnnxTextClassifier, texts: Sequence[str], batch_size: int) -> Batches:
-        return cls([classifier.encode(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)])
+        read = [classifier.read(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        return cls([f for f, _ in read], [o for _, o in read], classifier.reading["pooling"])
 
 
 def torch_runner(model_dir: str | Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -147,7 +154,14 @@ def torch_runner(model_dir: str | Path) -> Callable[[dict[str, np.ndarray]], np.
 
 
 def all_logits(run: Callable, batches: Batches, desc: str) -> np.ndarray:
-    return np.concatenate([run(f) for f in tqdm(batches.features, desc=desc, unit="batch")])
+    """One row of logits per text (a windows model's windows pooled, as served)."""
+    owners = batches.owners or [None] * len(batches.features)
+    return np.concatenate(
+        [
+            run(f) if o is None else pool_logits(run(f), o, int(o.max(initial=-1)) + 1, batches.pooling)
+            for f, o in zip(tqdm(batches.features, desc=desc, unit="batch"), owners, strict=True)
+        ]
+    )
 
 
 def parity_report(

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from lmpipe.encoding import TextDataset
+from lmpipe.encoding import TextDataset, model_reading
 from lmpipe.models import device, load_classifier, load_tokenizer
 
 
@@ -46,14 +46,16 @@ def predict_logits_model(
     desc: str | None = "predict",
 ) -> tuple[np.ndarray, list[str]]:
     """fp32 logits for ``texts`` from a model in memory, and its class names in id order (``desc=None``:
-    no progress bar, for the many small calls of an attack)."""
+    no progress bar, for the many small calls of an attack). The model reads each text as it was
+    trained to (its config's reading: a ``windows`` model's windows are pooled into one row per text)."""
     model = model.eval()
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    dataset = TextDataset(tokenizer, texts, None, max_length)
+    dataset = TextDataset(tokenizer, texts, None, max_length, model_reading(model))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer)
     )
-    return batches_logits(model, tqdm(loader, desc=desc, unit="batch", disable=desc is None)), names
+    logits = batches_logits(model, tqdm(loader, desc=desc, unit="batch", disable=desc is None))
+    return dataset.pool(logits), names
 
 
 def batches_logits(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]]) -> np.ndarray:

@@ -37,12 +37,38 @@ class _Section:
 
 
 @dataclass(frozen=True)
+class ReadingParams(_Section):
+    """How a text longer than ``base.max_length`` tokens is read (``serving.read_texts``)."""
+
+    mode: Literal["head", "tail", "head_tail", "windows"]
+    head_share: float
+    stride: int
+    pooling: Literal["mean", "max"]
+
+    def problems(self):
+        if not 0 <= self.head_share <= 1:
+            yield "head_share", f"must be in [0, 1], got {self.head_share}"
+        if self.stride < 0:
+            yield "stride", f"must be >= 0, got {self.stride}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class BaseParams(_Section):
     seed: int
     model: str
     max_length: int
+    reading: ReadingParams
 
     def problems(self):
+        # a window must move forward: the shared tokens leave room for new ones (specials take ~2)
+        if self.reading.stride > self.max_length // 2:
+            yield (
+                "reading.stride",
+                f"must be at most half of base.max_length ({self.max_length // 2}), got {self.reading.stride}",
+            )
         if not self.model.strip():
             yield "model", "must not be empty"
         if not 8 <= self.max_length <= 8192:

@@ -1,8 +1,9 @@
 """Batch prediction from the command line (``lmpipe predict``): CSV, JSONL or plain-text lines in,
 labels and class probabilities out, with the exported ONNX model (default) or the PyTorch one.
 
-Texts longer than the model's ``max_length`` tokens are truncated (the model reads their first
-``max_length`` tokens, as in training); the output's ``truncated`` column marks them.
+A text longer than the model's ``max_length`` tokens is read as in training (``base.reading``: its
+head, tail, head and tail, or every window with the windows pooled); the output's ``truncated`` column
+marks the texts the model did not read whole (never, for a windows model).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def predict_file(
         if max_length is not None:
             classifier.max_length = max_length
         tokenizer, limit, labels = classifier.tokenizer, classifier.max_length, classifier.labels
+        reading = classifier.reading["mode"]
         chunks = [
             classifier.predict_proba(texts[i : i + batch_size], batch_size)
             for i in tqdm(range(0, len(texts), batch_size), desc="predict (onnx)", unit="batch")
@@ -133,20 +135,23 @@ def predict_file(
             raise UserError(
                 "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
             )
+        from lmpipe.encoding import model_reading
         from lmpipe.inference import predict_logits_model
         from lmpipe.models import device, load_classifier, load_tokenizer
         from lmpipe.serving import softmax
 
         if temperature <= 0:
             raise UserError(f"temperature: must be > 0, got {temperature}")
-        tokenizer, limit = load_tokenizer(model), max_length
+        tokenizer, limit, loaded = load_tokenizer(model), max_length, load_classifier(model).to(device())
+        reading = model_reading(loaded)["mode"]
         logits, labels = predict_logits_model(
-            load_classifier(model).to(device()), tokenizer, texts, max_length, batch_size, "predict (pytorch)"
+            loaded, tokenizer, texts, max_length, batch_size, "predict (pytorch)"
         )
         proba = softmax(logits / temperature)
 
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
-    truncated = [n > limit for n in lengths]
+    # a windows model reads all of every text; the others read max_length tokens of a longer one
+    truncated = [n > limit and reading != "windows" for n in lengths]
     frame = pd.DataFrame({"row": rows, "label": [labels[i] for i in proba.argmax(axis=1)]})
     for j, name in enumerate(labels):
         frame[f"p_{name}"] = np.round(proba[:, j], 6)

@@ -463,6 +463,7 @@ class Objective:
         sample = data.stratified_sample(self.train, budget.max_train_samples, seed)
         tokenizer = models.load_tokenizer(self.model_dir)
         scores, epochs = [], cfg.planned_epochs
+        reading = self.params.base.reading.as_dict()
         for fold, (fold_train, fold_val) in enumerate(
             folds_of(sample, self.val, self.params.search.folds, seed)
         ):
@@ -472,8 +473,8 @@ class Objective:
             result = train_model(
                 model,
                 tokenizer,
-                frame_dataset(tokenizer, fold_train, self.label2id, budget.max_length),
-                frame_dataset(tokenizer, fold_val, self.label2id, budget.max_length),
+                frame_dataset(tokenizer, fold_train, self.label2id, budget.max_length, reading, True, seed),
+                frame_dataset(tokenizer, fold_val, self.label2id, budget.max_length, reading),
                 cfg,
                 seed,
                 callbacks=[

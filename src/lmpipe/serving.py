@@ -6,9 +6,11 @@ registered model runs wherever those packages are installed, without this reposi
 same ``OnnxTextClassifier`` for the export checks and ``lmpipe predict``: one implementation.
 
 The folder (``CLASSIFIER_FILE`` + ``model.onnx`` + tokenizer files) holds no pickles: ONNX protobuf,
-JSON and the tokenizer's own files. Texts longer than ``max_length`` tokens are truncated (the head and
-lead are kept), exactly as in training and evaluation. Probabilities are softmax(logits / temperature),
-with the temperature the analyze stage fit on val (``classifier.json``; 1 = the raw softmax).
+JSON and the tokenizer's own files. A text longer than ``max_length`` tokens is read the way the model
+was trained to read it (``read_texts``, the one tokenisation path of training, evaluation and serving):
+its head, its tail, its head and tail, or every window, with the windows' logits pooled. Probabilities
+are softmax(logits / temperature), with the temperature the analyze stage fit on val
+(``classifier.json``; 1 = the raw softmax).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 VARIANT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
 TEXT_COLUMN = "text"
+# how a text longer than max_length is read (params.yaml base.reading; saved in the model's config.json
+# as ``lmpipe_reading`` and in classifier.json as ``reading``): a model without one reads the head
+READING_KEY = "lmpipe_reading"
+HEAD_READING = {"mode": "head", "head_share": 0.5, "stride": 32, "pooling": "mean"}
 
 
 class InputError(ValueError):
@@ -41,6 +47,84 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def read_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int, reading: dict[str, Any] | None = None
+) -> tuple[dict[str, list[list[int]]], np.ndarray]:
+    """Token features (unpadded lists) of the units the model reads, and the index of the text each
+    unit belongs to. One unit per text, except for ``windows``.
+
+    * ``head``: the first ``max_length`` tokens (special tokens included);
+    * ``tail``: the last ones;
+    * ``head_tail``: ``head_share`` of the token budget from the start, the rest from the end (Sun et
+      al. 2019); a text that fits is read whole, as by ``head``;
+    * ``windows``: every window of ``max_length`` tokens, consecutive windows sharing ``stride``
+      tokens; ``pool_logits`` turns the windows' logits into the text's.
+    """
+    r = {**HEAD_READING, **(reading or {})}
+    texts = list(texts)
+    if r["mode"] == "head":
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        return {k: list(v) for k, v in enc.items()}, np.arange(len(texts))
+    if r["mode"] == "windows":
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("base.reading.mode: windows needs a fast (Rust) tokenizer for its offsets")
+        enc = tokenizer(
+            texts,
+            truncation=True,
+            max_length=max_length,
+            stride=int(r["stride"]),
+            return_overflowing_tokens=True,
+        )
+        owner = np.asarray(enc.pop("overflow_to_sample_mapping"), dtype=np.int64)
+        return {k: list(v) for k, v in enc.items()}, owner
+    if r["mode"] not in ("tail", "head_tail"):
+        raise ValueError(f"base.reading.mode: unknown reading '{r['mode']}'")
+    wrap = _special_wrapping(tokenizer)
+    budget = max_length - len(wrap["input_ids"][0]) - len(wrap["input_ids"][1])
+    head = round(budget * float(r["head_share"])) if r["mode"] == "head_tail" else 0
+    features: dict[str, list[list[int]]] = {key: [] for key in wrap}
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        if len(ids) > budget:
+            ids = ids[:head] + ids[len(ids) - (budget - head) :]
+        for key, (prefix, suffix, fill) in wrap.items():
+            features[key].append(prefix + (list(ids) if key == "input_ids" else [fill] * len(ids)) + suffix)
+    return features, np.arange(len(texts))
+
+
+def _special_wrapping(tokenizer: Any) -> dict[str, tuple[list[int], list[int], int]]:
+    """How the tokenizer wraps one text's tokens, per feature: (prefix, suffix, value per text token),
+    e.g. ``input_ids``: ([CLS], [SEP], -), ``token_type_ids``: ([0], [0], 0), ``attention_mask``:
+    ([1], [1], 1). Read off a probe text, so that it holds for any tokenizer's template."""
+    probe = "a b"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)
+    ids = list(full["input_ids"])
+    start = next(i for i in range(len(ids) - len(bare) + 1) if ids[i : i + len(bare)] == list(bare))
+    end = start + len(bare)
+    wrap = {}
+    for key, values in full.items():
+        values = list(values)
+        fill = values[start] if key != "input_ids" else -1
+        wrap[key] = (values[:start], values[end:], fill)
+    return wrap
+
+
+def pool_logits(logits: np.ndarray, owner: np.ndarray, n_texts: int, pooling: str = "mean") -> np.ndarray:
+    """The texts' logits from their units' (``read_texts``): the mean or the max over each text's
+    windows, per class; one unit per text passes through."""
+    owner = np.asarray(owner)
+    if len(owner) == n_texts and np.array_equal(owner, np.arange(n_texts)):
+        return logits
+    out = np.zeros((n_texts, logits.shape[-1]), dtype=np.float64)
+    if pooling == "max":
+        out[:] = -np.inf
+        np.maximum.at(out, owner, logits)
+    else:
+        np.add.at(out, owner, logits)
+        out /= np.bincount(owner, minlength=n_texts)[:, None]
+    return out.astype(logits.dtype)
 
 
 def check_texts(values: Sequence[Any], first_row: int = 1) -> list[str]:
@@ -79,6 +163,7 @@ class OnnxTextClassifier:
         self.info = json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8"))
         self.labels: list[str] = list(self.info["labels"])
         self.max_length: int = int(self.info["max_length"])
+        self.reading: dict[str, Any] = {**HEAD_READING, **self.info.get("reading", {})}
         self.temperature: float = float(self.info.get("temperature", 1.0))
         options = ort.SessionOptions()
         if threads:
@@ -94,11 +179,21 @@ class OnnxTextClassifier:
             str(folder), local_files_only=True, trust_remote_code=False
         )
 
+    def read(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The padded model inputs of what the model reads of ``texts`` (``read_texts``), and the text
+        each input row belongs to."""
+        features, owner = read_texts(self.tokenizer, texts, self.max_length, self.reading)
+        enc = self.tokenizer.pad(features, padding=True, return_tensors="np")
+        return {name: enc[name].astype(np.int64) for name in self.input_names}, owner
+
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="np"
-        )
-        return {name: enc[name].astype(np.int64) for name in self.input_names}
+        """The padded model inputs of ``texts`` (every window of a text, for ``windows``)."""
+        return self.read(texts)[0]
+
+    def text_logits(self, texts: Sequence[str]) -> np.ndarray:
+        """One row of logits per text (its windows pooled, for ``windows``)."""
+        features, owner = self.read(texts)
+        return pool_logits(self.logits(features), owner, len(texts), self.reading["pooling"])
 
     def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, features)[0]
@@ -109,8 +204,7 @@ class OnnxTextClassifier:
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         chunks = [
-            self.proba(self.logits(self.encode(texts[i : i + batch_size])))
-            for i in range(0, len(texts), batch_size)
+            self.proba(self.text_logits(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), dtype=np.float32)
 

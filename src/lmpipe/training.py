@@ -19,6 +19,7 @@ metrics (and ``rows``, the count they were computed on) cover all of val on ever
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -40,6 +41,7 @@ from transformers import (
 )
 
 from lmpipe import checkpoints, distributed, strategies
+from lmpipe.encoding import set_model_reading
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import precision_flags, seed_everything
 from lmpipe.params import TrainParams
@@ -47,13 +49,17 @@ from lmpipe.params import TrainParams
 SELECTION_METRIC = "macro_f1"
 
 
-def eval_metrics(prediction) -> dict[str, float]:
-    """``compute_metrics`` for the Trainer: accuracy and macro-F1 from logits."""
-    logits = (
+def eval_metrics(prediction, val_set: Any = None) -> dict[str, float]:
+    """``compute_metrics`` for the Trainer: accuracy and macro-F1 from logits. When ``val_set`` holds
+    windows (``base.reading.mode: windows``), its windows' logits are pooled into its texts' first."""
+    logits = np.asarray(
         prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     )
-    y_pred = np.asarray(logits).argmax(axis=-1)
-    metrics = classification_metrics(np.asarray(prediction.label_ids), y_pred)
+    y_true = np.asarray(prediction.label_ids)
+    if getattr(val_set, "windowed", False):
+        logits, y_true = val_set.pool(logits), np.asarray(val_set.labels)
+    y_pred = logits.argmax(axis=-1)
+    metrics = classification_metrics(y_true, y_pred)
     # rows: how many val predictions were scored (all of val, also when several processes share it)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "rows": len(y_pred)}
 
@@ -224,6 +230,8 @@ def train_model(
     newest complete one; the caller deletes the folder when it has saved the result.
     """
     seed_everything(seed)
+    # the model reads texts as train_set does; saved in its config, so every later consumer reads alike
+    set_model_reading(model, getattr(train_set, "reading", None))
     model = strategies.prepare_model(model, cfg)
     plan = parts = None
     epochs, phase_counts = cfg.planned_epochs, []
@@ -291,7 +299,7 @@ def train_model(
             eval_dataset=val_set,
             processing_class=tokenizer,
             data_collator=DataCollatorWithPadding(tokenizer),
-            compute_metrics=eval_metrics,
+            compute_metrics=functools.partial(eval_metrics, val_set=val_set),
             compute_loss_func=compute_loss,
             callbacks=extra,
             plan=plan,

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 
 from lmpipe import calibration, data, io, plots, reports, robustness, slices, tracking
+from lmpipe.encoding import model_reading
 from lmpipe.errors import ParamsError
 from lmpipe.evaluation import aligned_proba, fit_baseline
 from lmpipe.inference import predict_logits_model
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import device, load_classifier, load_tokenizer
 from lmpipe.params import Params
+from lmpipe.serving import read_texts
 
 # every table the stage declares in dvc.yaml, by the part that fills it: a part switched off in params
 # still writes its files, with one row saying so, since DVC wants every declared output
@@ -120,7 +122,7 @@ def run(params: Params, paths: Paths) -> str:
         # ------------------------------------------------------------------------------ robustness
         if cfg.robustness.enabled:
             tables["robustness"], flips = _robustness(
-                texts, y, clean_logits, base_pred, logits_of, tokenizer, max_length,
+                texts, y, clean_logits, base_pred, logits_of, tokenizer, max_length, model_reading(model),
                 lambda t: aligned_proba(baseline, t, names), cfg.robustness, seed,
             )  # fmt: skip
             report["robustness"] = _robustness_report(tables["robustness"])
@@ -148,7 +150,10 @@ def run(params: Params, paths: Paths) -> str:
                 (
                     "model",
                     lambda t: calibration.softmax(logits_of(t)),
-                    robustness.words_read(tokenizer, max_length),
+                    # a windows model reads every word; the others max_length tokens' worth
+                    (lambda t: None)
+                    if model_reading(model)["mode"] == "windows"
+                    else robustness.words_read(tokenizer, max_length),
                 ),
                 ("baseline", lambda t: aligned_proba(baseline, t, names), lambda t: None),
             ):
@@ -195,8 +200,9 @@ def run(params: Params, paths: Paths) -> str:
                 for j, i in enumerate(rows)
             ]
             faith = explain.faithfulness(
-                model, tokenizer, picked, targets, attributions, cfg.explain.top_k_share, seed
-            )
+                model, tokenizer, picked, targets, attributions, cfg.explain.top_k_share, seed,
+                max_length=max_length,
+            )  # fmt: skip
             faith.insert(0, "id", test["id"].to_numpy()[rows])
             tables["faithfulness"] = faith
             tables["top_tokens"] = explain.top_tokens(explanations, cfg.explain.top_tokens)
@@ -279,13 +285,14 @@ def _robustness(
     logits_of: Callable[[list[str], str | None], np.ndarray],
     tokenizer,
     max_length: int,
+    reading: dict,
     base_proba: Callable[[list[str]], np.ndarray],
     cfg,
     seed: int,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The robustness table (strength 0 = clean), and which texts each perturbation flips (model)."""
     clean_pred = clean_logits.argmax(axis=1)
-    clean_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    clean_ids = read_ids(tokenizer, texts, max_length, reading)
     rows = [
         {"perturbation": kind, "strength": 0.0, "predictor": who, "macro_f1": _macro_f1(y, pred), "drop": 0.0,
          "flip_rate": 0.0, "flip_rate_ci95_low": 0.0, "flip_rate_ci95_high": 0.0, "texts_changed": 0,
@@ -298,7 +305,7 @@ def _robustness(
             noisy = robustness.perturb(texts, kind, strength, seed)
             # the model reads token ids: where a perturbation leaves them as they were (case for an
             # uncased model, whitespace), its clean prediction stands and no forward pass is spent
-            ids = tokenizer(noisy, truncation=True, max_length=max_length)["input_ids"]
+            ids = read_ids(tokenizer, noisy, max_length, reading)
             changed = np.array([a != b for a, b in zip(ids, clean_ids, strict=True)])
             logits = clean_logits.copy()
             texts_changed = sum(a != b for a, b in zip(noisy, texts, strict=True))
@@ -326,6 +333,15 @@ def _robustness(
                 if who == "model":
                     flips[f"{kind}@{strength:g}"] = pred != clean
     return pd.DataFrame(rows), flips
+
+
+def read_ids(tokenizer, texts: list[str], max_length: int, reading: dict) -> list[list[list[int]]]:
+    """The token ids the model reads of each text (one list per window: ``serving.read_texts``)."""
+    features, owner = read_texts(tokenizer, texts, max_length, reading)
+    units: list[list[list[int]]] = [[] for _ in texts]
+    for ids, text in zip(features["input_ids"], owner, strict=True):
+        units[int(text)].append(list(ids))
+    return units
 
 
 def _robustness_report(table: pd.DataFrame) -> dict:

@@ -64,11 +64,12 @@ class Inputs:
         return self.reference
 
     def datasets(self, max_train_samples: int | None = None):
-        max_length = self.params.base.max_length
-        train = data.stratified_sample(self.train, max_train_samples, self.params.base.seed)
+        base = self.params.base
+        train = data.stratified_sample(self.train, max_train_samples, base.seed)
+        reading = base.reading.as_dict()
         return (
-            frame_dataset(self.tokenizer, train, self.label2id, max_length),
-            frame_dataset(self.tokenizer, self.val, self.label2id, max_length),
+            frame_dataset(self.tokenizer, train, self.label2id, base.max_length, reading, True, base.seed),
+            frame_dataset(self.tokenizer, self.val, self.label2id, base.max_length, reading),
         )
 
     def logits(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -53,8 +53,9 @@ def run(params: Params, paths: Paths) -> str:
     train_frame, augmented = augment.augment_frame(
         data.read_split(paths.data, "train"), cfg.augment, base.seed
     )
-    train_set = frame_dataset(tokenizer, train_frame, label2id, base.max_length)
-    val_set = frame_dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length)
+    reading = base.reading.as_dict()
+    train_set = frame_dataset(tokenizer, train_frame, label2id, base.max_length, reading, True, base.seed)
+    val_set = frame_dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length, reading)
 
     inputs = [Path(paths.data) / "train.parquet", Path(paths.data) / "val.parquet", Path(paths.labels)]
     # where the processes meet does not shape training; how many there are does (the global batch)
