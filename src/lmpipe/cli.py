@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         "check-params": check_params,
         "predict": lambda: predict(args),
         "compare": lambda: compare(args),
+        "splits": lambda: splits(args),
         "queue-check": queue_check,
         "search-worker": lambda: search_worker(args),
     }
@@ -134,10 +135,46 @@ def _add_experiment_commands(sub) -> None:
         help="allow different test sets (runs with different base.seed): per-model CIs and means over "
         "seeds, no paired tests",
     )
+    spl = sub.add_parser(
+        "splits",
+        help="one setting over k seeded splits (DVC experiments differing only in base.seed): model and "
+        "baseline mean +- std, per-split and across-split paired differences",
+    )
+    spl.add_argument("refs", nargs="*", metavar="EXPERIMENT", help="a DVC experiment name or git revision")
+    spl.add_argument("--out", default="reports/splits", help="report folder (default: reports/splits)")
+    spl.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    spl.add_argument("--seed", type=int, default=0, help="bootstrap seed: same inputs, same report")
+    spl.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level (default: 0.05)")
     sub.add_parser(
         "queue-check",
         help="before `dvc exp run --queue`: files a queued run would miss, environment the workers lack",
     )
+
+
+def splits(args: argparse.Namespace) -> None:
+    """Each run's model and baseline test predictions (evaluate's), then report.md and splits.json."""
+    from lmpipe import experiments, io, tracking
+    from lmpipe.compare import across_splits
+    from lmpipe.compare_report import splits_markdown
+    from lmpipe.errors import UserError
+
+    root = tracking.repo_root()
+    models, baselines = [], []
+    for ref in args.refs:
+        model = experiments.resolve(ref, root)
+        if model.source.startswith("MLflow"):
+            raise UserError(
+                f"{ref}: splits takes DVC experiments or git revisions (they hold both predictions)"
+            )
+        models.append(model)
+        baselines.append(experiments.resolve(ref, root, experiments.BASELINE_PREDICTIONS))
+    result = across_splits(models, baselines, resamples=args.resamples, seed=args.seed, alpha=args.alpha)
+    report = splits_markdown(result)
+    with io.staged_outputs(args.out) as out:
+        io.write_json(out / "splits.json", result)
+        (out / "report.md").write_text(report, encoding="utf-8")
+    print(report)
+    print(f"splits: {args.out}/report.md, {args.out}/splits.json")
 
 
 def compare(args: argparse.Namespace) -> None:

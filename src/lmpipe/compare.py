@@ -378,3 +378,91 @@ def versus_baseline(model: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> d
     out["baseline_only_right"] = pair["mcnemar"]["a_only"]
     out["mcnemar_p"] = pair["mcnemar"]["p_value"]
     return out
+
+
+# ------------------------------------------------------------- one setting over several seeded splits
+def across_splits(
+    models: Sequence[Candidate],
+    baselines: Sequence[Candidate],
+    resamples: int = 2000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """The yardstick that is not one split: the same setting run on k seeded splits (``base.seed``), each
+    model with the baseline evaluate trained on the same split (``baselines[i]`` pairs ``models[i]``).
+
+    * per split: model and baseline macro-F1 and accuracy, and their paired difference with its
+      bootstrap CI and McNemar's test (``compare`` on the pair, as evaluate reports it);
+    * across splits: mean +- std of model and baseline (``compare``'s seed statistics, unpaired, with
+      Welch's t-test between the two), and the mean paired difference with a t-interval over the k
+      per-split differences (df = k - 1): the split-to-split spread, not one test set's noise.
+    """
+    from scipy.stats import t as student_t
+
+    if len(models) != len(baselines):
+        raise ValueError(f"{len(models)} models but {len(baselines)} baselines")
+    if len(models) < 2:
+        raise UserError(f"splits needs at least two runs on different seeds, got {len(models)}")
+    seeds = [m.params.get(SEED_KEY) for m in models]
+    if None in seeds or len(set(seeds)) != len(seeds):
+        raise UserError(
+            f"splits needs runs that differ in base.seed (one split each); got seeds {seeds} for "
+            f"{', '.join(m.label for m in models)}"
+        )
+    others = differing_params(models)
+    if [k for k in others if k != SEED_KEY]:
+        raise UserError(
+            f"splits needs one setting over several seeds, but the runs also differ in "
+            f"{', '.join(k for k in others if k != SEED_KEY)} (use `lmpipe compare --unpaired` for settings)"
+        )
+
+    def marked(c: Candidate, who: str) -> Candidate:  # one label and setting per predictor
+        return Candidate(
+            f"{c.label} ({who})", c.source, c.predictions, {**c.params, "predictor": who}, c.run_id
+        )
+
+    splits = []
+    for model, baseline in zip(models, baselines, strict=True):
+        pair = compare([marked(baseline, "baseline"), marked(model, "model")], resamples, seed, alpha)
+        entry = {"run": model.label, "seed": model.params[SEED_KEY], "test_examples": pair["test_examples"]}
+        for m in METRICS:
+            entry[m] = {
+                "model": pair["runs"][1][m]["value"],
+                "baseline": pair["runs"][0][m]["value"],
+                "diff": pair["pairs"][0][m]["diff"],
+                "ci": pair["pairs"][0][m]["ci"],
+                "significant": pair["pairs"][0][m]["significant"],
+            }
+        entry["mcnemar_p"] = pair["pairs"][0]["mcnemar"]["p_value"]
+        splits.append(entry)
+
+    # compare's seed statistics: the models form one seed group, the baselines another
+    both = [marked(c, "baseline") for c in baselines] + [marked(c, "model") for c in models]
+    unpaired = compare(both, resamples=resamples, seed=seed, alpha=alpha, unpaired=True)
+    groups = {g["members"][0].rsplit("(", 1)[1].rstrip(")"): g for g in unpaired["seed_groups"]}
+    k = len(models)
+    summary: dict[str, Any] = {"splits": k, "seeds": seeds}
+    for m in METRICS:
+        diffs = np.array([s[m]["diff"] for s in splits])
+        half = float(student_t.ppf(1 - alpha / 2, k - 1) * diffs.std(ddof=1) / np.sqrt(k))
+        low, high = float(diffs.mean() - half), float(diffs.mean() + half)
+        between = unpaired["between_settings"][0][m] if unpaired["between_settings"] else {}
+        summary[m] = {
+            "model": groups["model"][m],
+            "baseline": groups["baseline"][m],
+            "diff": {
+                "mean": float(diffs.mean()),
+                "std": float(diffs.std(ddof=1)),
+                "ci": [low, high],
+                "significant": bool(low > 0 or high < 0),
+                "welch_p": between.get("p_value"),
+            },
+            "model_ahead_on": int((diffs > 0).sum()),
+        }
+    return {
+        "confidence": 1 - alpha,
+        "resamples": resamples,
+        "seed": seed,
+        "per_split": splits,
+        "summary": summary,
+    }

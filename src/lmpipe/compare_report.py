@@ -161,3 +161,52 @@ def verdict(pair: dict[str, Any], conf: str, alpha: float) -> str:
         f"**{b} vs {a}:** {'; '.join(parts)}. McNemar's test on accuracy: p = {_p(mc['p_holm'])}, "
         f"{test} at {alpha:g}."
     )
+
+
+def splits_markdown(result: dict[str, Any]) -> str:
+    """The ``lmpipe splits`` report: one row per split, then the summary over splits and one sentence."""
+    conf = f"{round(100 * result['confidence'])}%"
+    s = result["summary"]
+    lines = [
+        "# One setting over several seeded splits",
+        "",
+        f"{s['splits']} runs of the same params on different `base.seed` (each draws its own split and "
+        f"trains its own model and baseline). Per split: the paired difference (model minus baseline) with "
+        f"its {conf} bootstrap CI ({result['resamples']} resamples). Across splits: mean +- std, and the "
+        f"mean paired difference with a {conf} t-interval over the {s['splits']} per-split differences. "
+        "Scores in percentage points.",
+        "",
+        "| run | seed | test texts | model macro-F1 | baseline macro-F1 | model - baseline | CI | McNemar p |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["per_split"]:
+        f1 = row["macro_f1"]
+        lines.append(
+            f"| {row['run']} | {row['seed']} | {row['test_examples']} | {_pct(f1['model'])} | "
+            f"{_pct(f1['baseline'])} | {_signed(f1['diff'])} | [{_signed(f1['ci'][0])}, {_signed(f1['ci'][1])}] "
+            f"| {_p(row['mcnemar_p'])} |"
+        )
+    lines += [
+        "",
+        "| metric | model mean +- std | baseline mean +- std | mean difference | CI | model ahead on |",
+    ]
+    lines.append("|---|---|---|---|---|---|")
+    for m in METRICS:
+        e = s[m]
+        d = e["diff"]
+        lines.append(
+            f"| {m} | {_pct(e['model']['mean'])} +- {_pct(e['model']['std'])} | "
+            f"{_pct(e['baseline']['mean'])} +- {_pct(e['baseline']['std'])} | {_signed(d['mean'])} | "
+            f"[{_signed(d['ci'][0])}, {_signed(d['ci'][1])}] | {e['model_ahead_on']} of {s['splits']} |"
+        )
+    d = s["macro_f1"]["diff"]
+    verdict = (
+        f"the model is {'ahead of' if d['mean'] > 0 else 'behind'} the baseline by {abs(100 * d['mean']):.2f} pt "
+        f"macro-F1 on average, and the {conf} interval over splits "
+        + (
+            "excludes 0: the difference holds across splits."
+            if d["significant"]
+            else "includes 0: no real difference is shown."
+        )
+    )
+    return "\n".join([*lines, "", f"Over {s['splits']} splits, {verdict}", ""])

@@ -30,6 +30,7 @@ from lmpipe.errors import ParamsError, UserError
 
 # where the evaluate stage writes them (dvc.yaml); a flag of `lmpipe compare` can point elsewhere
 PREDICTIONS = "reports/evaluate/predictions.csv"
+BASELINE_PREDICTIONS = "reports/evaluate/baseline_predictions.csv"  # evaluate's baseline, same split
 EVAL_REPORT = "reports/evaluate/report.json"
 SEARCH_BEST = "reports/search/best_params.json"
 PARAMS_FILE = "params.yaml"

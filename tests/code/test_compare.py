@@ -238,3 +238,46 @@ def test_different_splits_per_seed_need_unpaired_and_get_means_over_seeds():
     report = markdown(result)
     assert "**different test sets**" in report and "## Differences" not in report
     assert "## Between settings" in report
+
+
+def test_across_splits_pairs_each_model_with_its_own_baseline():
+    """Three seeded splits: the model is 2-6 pt ahead on each, so the t-interval over splits sits
+    above 0; per split, the paired CI comes from compare on that split alone."""
+    from lmpipe.compare import across_splits
+    from lmpipe.compare_report import splits_markdown
+
+    models, baselines = [], []
+    for seed, (acc_model, acc_base) in zip((1, 2, 3), ((0.92, 0.88), (0.90, 0.86), (0.94, 0.88)), strict=True):
+        y = truth(400, seed)
+        models.append(candidate(f"split-{seed}", y, with_accuracy(y, acc_model, seed), seed=seed))
+        baselines.append(candidate(f"split-{seed}", y, with_accuracy(y, acc_base, seed + 10), seed=seed))
+    result = across_splits(models, baselines, resamples=300)
+    diffs = [s["accuracy"]["diff"] for s in result["per_split"]]
+    assert diffs == pytest.approx([0.04, 0.04, 0.06])
+    summary = result["summary"]["accuracy"]
+    assert summary["model"]["mean"] == pytest.approx(0.92) and summary["baseline"]["mean"] == pytest.approx(
+        (0.88 + 0.86 + 0.88) / 3
+    )
+    assert summary["diff"]["mean"] == pytest.approx(np.mean(diffs))
+    low, high = summary["diff"]["ci"]
+    assert 0 < low < np.mean(diffs) < high and summary["diff"]["significant"]
+    assert summary["model_ahead_on"] == 3
+    assert result["summary"]["seeds"] == ["1", "2", "3"]
+    report = splits_markdown(result)
+    assert "| split-2 | 2 | 400 |" in report and "the difference holds across splits" in report
+
+    # flip one split: the interval over splits now spans 0, and the report says so
+    flipped = across_splits([models[0], models[1], baselines[2]], [baselines[0], baselines[1], models[2]], 300)
+    assert not flipped["summary"]["accuracy"]["diff"]["significant"]
+    assert "no real difference is shown" in splits_markdown(flipped)
+
+
+def test_across_splits_needs_one_setting_on_distinct_seeds():
+    from lmpipe.compare import across_splits
+
+    y = truth(50)
+    a = candidate("a", y, y, seed=1)
+    with pytest.raises(UserError, match="differ in base.seed"):
+        across_splits([a, candidate("b", y, y, seed=1)], [a, a])
+    with pytest.raises(UserError, match="also differ in train.learning_rate"):
+        across_splits([a, candidate("b", y, y, seed=2, train__learning_rate=0.1)], [a, a])
