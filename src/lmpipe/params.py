@@ -64,7 +64,7 @@ class BaseParams(_Section):
 
     def problems(self):
         # a window must move forward: the shared tokens leave room for new ones (specials take ~2)
-        if self.reading.stride > self.max_length // 2:
+        if self.reading.mode == "windows" and self.reading.stride > self.max_length // 2:
             yield (
                 "reading.stride",
                 f"must be at most half of base.max_length ({self.max_length // 2}), got {self.reading.stride}",

@@ -247,7 +247,9 @@ def test_across_splits_pairs_each_model_with_its_own_baseline():
     from lmpipe.compare_report import splits_markdown
 
     models, baselines = [], []
-    for seed, (acc_model, acc_base) in zip((1, 2, 3), ((0.92, 0.88), (0.90, 0.86), (0.94, 0.88)), strict=True):
+    for seed, (acc_model, acc_base) in zip(
+        (1, 2, 3), ((0.92, 0.88), (0.90, 0.86), (0.94, 0.88)), strict=True
+    ):
         y = truth(400, seed)
         models.append(candidate(f"split-{seed}", y, with_accuracy(y, acc_model, seed), seed=seed))
         baselines.append(candidate(f"split-{seed}", y, with_accuracy(y, acc_base, seed + 10), seed=seed))
@@ -267,7 +269,9 @@ def test_across_splits_pairs_each_model_with_its_own_baseline():
     assert "| split-2 | 2 | 400 |" in report and "the difference holds across splits" in report
 
     # flip one split: the interval over splits now spans 0, and the report says so
-    flipped = across_splits([models[0], models[1], baselines[2]], [baselines[0], baselines[1], models[2]], 300)
+    flipped = across_splits(
+        [models[0], models[1], baselines[2]], [baselines[0], baselines[1], models[2]], 300
+    )
     assert not flipped["summary"]["accuracy"]["diff"]["significant"]
     assert "no real difference is shown" in splits_markdown(flipped)
 

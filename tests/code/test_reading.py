@@ -159,7 +159,9 @@ def model_from(model, mode: str):
 
 def test_bad_reading_params_are_named():
     def load(max_length: int = 128, **kw):
-        return load_params(ROOT / "params.yaml", {"base": {"max_length": max_length, "reading": reading(**kw)}})
+        return load_params(
+            ROOT / "params.yaml", {"base": {"max_length": max_length, "reading": reading(**kw)}}
+        )
 
     assert load(mode="windows").base.reading.as_dict() == reading("windows")
     with pytest.raises(ParamsError, match=r"base\.reading\.mode"):
