@@ -130,10 +130,10 @@ class _ClassicMask(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, **rest):
+    def forward(self, input_ids, token_type_ids, attention_mask):  # named as BERT's tokenizer names them
         mask = attention_mask.unsqueeze(1).unsqueeze(2).to(torch.float32)
         additive = (1.0 - mask) * torch.finfo(torch.float32).min
-        return self.model(input_ids=input_ids, attention_mask=additive, **rest).logits
+        return self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=additive).logits
 
 
 def optimize_onnx(model_dir: str | Path, folder: str | Path, max_length: int, opset: int) -> dict[str, Any]:
@@ -153,9 +153,11 @@ def optimize_onnx(model_dir: str | Path, folder: str | Path, max_length: int, op
     model.set_attn_implementation(FUSABLE_ATTENTION)
     tokenizer = load_tokenizer(model_dir)
     sample = trace_sample(tokenizer, max_length)
+    if set(sample) != {"input_ids", "token_type_ids", "attention_mask"}:
+        return {"skipped": f"inputs {sorted(sample)}: the fusable export takes BERT's three"}
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "fusable.onnx"
-        torch_export(_ClassicMask(model), sample, raw, opset, onnx_optimize=False)
+        torch_export(_ClassicMask(model).eval(), sample, raw, opset, onnx_optimize=False)
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the fusions log each pattern they miss
