@@ -54,7 +54,10 @@ def add_predict_parser(sub) -> None:
         "(default: models/model)",
     )
     p.add_argument(
-        "--variant", choices=["fp32", "int8"], default="fp32", help="ONNX model to use (default: fp32)"
+        "--variant",
+        choices=["fp32", "int8", "fp32_opt", "int8_opt"],
+        default="fp32",
+        help="ONNX model to use (default: fp32)",
     )
     p.add_argument(
         "--text-column", default="text", help="CSV column / JSONL key holding the text (default: text)"

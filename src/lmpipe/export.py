@@ -10,10 +10,12 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +27,7 @@ from lmpipe.encoding import model_reading
 from lmpipe.inference import batches_logits
 from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier, load_tokenizer
-from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OnnxTextClassifier, pool_logits
+from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OPT_FILE, OnnxTextClassifier, pool_logits
 
 
 def write_classifier_folder(
@@ -45,33 +47,9 @@ def write_classifier_folder(
     model = load_classifier(model_dir).eval()
     tokenizer = load_tokenizer(model_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    # two texts of different lengths, so padding and the attention mask are part of the traced graph
-    sample = tokenizer(
-        ["an example text to trace the graph with", "short"],
-        truncation=True,
-        max_length=max_length,
-        padding=True,
-        return_tensors="pt",
-    )
+    sample = trace_sample(tokenizer, max_length)
     names = list(sample.keys())
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    # The TorchScript exporter (dynamo=False) bakes the traced sequence length into transformers'
-    # attention-mask code, so other lengths drift (1e-2 on logits); the dynamo exporter keeps both
-    # axes symbolic and matches PyTorch to ~1e-8. It needs onnxscript.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    torch.onnx.export(
-        model,
-        (),
-        str(out_dir / FP32_FILE),
-        kwargs=dict(sample),
-        input_names=names,
-        output_names=["logits"],
-        dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
-        opset_version=opset,
-        dynamo=True,
-        external_data=False,  # one self-contained file (models up to 2 GB)
-        verbose=False,
-    )
+    torch_export(model, sample, out_dir / FP32_FILE, opset)
     tokenizer.save_pretrained(out_dir)
     info = {
         "labels": labels,
@@ -87,23 +65,146 @@ def write_classifier_folder(
     return out_dir
 
 
-def quantize_onnx_int8(folder: str | Path, fp32_layers: Sequence[str] = ()) -> Path:
-    """ONNX Runtime dynamic quantisation: int8 weights of MatMul/Gemm, activations quantised per batch.
-    The MatMul/Gemm nodes of the torch Linear layers named in ``fp32_layers`` stay fp32."""
+def trace_sample(tokenizer, max_length: int) -> dict:
+    """Two texts of different lengths, so padding and the attention mask are part of the traced graph."""
+    return dict(
+        tokenizer(
+            ["an example text to trace the graph with", "short"],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+
+
+def torch_export(
+    module: torch.nn.Module, sample: dict, path: Path, opset: int, onnx_optimize: bool = True
+) -> None:
+    """The one ``torch.onnx.export`` call: dynamo, dynamic batch and sequence axes, one self-contained
+    file. ``onnx_optimize=False`` skips onnxscript's own graph clean-up (it merges the two Unsqueezes of
+    BERT's mask into one, which ONNX Runtime's attention fusion then does not recognise)."""
+    names = list(sample.keys())
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # The TorchScript exporter (dynamo=False) bakes the traced sequence length into transformers'
+    # attention-mask code, so other lengths drift (1e-2 on logits); the dynamo exporter keeps both
+    # axes symbolic and matches PyTorch to ~1e-8. It needs onnxscript.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    torch.onnx.export(
+        module,
+        (),
+        str(path),
+        kwargs=dict(sample),
+        input_names=names,
+        output_names=["logits"],
+        dynamic_shapes={name: {0: batch, 1: sequence} for name in names},
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,  # one self-contained file (models up to 2 GB)
+        optimize=onnx_optimize,
+        verbose=False,
+    )
+
+
+# ------------------------------------------------------------------ ONNX Runtime transformer optimisations
+FUSABLE_ATTENTION = "lmpipe_fusable"
+FUSED_OPS = ("Attention", "SkipLayerNormalization", "BiasGelu", "Gelu", "FastGelu", "EmbedLayerNormalization")
+
+
+def _fusable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (no dropout: export is inference) written the way ONNX Runtime's BERT attention
+    fusion matches it: scores *divided* by sqrt(head size), then the additive mask. transformers 5
+    multiplies by the inverse, and the fusion, looking for the mask's ``Mul`` among the ``Add``'s inputs,
+    then takes the scores' ``Mul`` and gives up."""
+    scale = query.shape[-1] ** 0.5 if scaling is None else 1.0 / scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) / scale
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+class _ClassicMask(torch.nn.Module):
+    """The classifier fed BERT's classic additive mask, ``(1 - mask) * min`` over [batch, 1, 1, seq],
+    built with two Unsqueezes and a Cast: the subgraph the fusion recognises (transformers 5 builds a
+    boolean mask with GatherND, which it does not). Same inputs and logits as the classifier."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, token_type_ids, attention_mask):  # named as BERT's tokenizer names them
+        mask = attention_mask.unsqueeze(1).unsqueeze(2).to(torch.float32)
+        additive = (1.0 - mask) * torch.finfo(torch.float32).min
+        return self.model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=additive).logits
+
+
+def optimize_onnx(model_dir: str | Path, folder: str | Path, max_length: int, opset: int) -> dict[str, Any]:
+    """ONNX Runtime's transformer optimizer (``optimize_model``, model type ``bert``, heads and hidden size
+    from the model's config) on a fusable export of ``model_dir`` (the same weights and inputs as
+    ``model.onnx`` in ``folder``), written to ``model.opt.onnx``. Returns the fused op counts, or
+    ``{"skipped": why}`` for a model the BERT optimizer does not cover. Parity is the caller's check."""
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AttentionInterface
+
+    folder = Path(folder)
+    model = load_classifier(model_dir).eval()
+    config = model.config
+    if config.model_type != "bert":
+        return {"skipped": f"model type '{config.model_type}': ONNX Runtime's optimizer here covers bert"}
+    AttentionInterface.register(FUSABLE_ATTENTION, _fusable_attention)
+    model.set_attn_implementation(FUSABLE_ATTENTION)
+    tokenizer = load_tokenizer(model_dir)
+    sample = trace_sample(tokenizer, max_length)
+    if set(sample) != {"input_ids", "token_type_ids", "attention_mask"}:
+        return {"skipped": f"inputs {sorted(sample)}: the fusable export takes BERT's three"}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "fusable.onnx"
+        torch_export(_ClassicMask(model).eval(), sample, raw, opset, onnx_optimize=False)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the fusions log each pattern they miss
+        try:
+            optimized = optimize_model(
+                str(raw),
+                model_type="bert",
+                num_heads=config.num_attention_heads,
+                hidden_size=config.hidden_size,
+            )
+        finally:
+            root.setLevel(level)
+        optimized.save_model_to_file(str(folder / OPT_FILE))
+    return fused_ops(folder / OPT_FILE)
+
+
+def fused_ops(onnx_path: str | Path) -> dict[str, int]:
+    """How many nodes of each of ONNX Runtime's fused op types the graph holds."""
+    import onnx
+
+    counts = Counter(n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    return {op: counts[op] for op in FUSED_OPS if counts[op]}
+
+
+def quantize_onnx_int8(
+    folder: str | Path, fp32_layers: Sequence[str] = (), source: str = FP32_FILE, target: str = INT8_FILE
+) -> Path:
+    """ONNX Runtime dynamic quantisation of ``source`` into ``target``: int8 weights of MatMul/Gemm,
+    activations quantised per batch. The MatMul/Gemm nodes of the torch Linear layers named in
+    ``fp32_layers`` stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = Path(folder)
-    exclude = nodes_of_modules(folder / FP32_FILE, fp32_layers) if fp32_layers else []
+    exclude = nodes_of_modules(folder / source, fp32_layers) if fp32_layers else []
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs "consider pre-processing" on the root logger
     try:
         quantize_dynamic(
-            folder / FP32_FILE, folder / INT8_FILE, weight_type=QuantType.QInt8, nodes_to_exclude=exclude
+            folder / source, folder / target, weight_type=QuantType.QInt8, nodes_to_exclude=exclude
         )
     finally:
         root.setLevel(level)
-    return folder / INT8_FILE
+    return folder / target
 
 
 def nodes_of_modules(onnx_path: str | Path, modules: Sequence[str]) -> list[str]:

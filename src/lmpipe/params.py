@@ -705,7 +705,9 @@ class ExportParams(_Section):
     source: Literal["model", "pruned", "student"]
     allow_over_budget: list
     opset: int
-    registered_variant: Literal["fp32", "int8"]
+    optimize: bool
+    compare: list
+    registered_variant: Literal["fp32", "int8", "fp32_opt", "int8_opt"]
     allow_spinning: bool
     batch_size: int
     max_logit_diff: float
@@ -721,6 +723,14 @@ class ExportParams(_Section):
                 "allow_over_budget",
                 f"{wrong} not compress variants export can ship ({', '.join(SHIPPABLE_VARIANTS)})",
             )
+        wrong = [v for v in self.compare if v not in SHIPPABLE_VARIANTS]
+        if wrong:
+            yield (
+                "compare",
+                f"{wrong} not compress variants export can compare ({', '.join(SHIPPABLE_VARIANTS)})",
+            )
+        if self.registered_variant.endswith("_opt") and not self.optimize:
+            yield "registered_variant", f"'{self.registered_variant}' needs export.optimize: true"
         if not 18 <= self.opset <= 23:
             yield "opset", f"must be between 18 and 23 (the dynamo exporter's range), got {self.opset}"
         if self.batch_size < 1:

@@ -31,7 +31,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 CLASSIFIER_FILE = "classifier.json"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
-VARIANT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE}
+OPT_FILE = "model.opt.onnx"  # fp32 after ONNX Runtime's transformer fusions (export.optimize)
+OPT_INT8_FILE = "model.opt.int8.onnx"  # int8 quantised from the optimised graph
+VARIANT_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE, "fp32_opt": OPT_FILE, "int8_opt": OPT_INT8_FILE}
 TEXT_COLUMN = "text"
 # how a text longer than max_length is read (params.yaml base.reading; saved in the model's config.json
 # as ``lmpipe_reading`` and in classifier.json as ``reading``): a model without one reads the head

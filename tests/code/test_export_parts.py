@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # ------------------------------------------------------------------------------------------------ params
 def test_export_params_load():
     cfg = load_params(ROOT / "params.yaml").export
-    assert cfg.source == "model" and cfg.registered_variant in {"fp32", "int8"}
+    assert cfg.source == "model" and cfg.registered_variant in {"fp32", "int8", "fp32_opt", "int8_opt"}
+    assert cfg.optimize is True and cfg.compare == ["student"]
     assert cfg.max_logit_diff == pytest.approx(1e-4) and cfg.min_int8_agreement == pytest.approx(0.99)
     assert 1 in cfg.latency.batch_sizes and 32 in cfg.latency.batch_sizes
     assert cfg.gate.baseline == "ci" and cfg.gate.min_macro_f1 is None  # relative by default
@@ -43,6 +44,12 @@ def test_export_params_load():
         ({"gate.min_macro_f1": 2}, "export.gate.min_macro_f1", "between 0 and 1"),
         ({"gate.baseline": "yes"}, "export.gate.baseline", "must be one of ci, point, none"),
         ({"allow_over_budget": ["prunned"]}, "export.allow_over_budget", "['prunned'] not compress variants"),
+        ({"compare": ["int8"]}, "export.compare", "['int8'] not compress variants"),
+        (
+            {"optimize": False, "registered_variant": "int8_opt"},
+            "export.registered_variant",
+            "needs export.optimize",
+        ),
         ({"gate.min_f1": 0.5}, "export.gate.min_f1", "unknown key"),
     ],
 )
@@ -208,3 +215,63 @@ def test_unreadable_predict_input(tmp_path):
     (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin.txt: not valid UTF-8 \(byte 0xe9 at offset 3\)"):
         read_texts(tmp_path / "latin.txt")
+
+
+# ------------------------------------------------------------------------ ONNX Runtime's transformer fusions
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A tiny BERT classifier built from a config (random weights, seeded) with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from lmpipe.models import load_tokenizer, resolve_model_dir
+    from tests.conftest import tiny_bert_config
+
+    tokenizer = load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
+    config = tiny_bert_config(tokenizer.vocab_size, max_position_embeddings=512)
+    config.num_labels, config.id2label = 3, {0: "a", 1: "b", 2: "c"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-classifier")
+    BertForSequenceClassification(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_optimized_graph_is_fused_and_holds_parity(tiny_classifier, tmp_path):
+    import torch
+
+    from lmpipe.export import fused_ops, optimize_onnx, quantize_onnx_int8, write_classifier_folder
+    from lmpipe.models import load_classifier
+    from lmpipe.serving import FP32_FILE, OPT_FILE, OPT_INT8_FILE, OnnxTextClassifier
+
+    write_classifier_folder(tiny_classifier, tmp_path, max_length=32, opset=18)
+    stats = optimize_onnx(tiny_classifier, tmp_path, max_length=32, opset=18)
+    layers = load_classifier(tiny_classifier).config.num_hidden_layers
+    # one fused Attention per layer, and a SkipLayerNormalization after attention and feed-forward
+    assert stats["Attention"] == layers and stats["SkipLayerNormalization"] == 2 * layers
+    assert stats == fused_ops(tmp_path / OPT_FILE) and fused_ops(tmp_path / FP32_FILE) == {}
+    # the same inputs as model.onnx, and PyTorch's logits at other batch sizes and lengths than traced
+    texts = ["a much longer text than the one traced, " * 3, "short", "a middling one here"]
+    plain, fused = OnnxTextClassifier(tmp_path), OnnxTextClassifier(tmp_path, OPT_FILE)
+    assert fused.input_names == plain.input_names
+    model = load_classifier(tiny_classifier).eval()
+    for batch in ([texts[0]], texts):
+        features = fused.encode(batch)
+        with torch.inference_mode():
+            ref = model(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.numpy()
+        assert np.abs(fused.logits(features) - ref).max() <= 1e-4
+    # int8 from the fused graph: a classifier file like the others
+    quantize_onnx_int8(tmp_path, source=OPT_FILE, target=OPT_INT8_FILE)
+    int8 = OnnxTextClassifier(tmp_path, OPT_INT8_FILE)
+    assert int8.predict_proba(texts).shape == (3, 3)
+
+
+def test_optimize_skips_other_model_types(tmp_path):
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from lmpipe.export import optimize_onnx
+
+    config = DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    assert "distilbert" in optimize_onnx(tmp_path, tmp_path / "out", max_length=8, opset=18)["skipped"]

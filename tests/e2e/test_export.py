@@ -107,7 +107,8 @@ def test_export_folder_and_parity(repo):
 
 def test_latency_metrics(repo):
     m = metrics(repo)
-    assert set(m["latency"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    rows = {"pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_fp32_opt", "onnx_int8_opt", "student_onnx_int8"}
+    assert set(m["latency"]) == rows and set(m["comparison"]) == rows
     for cases in m["latency"].values():
         # the shape of compress's latency figures too (lmpipe.latency.summary)
         assert set(cases) == {
@@ -134,6 +135,30 @@ def test_latency_metrics(repo):
         },
         "gate": {"passed": m["gate"]["passed"]},
     }
+
+
+def test_optimized_and_student_rows_hold_parity(repo):
+    """export.optimize's fused graph is checked like model.onnx and holds parity on the tiny BERT; int8 is
+    also quantised from it; the student's int8 (export.compare) is timed and scored beside them."""
+    m, folder = metrics(repo), repo / "models/export"
+    assert m["optimize"]["Attention"] == 4 and m["optimize"]["SkipLayerNormalization"] == 8
+    assert "fallback" not in m["optimize"]
+    opt = m["onnx_fp32_opt"]
+    assert opt["ok"] and opt["max_abs_logit_diff"] <= 1e-4 and opt["labels_differing"] == 0
+    assert m["onnx_int8_opt"]["label_agreement"] > 0.5
+    assert {"model.opt.onnx", "model.opt.int8.onnx"} <= {p.name for p in folder.iterdir()}
+    student = m["student_onnx_int8"]
+    assert student["variant"] == "int8_opt" and student["optimize"]["Attention"] == 2
+    # the student's files are a classifier folder of their own, scored as the report says
+    test = pd.read_parquet(repo / "data/split/test.parquet")
+    served = OnnxTextClassifier(folder / "student", "model.opt.int8.onnx")
+    y_true = test["label"].map({n: i for i, n in enumerate(served.labels)}).to_numpy()
+    f1 = classification_metrics(y_true, served.predict_proba(test["text"].tolist()).argmax(1))["macro_f1"]
+    assert student["macro_f1"] == pytest.approx(f1)
+    row = m["comparison"]["student_onnx_int8"]
+    assert row["macro_f1_loss_pt"] == pytest.approx(100 * (m["pytorch_fp32"]["macro_f1"] - f1), abs=1e-3)
+    assert row["speedup_b1"] == m["speedup"]["student_onnx_int8_vs_pytorch_b1"] > 0
+    assert m["speedup"]["onnx_fp32_opt_vs_onnx_fp32_b1"] > 0
 
 
 def test_registered_version_links_run_commit_and_metrics(repo):

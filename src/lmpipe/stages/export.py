@@ -22,7 +22,15 @@ from lmpipe.compare import predictions_frame, versus_baseline
 from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
 from lmpipe.params import Params
-from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, VARIANT_FILES, OnnxTextClassifier
+from lmpipe.serving import (
+    CLASSIFIER_FILE,
+    FP32_FILE,
+    INT8_FILE,
+    OPT_FILE,
+    OPT_INT8_FILE,
+    VARIANT_FILES,
+    OnnxTextClassifier,
+)
 
 
 @dataclass(frozen=True)
@@ -126,11 +134,23 @@ def run(params: Params, paths: Paths) -> str:
     torch.set_num_threads(cfg.latency.threads)
     with tracking.stage_run(params, "export", tags=tags) as active, io.atomic_dir(paths.out) as tmp:
         checked = export_and_check(params, model_dir, test, tmp, fp32_layers, temperature)
-        latency = benchmark(params, checked, test["text"].tolist())
+        checked.served_variant = served_variant(params, checked)
+        others = compared(params, paths.source, test, tmp, temperature)
+        latency = benchmark(params, checked, test["text"].tolist(), others)
         git = tracking.git_info()  # once: the registered version's tags and the metrics name the same commit
         baseline = pd.read_csv(paths.baseline_predictions)
-        registered = register_and_gate(params, checked, test, baseline, tmp, records, active.info.run_id, git)
-        sizes = {v: round((tmp / f).stat().st_size / 2**20, 3) for v, f in VARIANT_FILES.items()}
+        registered = register_and_gate(
+            params, checked, test, baseline, tmp, records, active.info.run_id, git, list(others)
+        )
+        sizes = {
+            v: round((tmp / f).stat().st_size / 2**20, 3)
+            for v, f in VARIANT_FILES.items()
+            if (tmp / f).is_file()
+        }
+        sizes |= {
+            f"{n}_int8": round((tmp / n / VARIANT_FILES[o.int8_variant]).stat().st_size / 2**20, 3)
+            for n, o in others.items()
+        }
         metrics = {
             "source": cfg.source,
             **budget,
@@ -139,17 +159,28 @@ def run(params: Params, paths: Paths) -> str:
             "test_rows": len(test),
             "pytorch_fp32": checked.pytorch,
             "onnx_fp32": checked.onnx_fp32,
-            "onnx_int8": checked.onnx_int8,
+            "onnx_int8": checked.rows["int8"],
+            **{f"onnx_{v}": checked.rows[v] for v in ("fp32_opt", "int8_opt") if v in checked.rows},
+            "optimize": checked.optimize,
+            **{
+                f"{n}_onnx_int8": {
+                    **o.rows[o.int8_variant],
+                    "variant": o.int8_variant,
+                    "optimize": o.optimize,
+                }
+                for n, o in others.items()
+            },
             "served": {
-                "variant": cfg.registered_variant,
+                "variant": checked.served_variant,
                 "macro_f1": checked.served["macro_f1"],
                 "accuracy": checked.served["accuracy"],
-                "latency_b1_p50_ms": latency["latency"][f"onnx_{cfg.registered_variant}"].get(
+                "latency_b1_p50_ms": latency["latency"][f"onnx_{checked.served_variant}"].get(
                     "latency_b1_p50_ms"
                 ),
-                "size_mb": sizes[cfg.registered_variant],
+                "size_mb": sizes[checked.served_variant],
             },
             **latency,
+            "comparison": comparison(checked, others, latency),
             "size_mb": sizes,
             **registered,
             "git_commit": git["git_commit"],
@@ -159,7 +190,15 @@ def run(params: Params, paths: Paths) -> str:
         tracking.log_metrics(
             {
                 k: metrics[k]
-                for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8", "latency", "speedup", "size_mb")
+                for k in (
+                    "pytorch_fp32",
+                    "onnx_fp32",
+                    "onnx_int8",
+                    "latency",
+                    "speedup",
+                    "size_mb",
+                    "comparison",
+                )
             }
         )
         tracking.log_metrics(
@@ -181,20 +220,49 @@ def run(params: Params, paths: Paths) -> str:
     )
 
 
+ONNX_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE, "fp32_opt": OPT_FILE, "int8_opt": OPT_INT8_FILE}
+
+
 @dataclass
 class Checked:
-    """The exported ONNX files, loaded, with how closely each follows PyTorch on the test split."""
+    """The exported ONNX files of one model, loaded, with how closely each follows PyTorch on the test
+    split. Variants: ``fp32``, ``int8`` (from fp32), and with ``export.optimize`` ``fp32_opt`` (ONNX
+    Runtime's fused graph) and ``int8_opt`` (quantised from it), when the fused graph holds parity."""
 
-    fp32: OnnxTextClassifier
-    int8: OnnxTextClassifier
+    sessions: dict[str, OnnxTextClassifier]
+    rows: dict[str, dict[str, Any]]  # variant -> parity vs PyTorch and test scores
+    logits: dict[str, np.ndarray]  # variant -> test logits
     pytorch_runner: Any  # numpy features -> PyTorch fp32 logits
     labels: list[str]
     y_true: np.ndarray
     pytorch: dict[str, float]  # PyTorch's own test scores
-    onnx_fp32: dict[str, Any]
-    onnx_int8: dict[str, Any]
-    served: dict[str, Any]  # the registered variant's report (one of the two above)
-    served_logits: np.ndarray  # the registered variant's test logits (the gate's paired CI)
+    optimize: dict[str, Any]  # fused op counts, or why the plain graph is used
+    served_variant: str = "fp32"  # the registered variant, after any fallback
+
+    @property
+    def fp32(self) -> OnnxTextClassifier:
+        return self.sessions["fp32"]
+
+    @property
+    def onnx_fp32(self) -> dict[str, Any]:
+        return self.rows["fp32"]
+
+    @property
+    def onnx_int8(self) -> dict[str, Any]:
+        return self.rows[self.int8_variant]
+
+    @property
+    def int8_variant(self) -> str:
+        """The int8 served for this model: quantised from the optimised graph when there is one."""
+        return "int8_opt" if "int8_opt" in self.rows else "int8"
+
+    @property
+    def served(self) -> dict[str, Any]:
+        return self.rows[self.served_variant]
+
+    @property
+    def served_logits(self) -> np.ndarray:
+        return self.logits[self.served_variant]
 
 
 def export_and_check(
@@ -205,84 +273,153 @@ def export_and_check(
     fp32_layers: list[str],
     temperature: float = 1.0,
 ) -> Checked:
-    """Write the ONNX fp32 and int8 files into ``out`` (int8 keeps ``fp32_layers``, torch module names, in
-    fp32) and check both against PyTorch on the test split; an fp32 export that drifts past
-    ``export.max_logit_diff`` (or changes a label) fails the stage."""
+    """Write the ONNX files into ``out`` (int8 keeps ``fp32_layers``, torch module names, in fp32) and
+    check each against PyTorch on the test split. An fp32 export that drifts past
+    ``export.max_logit_diff`` (or changes a label) fails the stage; an optimised graph that does is
+    dropped, loudly, and int8 is then quantised from the plain graph only."""
     cfg = params.export
     lib.write_classifier_folder(
         model_dir, out, params.base.max_length, cfg.opset, cfg.allow_spinning, temperature
     )
     lib.quantize_onnx_int8(out, fp32_layers)
+    optimize = (
+        lib.optimize_onnx(model_dir, out, params.base.max_length, cfg.opset)
+        if cfg.optimize
+        else {"skipped": "export.optimize is false"}
+    )
+
     # checked and timed with spinning off whatever is served: a spinning ONNX Runtime pool slows the
     # PyTorch call timed after it (3x on 2 cores), and the table must compare the backends fairly
-    fp32 = OnnxTextClassifier(out, FP32_FILE, threads=cfg.latency.threads, allow_spinning=False)
-    int8 = OnnxTextClassifier(out, INT8_FILE, threads=cfg.latency.threads, allow_spinning=False)
+    def load(variant: str) -> OnnxTextClassifier:
+        return OnnxTextClassifier(out, ONNX_FILES[variant], threads=cfg.latency.threads, allow_spinning=False)
+
+    sessions = {v: load(v) for v in ("fp32", "int8", "fp32_opt") if (out / ONNX_FILES[v]).is_file()}
+    fp32 = sessions["fp32"]
     labels = fp32.labels
     y_true = data.encode_labels(test["label"], data.model_label2id(labels), f"the model in {model_dir}")
     batches = lib.Batches.of(fp32, test["text"].tolist(), cfg.batch_size)
     pytorch = lib.torch_runner(model_dir)
     ref = lib.all_logits(pytorch, batches, "pytorch fp32")
     torch_scores = classification_metrics(y_true, ref.argmax(axis=1))
-    logits = {
-        "fp32": lib.all_logits(fp32.logits, batches, "onnx fp32"),
-        "int8": lib.all_logits(int8.logits, batches, "onnx int8"),
-    }
-    onnx_fp32 = lib.parity_report(ref, logits["fp32"], y_true)
-    onnx_int8 = lib.parity_report(ref, logits["int8"], y_true)
-    onnx_int8["fp32_layers"] = fp32_layers
-    onnx_int8["macro_f1_minus_pytorch"] = onnx_int8["macro_f1"] - torch_scores["macro_f1"]
-    fp32_ok = onnx_fp32["max_abs_logit_diff"] <= cfg.max_logit_diff and onnx_fp32["labels_differing"] == 0
-    # what is served: calibrated probabilities, PyTorch's (softmax(logits / T)) against the ONNX classifier's
-    onnx_fp32["max_abs_proba_diff"] = float(
-        np.abs(serving.softmax(ref / temperature) - fp32.proba(logits["fp32"])).max(initial=0.0)
-    )
-    onnx_fp32["temperature"] = fp32.temperature
-    fp32_ok = fp32_ok and onnx_fp32["max_abs_proba_diff"] <= cfg.max_logit_diff
-    onnx_fp32["ok"] = fp32_ok
-    onnx_int8["ok"] = onnx_int8["label_agreement"] >= cfg.min_int8_agreement
-    if not fp32_ok:
+    logits: dict[str, np.ndarray] = {}
+    rows: dict[str, dict[str, Any]] = {}
+
+    def check(variant: str) -> None:
+        logits[variant] = lib.all_logits(sessions[variant].logits, batches, f"onnx {variant}")
+        row = lib.parity_report(ref, logits[variant], y_true)
+        if variant.startswith("fp32"):
+            # what is served: calibrated probabilities, PyTorch's (softmax(logits / T)) against the ONNX
+            # classifier's
+            row["max_abs_proba_diff"] = float(
+                np.abs(serving.softmax(ref / temperature) - fp32.proba(logits[variant])).max(initial=0.0)
+            )
+            row["temperature"] = fp32.temperature
+            row["ok"] = (
+                row["max_abs_logit_diff"] <= cfg.max_logit_diff
+                and row["labels_differing"] == 0
+                and row["max_abs_proba_diff"] <= cfg.max_logit_diff
+            )
+        else:
+            row["fp32_layers"] = fp32_layers
+            row["macro_f1_minus_pytorch"] = row["macro_f1"] - torch_scores["macro_f1"]
+            row["ok"] = row["label_agreement"] >= cfg.min_int8_agreement
+        rows[variant] = row
+
+    for variant in list(sessions):
+        check(variant)
+    if not rows["fp32"]["ok"]:
+        row = rows["fp32"]
         raise UserError(
             f"export.max_logit_diff: the ONNX fp32 export differs from PyTorch by "
-            f"{onnx_fp32['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
-            f"{onnx_fp32['labels_differing']} label(s) changed (calibrated probabilities differ by "
-            f"{onnx_fp32['max_abs_proba_diff']:.2e}) on {model_dir}; not registering it"
+            f"{row['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
+            f"{row['labels_differing']} label(s) changed (calibrated probabilities differ by "
+            f"{row['max_abs_proba_diff']:.2e}) on {model_dir}; not registering it"
         )
+    if "fp32_opt" in rows and not rows["fp32_opt"]["ok"]:
+        row = rows.pop("fp32_opt")
+        optimize["fallback"] = (
+            f"the optimised graph differs from PyTorch by {row['max_abs_logit_diff']:.2e} (limit "
+            f"{cfg.max_logit_diff:g}, {row['labels_differing']} label(s) changed): int8 is quantised from "
+            "the plain graph"
+        )
+        optimize["failed_parity"] = row
+        print(f"export: WARNING: {model_dir}: {optimize['fallback']}")
+        del sessions["fp32_opt"], logits["fp32_opt"]
+        (out / OPT_FILE).unlink()
+    elif "fp32_opt" in rows:
+        try:
+            lib.quantize_onnx_int8(out, fp32_layers, OPT_FILE, OPT_INT8_FILE)
+        except ValueError as err:  # a layer kept fp32 was fused away: int8 stays the plain graph's
+            optimize["int8_opt_skipped"] = str(err)
+            print(f"export: WARNING: no int8 from the optimised graph: {err}")
+        else:
+            sessions["int8_opt"] = load("int8_opt")
+            check("int8_opt")
     return Checked(
-        fp32,
-        int8,
+        sessions,
+        rows,
+        logits,
         pytorch,
         labels,
         y_true,
         {"macro_f1": torch_scores["macro_f1"], "accuracy": torch_scores["accuracy"]},
-        onnx_fp32,
-        onnx_int8,
-        {"fp32": onnx_fp32, "int8": onnx_int8}[cfg.registered_variant],
-        logits[cfg.registered_variant],
+        optimize,
     )
 
 
-def benchmark(params: Params, checked: Checked, texts: list[str]) -> dict[str, Any]:
-    """PyTorch fp32, ONNX fp32 and ONNX int8 latency on the same inputs, and int8's speed-up."""
+def served_variant(params: Params, checked: Checked) -> str:
+    """``export.registered_variant``, or its plain graph when the optimised one was dropped (loudly)."""
+    wanted = params.export.registered_variant
+    if wanted in checked.rows:
+        return wanted
+    plain = wanted.removesuffix("_opt")
+    print(f"export: WARNING: export.registered_variant '{wanted}' was not built; serving '{plain}'")
+    return plain
+
+
+def compared(
+    params: Params, pairs: list[str], test: pd.DataFrame, out: Path, temperature: float
+) -> dict[str, Checked]:
+    """The compress variants ``export.compare`` names, each exported and checked like the shipped model
+    (the same code) into ``out/<name>/``, a classifier folder of its own; one not built is skipped."""
+    sources = dict(pair.partition("=")[::2] for pair in pairs)
+    checked = {}
+    for name in params.export.compare:
+        if name == params.export.source:
+            continue  # already the main rows
+        folder = Path(sources.get(name, ""))
+        if name not in sources or not (folder / "config.json").is_file():
+            print(f"export: export.compare: no '{name}' model to compare (is it enabled in compress?)")
+            continue
+        checked[name] = export_and_check(params, folder, test, out / name, [], temperature)
+    return checked
+
+
+def benchmark(
+    params: Params, checked: Checked, texts: list[str], others: dict[str, Checked] | None = None
+) -> dict[str, Any]:
+    """PyTorch fp32 and every ONNX variant of the shipped model, and each compared model's int8, timed
+    on the same inputs; each one's speed-up over PyTorch fp32, and the optimised graphs' over the plain."""
     cfg = params.export.latency
-    latency = lib.latency_benchmark(
-        {
-            "pytorch_fp32": checked.pytorch_runner,
-            "onnx_fp32": checked.fp32.logits,
-            "onnx_int8": checked.int8.logits,
-        },
-        checked.fp32,
-        texts,
-        cfg.batch_sizes,
-        cfg.warmup,
-        cfg.repeats,
-    )
-    speedup = {
-        f"onnx_int8_vs_pytorch_b{n}": round(
-            latency["pytorch_fp32"][f"latency_b{n}_p50_ms"] / latency["onnx_int8"][f"latency_b{n}_p50_ms"], 3
-        )
-        for n in cfg.batch_sizes
-        if latency["onnx_int8"][f"latency_b{n}_p50_ms"] > 0
-    }
+    runners = {"pytorch_fp32": checked.pytorch_runner}
+    runners |= {f"onnx_{v}": checked.sessions[v].logits for v in ONNX_FILES if v in checked.sessions}
+    for name, other in (others or {}).items():
+        runners[f"{name}_onnx_int8"] = other.sessions[other.int8_variant].logits
+    latency = lib.latency_benchmark(runners, checked.fp32, texts, cfg.batch_sizes, cfg.warmup, cfg.repeats)
+
+    def ratio(slow: str, fast: str, n: int) -> float | None:
+        key = f"latency_b{n}_p50_ms"
+        if slow not in latency or fast not in latency or not latency[fast][key] > 0:
+            return None
+        return round(latency[slow][key] / latency[fast][key], 3)
+
+    speedup = {f"{r}_vs_pytorch_b{n}": ratio("pytorch_fp32", r, n) for r in runners for n in cfg.batch_sizes}
+    speedup = {k: v for k, v in speedup.items() if v is not None and not k.startswith("pytorch_fp32")}
+    for n in cfg.batch_sizes:
+        for variant in ("fp32", "int8"):
+            value = ratio(f"onnx_{variant}", f"onnx_{variant}_opt", n)
+            if value is not None:
+                speedup[f"onnx_{variant}_opt_vs_onnx_{variant}_b{n}"] = value
     return {
         "latency": latency,
         "speedup": speedup,
@@ -291,6 +428,29 @@ def benchmark(params: Params, checked: Checked, texts: list[str]) -> dict[str, A
         # other processes on the machine skew the timings: the 1-minute load average when they were taken
         "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def comparison(checked: Checked, others: dict[str, Checked], latency: dict[str, Any]) -> dict[str, Any]:
+    """One row per timed model: batch-1 p50 and its speed-up over PyTorch fp32, test macro-F1 and its
+    loss in points against the trained PyTorch fp32 model, and parity against the row's own PyTorch."""
+    base = checked.pytorch["macro_f1"]
+    scores = {"pytorch_fp32": (checked.pytorch, {})}
+    scores |= {f"onnx_{v}": (row, row) for v, row in checked.rows.items()}
+    scores |= {f"{n}_onnx_int8": (o.rows[o.int8_variant], o.rows[o.int8_variant]) for n, o in others.items()}
+    rows = {}
+    for name, (score, parity) in scores.items():
+        timing = latency["latency"].get(name, {})
+        rows[name] = {
+            "latency_b1_p50_ms": timing.get("latency_b1_p50_ms"),
+            "speedup_b1": latency["speedup"].get(
+                f"{name}_vs_pytorch_b1", 1.0 if name == "pytorch_fp32" else None
+            ),
+            "macro_f1": score["macro_f1"],
+            "macro_f1_loss_pt": round(100 * (base - score["macro_f1"]), 3),
+            "max_abs_logit_diff": parity.get("max_abs_logit_diff", 0.0),
+            "label_agreement": parity.get("label_agreement", 1.0),
+        }
+    return rows
 
 
 def register_and_gate(
@@ -302,6 +462,7 @@ def register_and_gate(
     records: dict,
     run_id: str,
     git: dict[str, str],
+    subfolders: list[str] = (),
 ) -> dict[str, Any]:
     """Log the served ONNX variant as a pyfunc model, decide the promotion gate against the baseline and
     the current champion, register the new version with its provenance tags, and set its aliases."""
@@ -309,7 +470,7 @@ def register_and_gate(
     texts = test["text"].tolist()
     evaluate, train_run_id = records["evaluate"], records["train"].get("mlflow_run_id", "")
     baseline_f1 = float(evaluate["baseline"]["macro_f1"])
-    served = checked.served
+    served, variant = checked.served, checked.served_variant
     # the served variant against the baseline on the same test rows, paired: the code of evaluate
     proba = serving.softmax(checked.served_logits)
     versus = versus_baseline(predictions_frame(test, proba, checked.labels), baseline, params.base.seed)
@@ -318,10 +479,10 @@ def register_and_gate(
     # the registered model: the served ONNX variant as model.onnx, with tokenizer and labels
     with tempfile.TemporaryDirectory() as staging_root:
         staging = Path(staging_root) / "classifier"
-        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("*.onnx", "*.md"))
-        shutil.copy2(folder / VARIANT_FILES[cfg.registered_variant], staging / FP32_FILE)
+        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("*.onnx", "*.md", *subfolders))
+        shutil.copy2(folder / VARIANT_FILES[variant], staging / FP32_FILE)
         info = json.loads((staging / CLASSIFIER_FILE).read_text())
-        info.update(onnx_file=FP32_FILE, variant=cfg.registered_variant)
+        info.update(onnx_file=FP32_FILE, variant=variant)
         (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         example = [t[:300] for t in texts[:2]]
         model_uri = tracking.log_pyfunc_model(
@@ -336,11 +497,11 @@ def register_and_gate(
             f"models:/{name}@{promotion.CHAMPION}", texts, checked.y_true, checked.labels
         )
     checks = []
-    if cfg.registered_variant == "int8":
-        agreement = checked.onnx_int8["label_agreement"]
+    if variant.startswith("int8"):
+        agreement = served["label_agreement"]
         checks.append(
             (
-                checked.onnx_int8["ok"],
+                served["ok"],
                 f"int8 label agreement {agreement:.4f} vs min_int8_agreement {cfg.min_int8_agreement}",
             )
         )
@@ -357,7 +518,7 @@ def register_and_gate(
             "git_dirty": git["git_dirty"],
             "params_hash": params.digest(),
             "source": cfg.source,
-            "variant": cfg.registered_variant,
+            "variant": variant,
             "test_macro_f1": f"{served['macro_f1']:.6f}",
             "test_accuracy": f"{served['accuracy']:.6f}",
             "baseline_test_macro_f1": f"{baseline_f1:.6f}",
@@ -367,7 +528,7 @@ def register_and_gate(
             "gate_passed": str(decision.passed).lower(),
         },
         description=(
-            f"ONNX {cfg.registered_variant} export of '{cfg.source}' from training run "
+            f"ONNX {variant} export of '{cfg.source}' from training run "
             f"{train_run_id or 'n/a'} at git commit {git['git_commit']}. "
             f"Test macro-F1 {served['macro_f1']:.4f} (accuracy {served['accuracy']:.4f}) on "
             f"{len(test)} rows; TF-IDF baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
