@@ -59,7 +59,17 @@ class SoftPromptMixin:
         tokens = getattr(config, SOFT_PROMPT_KEY)
         self.soft_prompt = torch.nn.Parameter(torch.zeros(tokens, config.hidden_size))
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None, **kwargs):
+    # ``labels`` by name: the Trainer finds a model's label arguments in its forward's signature
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        **kwargs,
+    ):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, tokens = inputs_embeds.shape[0], self.soft_prompt.shape[0]
@@ -68,11 +78,12 @@ class SoftPromptMixin:
             attention_mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
         if token_type_ids is not None:
             token_type_ids = torch.cat([token_type_ids.new_zeros(batch, tokens), token_type_ids], dim=1)
-        kwargs.pop("position_ids", None)  # as peft: positions count from the prompt's first token
+        # position_ids are dropped, as peft does: positions count from the prompt's first token
         return super().forward(
             inputs_embeds=torch.cat([prompt, inputs_embeds], dim=1),
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
+            labels=labels,
             **kwargs,
         )
 

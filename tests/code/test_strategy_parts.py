@@ -240,6 +240,10 @@ def test_prompt_tuned_model_saves_and_reloads_with_identical_logits(tiny_classif
     assert isinstance(loaded, models.SoftPromptMixin) and loaded.config.soft_prompt_tokens == 5
     with torch.no_grad():
         assert torch.equal(loaded(**batch()).logits, trained)
+    # the Trainer finds the labels argument (recovery fine-tunes and distillation need it)
+    from transformers.utils import find_labels
+
+    assert find_labels(type(loaded)) == ["labels"]
     # a classifier without a prompt still loads as the plain transformers class
     tiny_classifier.save_pretrained(tmp_path / "plain")
     assert type(models.load_classifier(tmp_path / "plain")) is type(tiny_classifier)
