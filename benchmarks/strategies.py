@@ -9,8 +9,9 @@ Trainer's, from reports/train/report.json), trainable and total parameters, epoc
 
 Every strategy runs with the default params.yaml, except the learning rate of the two strategies that
 train few weights: a head alone or low-rank adapters need a higher rate than full fine-tuning
-(LR_OVERRIDES below; the table shows the rate used). Gradual unfreezing runs its phases (one epoch
-each by default); ``--epochs`` sets the epochs of every phase too.
+(LR_OVERRIDES below; the table shows the rate used). Prompt tuning runs at its own
+``train.prompt_tuning.learning_rate``. Gradual unfreezing runs its phases (one epoch each by default);
+``--epochs`` sets the epochs of every phase too. ``--strategies prompt_tuning`` runs one strategy only.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ import json
 
 from scratch import Scratch, add_arguments
 
-STRATEGIES = ("full", "linear_probe", "lora", "gradual_unfreezing")
+STRATEGIES = ("full", "linear_probe", "lora", "gradual_unfreezing", "prompt_tuning")
 LR_OVERRIDES = {"linear_probe": 1.0e-3, "lora": 5.0e-4}
+
+
+def peak_rate(defaults, train: dict) -> float:
+    """The peak rate the run used: prompt tuning's own, else the (overridden) train.learning_rate."""
+    if train["strategy"] == "prompt_tuning":
+        return defaults.prompt_tuning.learning_rate
+    return train["learning_rate"]
 
 
 def main() -> None:
@@ -52,7 +60,7 @@ def main() -> None:
                 "trainable_params": trained["trainable_parameters"],
                 "params": trained["parameters"],
                 "epochs": trained["epochs_run"],
-                "lr": "phases" if name == "gradual_unfreezing" else train["learning_rate"],
+                "lr": "phases" if name == "gradual_unfreezing" else peak_rate(defaults, train),
                 "baseline_macro_f1": tested["baseline"]["macro_f1"],
             }
         )

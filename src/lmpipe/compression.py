@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     PreTrainedTokenizerBase,
     TrainerCallback,
 )
 
 from lmpipe import io, latency
 from lmpipe.errors import UserError
+from lmpipe.models import classifier_class
 
 INT8_WEIGHTS = "int8.safetensors"
 INT8_RECIPE = "quantization.json"
@@ -132,7 +132,7 @@ def load_int8(folder: str | Path) -> nn.Module:
     same recipe, then the stored int8 weights and fp32 tensors put in place (safetensors only)."""
     folder = Path(folder)
     config = load_config(folder)
-    skeleton = AutoModelForSequenceClassification.from_config(config).eval()
+    skeleton = classifier_class(config)(config).eval()  # with its soft prompt, if it has one
     tensors = load_file(str(folder / INT8_WEIGHTS))
     recipe = io.read_json(folder / INT8_RECIPE) if (folder / INT8_RECIPE).is_file() else {}
     fp32_layers = list(recipe.get("fp32_layers", []))

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 from lmpipe import distributed
 from lmpipe.errors import UserError
@@ -35,11 +42,71 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
 
 
+# config.json key of a classifier trained with train.strategy prompt_tuning: its soft prompt's length
+SOFT_PROMPT_KEY = "soft_prompt_tokens"
+
+
+class SoftPromptMixin:
+    """A transformers sequence classifier that reads ``config.soft_prompt_tokens`` learned embeddings
+    (``soft_prompt``) before every text, as peft's prompt tuning trains it: the prompt goes before the
+    word embeddings, the attention mask and token types get ones and zeros for it, and the positions
+    count from the prompt's first token. Everything else (config, weights' names, ``save_pretrained``,
+    the Trainer, quantization, pruning, ONNX export) is the classifier's own; the prompt is one more
+    tensor in ``model.safetensors``."""
+
+    def __init__(self, config: PretrainedConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        tokens = getattr(config, SOFT_PROMPT_KEY)
+        self.soft_prompt = torch.nn.Parameter(torch.zeros(tokens, config.hidden_size))
+
+    # ``labels`` by name: the Trainer finds a model's label arguments in its forward's signature
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        **kwargs,
+    ):
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, tokens = inputs_embeds.shape[0], self.soft_prompt.shape[0]
+        prompt = self.soft_prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, tokens), attention_mask], dim=1)
+        if token_type_ids is not None:
+            token_type_ids = torch.cat([token_type_ids.new_zeros(batch, tokens), token_type_ids], dim=1)
+        # position_ids are dropped, as peft does: positions count from the prompt's first token
+        return super().forward(
+            inputs_embeds=torch.cat([prompt, inputs_embeds], dim=1),
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+
+_PROMPTED: dict[type, type] = {}
+
+
+def classifier_class(config: PretrainedConfig) -> type:
+    """The transformers classifier class of ``config``, with ``SoftPromptMixin`` if it has a soft prompt."""
+    cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    if not getattr(config, SOFT_PROMPT_KEY, None):
+        return cls
+    if cls not in _PROMPTED:
+        _PROMPTED[cls] = type(f"SoftPrompt{cls.__name__}", (SoftPromptMixin, cls), {})
+    return _PROMPTED[cls]
+
+
 def load_classifier(model_dir: str | Path, label2id: dict[str, int] | None = None) -> torch.nn.Module:
     """Load a sequence classifier from a local folder.
 
     With ``label2id`` a fresh head is sized for those labels (fine-tuning a pretrained encoder);
-    without it, the folder must already be a classifier whose config carries its labels.
+    without it, the folder must already be a classifier whose config carries its labels, and a
+    classifier trained with a soft prompt comes back as a ``SoftPromptMixin`` model that prepends it.
     Weights come from safetensors only.
     """
     kwargs: dict = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True}
@@ -49,7 +116,9 @@ def load_classifier(model_dir: str | Path, label2id: dict[str, int] | None = Non
             label2id=dict(label2id),
             id2label={i: label for label, i in label2id.items()},
         )
-    return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+        return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    return classifier_class(config).from_pretrained(str(model_dir), config=config, **kwargs)
 
 
 def write_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:

@@ -148,6 +148,21 @@ class LoraParams(_Section):
 
 
 @dataclass(frozen=True)
+class PromptTuningParams(_Section):
+    """Soft prompts (peft prompt tuning) for ``train.strategy: prompt_tuning``."""
+
+    virtual_tokens: int
+    learning_rate: float
+    init: Literal["vocab", "random"]
+
+    def problems(self):
+        if not 1 <= self.virtual_tokens <= 512:
+            yield "virtual_tokens", f"must be between 1 and 512, got {self.virtual_tokens}"
+        if not 0 < self.learning_rate < 1:
+            yield "learning_rate", f"must be > 0 and < 1, got {self.learning_rate}"
+
+
+@dataclass(frozen=True)
 class PhaseParams(_Section):
     """One phase of ``train.strategy: gradual_unfreezing``."""
 
@@ -231,12 +246,13 @@ class TrainParams(_Section):
     logging_steps: int
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     # fine-tuning strategies and options (src/lmpipe/strategies.py)
-    strategy: Literal["full", "linear_probe", "lora", "gradual_unfreezing"]
+    strategy: Literal["full", "linear_probe", "lora", "gradual_unfreezing", "prompt_tuning"]
     label_smoothing: float
     dropout: float | None
     fgm_epsilon: float
     augment: AugmentParams
     lora: LoraParams
+    prompt_tuning: PromptTuningParams
     phases: list[PhaseParams]
     distributed: DistributedParams
 
@@ -244,6 +260,12 @@ class TrainParams(_Section):
     def planned_epochs(self) -> int:
         """Epochs the training loop runs at most: the phases' sum for gradual unfreezing, else ``epochs``."""
         return sum(p.epochs for p in self.phases) if self.strategy == "gradual_unfreezing" else self.epochs
+
+    @property
+    def peak_learning_rate(self) -> float:
+        """The loop's peak rate: prompt tuning's own (soft prompts want a far higher one), else
+        ``learning_rate`` (gradual unfreezing's phases set theirs through their own schedule)."""
+        return self.prompt_tuning.learning_rate if self.strategy == "prompt_tuning" else self.learning_rate
 
     def problems(self):
         if not 0 <= self.label_smoothing < 1:

@@ -6,6 +6,9 @@
 * ``gradual_unfreezing``: ``train.phases`` run in order in one Trainer run; phase k trains the head
   plus the top ``layers`` encoder layers (all layers and the embeddings once ``layers`` reaches the
   model's depth), with its own epochs, peak learning rate and optional layer-wise decay.
+* ``prompt_tuning``: peft soft prompts, ``train.prompt_tuning.virtual_tokens`` learned embeddings read
+  before every text at their own learning rate; the encoder is frozen, the head (new) trains in full.
+  At save time the prompt becomes the ``soft_prompt`` of a plain classifier (``models.SoftPromptMixin``).
 
 "Head" means every weight outside the embeddings and the transformer layers: the classifier, and the
 pooler where the model has one. Options for any strategy: a dropout override, and FGM adversarial
@@ -15,6 +18,7 @@ training (``FGM``). Nothing here runs a training loop.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 
 from lmpipe.errors import UserError
+from lmpipe.models import SOFT_PROMPT_KEY, classifier_class
 from lmpipe.params import PhaseParams, TrainParams
 
 DROPOUT_CONFIG_KEYS = (
@@ -147,6 +152,37 @@ def wrap_lora(model: nn.Module, cfg: TrainParams) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def head_modules(model: nn.Module) -> list[str]:
+    """The modules holding the head's weights (``anatomy``), e.g. ``bert.pooler.dense`` and ``classifier``."""
+    return sorted({name.rsplit(".", 1)[0] for name in anatomy(model).head})
+
+
+def wrap_prompt(model: nn.Module, cfg: TrainParams) -> nn.Module:
+    """Wrap ``model`` in peft prompt tuning: only the soft prompt and the head (classifier, pooler) train."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    init = {"vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM}
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_CLS,
+        num_virtual_tokens=cfg.prompt_tuning.virtual_tokens,
+        prompt_tuning_init=init[cfg.prompt_tuning.init],
+        modules_to_save=head_modules(model),
+    )
+    return get_peft_model(model, config)
+
+
+def prompt_length_problem(model: nn.Module, cfg: TrainParams, max_length: int) -> str | None:
+    """The soft prompt adds to the text's ``max_length`` tokens: both must fit the model's positions."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    tokens = cfg.prompt_tuning.virtual_tokens
+    if positions is not None and max_length + tokens > positions:
+        return (
+            f"train.prompt_tuning.virtual_tokens: {tokens} + base.max_length {max_length} is more than "
+            f"the model's {positions} positions"
+        )
+    return None
+
+
 def lora_targets_problem(model: nn.Module, targets: list[str]) -> str | None:
     linear = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for target in targets:
@@ -159,9 +195,15 @@ def lora_targets_problem(model: nn.Module, targets: list[str]) -> str | None:
     return None
 
 
-def validate(model: nn.Module, cfg: TrainParams) -> None:
-    """Check the strategy against the model before anything runs (a ``UserError`` naming the key)."""
-    if cfg.strategy == "lora":
+def validate(model: nn.Module, cfg: TrainParams, max_length: int | None = None) -> None:
+    """Check the strategy against the model before anything runs (a ``UserError`` naming the key);
+    ``max_length`` is ``base.max_length``, which a soft prompt adds to."""
+    if cfg.strategy == "prompt_tuning":
+        anatomy(model)
+        problem = prompt_length_problem(model, cfg, max_length) if max_length is not None else None
+        if problem:
+            raise UserError(problem)
+    elif cfg.strategy == "lora":
         problem = lora_targets_problem(model, cfg.lora.target_modules)
         if problem:
             raise UserError(problem)
@@ -172,13 +214,16 @@ def validate(model: nn.Module, cfg: TrainParams) -> None:
 
 
 def prepare_model(model: nn.Module, cfg: TrainParams) -> nn.Module:
-    """Apply the dropout override and the strategy; return the model to train (a peft wrapper for lora)."""
+    """Apply the dropout override and the strategy; return the model to train (a peft wrapper for lora
+    and prompt tuning)."""
     if cfg.dropout is not None:
         override_dropout(model, cfg.dropout)
     if cfg.strategy == "linear_probe":
         set_trainable(model, set(anatomy(model).head))
     elif cfg.strategy == "lora":
         model = wrap_lora(model, cfg)
+    elif cfg.strategy == "prompt_tuning":
+        model = wrap_prompt(model, cfg)
     elif cfg.strategy == "gradual_unfreezing":
         parts = check_phases(model, cfg.phases)
         set_trainable(model, trainable_names(parts, cfg.phases[0].layers))
@@ -189,10 +234,36 @@ def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "merge_and_unload") and hasattr(model, "peft_config")
 
 
+def is_prompt_tuned(model: nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def unprompt(model: nn.Module) -> nn.Module:
+    """A peft prompt-tuning model as the plain classifier that ``models.load_classifier`` loads: the
+    trained head copies put back in place, the prompt as ``soft_prompt`` (``models.SoftPromptMixin``)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    prompt = model.get_prompt_embedding_to_save(adapter_name=model.active_adapter).detach()
+    inner = model.base_model
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, attr = name.rpartition(".")
+            setattr(inner.get_submodule(parent), attr, module.modules_to_save[model.active_adapter])
+    config = copy.deepcopy(inner.config)
+    setattr(config, SOFT_PROMPT_KEY, prompt.shape[0])
+    plain = classifier_class(config)(config).to(prompt.device)
+    plain.load_state_dict({**inner.state_dict(), "soft_prompt": prompt})
+    return plain
+
+
 def finalize_model(model: nn.Module, adapter_dir=None) -> nn.Module:
     """The plain model to save: for lora, save the adapter to ``adapter_dir`` (if given), then merge it
-    into the base weights; every other strategy's model is returned as it is, all weights trainable."""
-    if is_peft(model):
+    into the base weights; for prompt tuning, the classifier with its ``soft_prompt`` (``unprompt``);
+    every other strategy's model is returned as it is, all weights trainable."""
+    if is_prompt_tuned(model):
+        model = unprompt(model)
+    elif is_peft(model):
         if adapter_dir is not None:
             model.save_pretrained(adapter_dir)
         model = model.merge_and_unload()

@@ -257,7 +257,7 @@ def train_model(
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.eval_batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
+            learning_rate=cfg.peak_learning_rate,
             weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
             lr_scheduler_type="linear",

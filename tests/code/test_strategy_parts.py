@@ -1,8 +1,9 @@
 """Fast checks of the strategy building blocks: params, augmentation, model anatomy, the phase
-schedule, FGM and checkpoint bookkeeping. The real train stage is exercised in tests/e2e."""
+schedule, soft prompts, FGM and checkpoint bookkeeping. The real train stage is exercised in tests/e2e."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from lmpipe import checkpoints, strategies
+from lmpipe import checkpoints, models, strategies
 from lmpipe.augment import augment_frame
 from lmpipe.errors import ParamsError, UserError
-from lmpipe.params import AugmentParams, PhaseParams, load_params, write_params
+from lmpipe.params import AugmentParams, PhaseParams, PromptTuningParams, load_params, write_params
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
         ({"label_smoothing": -0.1}, "train.label_smoothing", "must be in [0, 1)"),
         ({"dropout": 1.5}, "train.dropout", "must be null or in [0, 1)"),
         ({"fgm_epsilon": -1}, "train.fgm_epsilon", "must be >= 0"),
+        ({"prompt_tuning.virtual_tokens": 0}, "train.prompt_tuning.virtual_tokens", "between 1 and 512"),
+        ({"prompt_tuning.learning_rate": 0}, "train.prompt_tuning.learning_rate", "must be > 0"),
+        ({"prompt_tuning.init": "text"}, "train.prompt_tuning.init", "must be one of vocab, random"),
     ],
 )
 def test_bad_strategy_params_are_named(tmp_path, train, key, fragment):
@@ -154,6 +158,103 @@ def test_phase_plan_rates():
     assert deep(10) == pytest.approx(1e-4 * 0.25)  # two layers down: decay ** 2
     warm = strategies.PhasePlan(phases, steps_per_epoch=10, warmup_ratio=0.2).lr_lambda(0)
     assert warm(0) < warm(1) < warm(2) == pytest.approx(1e-3)
+
+
+# ------------------------------------------------------------------------------------- soft prompts
+PROMPT = PromptTuningParams(virtual_tokens=5, learning_rate=1e-2, init="vocab")
+
+
+def prompt_tuned(tiny_classifier) -> torch.nn.Module:
+    """A copy of the tiny classifier in peft prompt tuning, its prompt and head moved off their init."""
+    import copy
+
+    cfg = dataclasses.replace(
+        load_params(ROOT / "params.yaml").train, strategy="prompt_tuning", prompt_tuning=PROMPT
+    )
+    model = strategies.prepare_model(copy.deepcopy(tiny_classifier), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(2)
+    ids = torch.randint(0, 100, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # padding
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def encoder_inputs(model: torch.nn.Module, inputs: dict) -> dict:
+    """What the classifier's encoder (``bert``) was called with."""
+    seen = {}
+    bert = model.get_submodule("base_model.bert" if strategies.is_prompt_tuned(model) else "bert")
+    handle = bert.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        seen["logits"] = model(**inputs).logits
+    handle.remove()
+    return seen
+
+
+def test_prompt_tuning_trains_the_prompt_and_the_head_only(tiny_classifier):
+    model = prompt_tuned(tiny_classifier)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "prompt_encoder.default.embedding.weight",
+        "base_model.bert.pooler.dense.modules_to_save.default.weight",
+        "base_model.bert.pooler.dense.modules_to_save.default.bias",
+        "base_model.classifier.modules_to_save.default.weight",
+        "base_model.classifier.modules_to_save.default.bias",
+    }
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == model.get_nb_trainable_parameters()[0] == 5 * 16 + (16 * 16 + 16) + (16 * 4 + 4)
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_the_soft_prompt_is_prepended(tiny_classifier, saved):
+    model = prompt_tuned(tiny_classifier)
+    prompt = model.get_prompt_embedding_to_save("default")
+    if saved:
+        model = strategies.finalize_model(model).eval()
+        assert torch.equal(model.soft_prompt, prompt)
+    inputs = batch()
+    seen = encoder_inputs(model, inputs)
+    embeds, words = seen["inputs_embeds"], tiny_classifier.get_input_embeddings()(inputs["input_ids"])
+    assert embeds.shape == (3, 5 + 7, 16)
+    assert torch.equal(embeds[:, :5], prompt.expand(3, -1, -1)) and torch.equal(embeds[:, 5:], words)
+    assert seen["attention_mask"][:, :5].eq(1).all()
+    assert torch.equal(seen["attention_mask"][:, 5:], inputs["attention_mask"])
+    assert seen["token_type_ids"].shape == (3, 12)
+
+
+def test_prompt_tuned_model_saves_and_reloads_with_identical_logits(tiny_classifier, tmp_path):
+    model = prompt_tuned(tiny_classifier)
+    trained = encoder_inputs(model, batch())["logits"]
+    final = strategies.finalize_model(model)
+    assert all(p.requires_grad for p in final.parameters())
+    final.save_pretrained(tmp_path)
+    loaded = models.load_classifier(tmp_path).eval()
+    assert isinstance(loaded, models.SoftPromptMixin) and loaded.config.soft_prompt_tokens == 5
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, trained)
+    # the Trainer finds the labels argument (recovery fine-tunes and distillation need it)
+    from transformers.utils import find_labels
+
+    assert find_labels(type(loaded)) == ["labels"]
+    # a classifier without a prompt still loads as the plain transformers class
+    tiny_classifier.save_pretrained(tmp_path / "plain")
+    assert type(models.load_classifier(tmp_path / "plain")) is type(tiny_classifier)
+
+
+def test_prompt_and_text_must_fit_the_positions(tiny_classifier):
+    cfg = dataclasses.replace(load_params(ROOT / "params.yaml").train, strategy="prompt_tuning")
+    positions = tiny_classifier.config.max_position_embeddings  # 512
+    strategies.validate(tiny_classifier, cfg, positions - cfg.prompt_tuning.virtual_tokens)
+    with pytest.raises(UserError, match=r"^train.prompt_tuning.virtual_tokens: 20 \+ base.max_length 500 "):
+        strategies.validate(tiny_classifier, cfg, 500)
 
 
 def test_dropout_override(tiny_classifier):

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo, run, train_cmd, train_until_checkpoint
+from tests.conftest import BIN, TINY, new_repo, run, train_cmd, train_until_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -276,12 +276,71 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
     assert not folder.exists()  # cleaned up once the outputs are written
 
 
+@pytest.fixture(scope="module")
+def prompt_repo(tmp_path_factory, tiny_encoder) -> Path:
+    """The whole pipeline (``dvc repro``: evaluate, analyze, compress, export) on a prompt-tuned model."""
+    repo = new_repo(
+        tmp_path_factory.mktemp("prompt"),
+        {
+            **TINY,
+            "base": {"model": str(tiny_encoder), "max_length": 32},
+            "train": {
+                **TINY["train"],
+                "strategy": "prompt_tuning",
+                "prompt_tuning": {"virtual_tokens": 4, "learning_rate": 1.0e-2, "init": "vocab"},
+            },
+            "mlflow": {"experiment": "prompt"},
+        },
+    )
+    run(["dvc", "repro"], repo, timeout=900)
+    return repo
+
+
+def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder):
+    from lmpipe.models import load_classifier
+
+    repo = prompt_repo
+    m = json.loads((repo / "reports/train/report.json").read_text())
+    head = 32 * 32 + 32 + 32 * 5 + 5  # pooler and classifier: the new head trains in full
+    assert m["strategy"] == "prompt_tuning" and m["trainable_parameters"] == 4 * 32 + head
+    saved, base = load_file(repo / "models/model/model.safetensors"), weights(tiny_encoder)
+    assert saved["soft_prompt"].shape == (4, 32)
+    for key, value in base.items():  # the encoder is frozen: bit-identical but for the head
+        if not key.startswith("pooler."):
+            assert torch.equal(value, saved[f"bert.{key}"]), key
+    model = load_classifier(repo / "models/model")
+    assert type(model).__name__ == "SoftPromptBertForSequenceClassification"
+    assert json.loads((repo / "models/model/config.json").read_text())["soft_prompt_tokens"] == 4
+
+    assert 0 <= json.loads((repo / "reports/evaluate/report.json").read_text())["model"]["macro_f1"] <= 1
+    assert json.loads((repo / "reports/analyze/report.json").read_text())
+    variants = json.loads((repo / "reports/compress/report.json").read_text())["variants"]
+    assert {"original", "int8", "pruned", "student"} <= set(variants)
+    student = load_file(repo / "models/compress/student/model.safetensors")
+    assert torch.equal(student["soft_prompt"], saved["soft_prompt"])  # the teacher's prompt, kept
+    exported = json.loads((repo / "reports/export/report.json").read_text())
+    assert exported["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert exported["onnx_fp32"]["labels_differing"] == 0
+
+    texts = pd.read_parquet(repo / "data/split/test.parquet")[["text"]]
+    texts.to_csv(repo / "in.csv", index=False)
+    out = {}
+    for backend in ("onnx", "pytorch"):
+        run([str(BIN / "lmpipe"), "predict", "in.csv", "-o", f"{backend}.csv", "--backend", backend], repo)
+        out[backend] = pd.read_csv(repo / f"{backend}.csv").filter(like="p_").to_numpy()
+    assert abs(out["onnx"] - out["pytorch"]).max() <= 1e-4
+
+
 @pytest.mark.parametrize(
     ("train_params", "expected"),
     [
         (
             {"strategy": "adapters"},
-            "train.strategy: must be one of full, linear_probe, lora, gradual_unfreezing",
+            "train.strategy: must be one of full, linear_probe, lora, gradual_unfreezing, prompt_tuning",
+        ),
+        (
+            {"strategy": "prompt_tuning", "prompt_tuning": {"virtual_tokens": 490, "learning_rate": 0.01}},
+            "train.prompt_tuning.virtual_tokens: 490 + base.max_length 32 is more than the model's 512",
         ),
         (
             {"strategy": "gradual_unfreezing", "phases": [PHASES[0], {**PHASES[1], "epochs": 0}]},

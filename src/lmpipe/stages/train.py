@@ -49,7 +49,8 @@ def run(params: Params, paths: Paths) -> str:
     models.seed_everything(base.seed)  # before the head is created: its init is random
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_classifier(model_dir, label2id)
-    strategies.validate(model, cfg)  # a bad strategy setting fails here, before a run or a checkpoint
+    # a bad strategy setting fails here, before a run or a checkpoint
+    strategies.validate(model, cfg, base.max_length)
     train_frame, augmented = augment.augment_frame(
         data.read_split(paths.data, "train"), cfg.augment, base.seed
     )
