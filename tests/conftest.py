@@ -260,6 +260,23 @@ def tiny_bert_config(vocab_size: int, **overrides):
     return BertConfig(vocab_size=vocab_size, **{**shape, **overrides})
 
 
+def tiny_bert_classifier(tokenizer, labels: list[str]):
+    """A ``tiny_bert_config`` classifier for ``labels`` whose wide random init (seeded) gives clearly
+    input-dependent predictions, in eval mode."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    config = tiny_bert_config(
+        tokenizer.vocab_size,
+        initializer_range=0.2,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> Path:
     """A real ``save_pretrained`` encoder folder that trains in seconds: ``tiny_bert_config`` with random

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import BertForSequenceClassification
 
 from lmpipe import compression as lib
 from lmpipe import latency
@@ -13,7 +12,7 @@ from lmpipe.data import load_bbc_news
 from lmpipe.errors import ParamsError, UserError
 from lmpipe.inference import predict_proba_model
 from lmpipe.models import load_tokenizer, resolve_model_dir
-from tests.conftest import tiny_bert_config
+from tests.conftest import tiny_bert_classifier
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 
@@ -31,15 +30,7 @@ def texts() -> list[str]:
 @pytest.fixture
 def model(tokenizer):
     """A 4-layer, 32-wide classifier whose wide random init gives clearly input-dependent predictions."""
-    config = tiny_bert_config(
-        tokenizer.vocab_size,
-        initializer_range=0.2,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-    )
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier(tokenizer, LABELS)
 
 
 def test_int8_round_trip_is_exact_and_agrees_with_fp32(model, tokenizer, texts, tmp_path):

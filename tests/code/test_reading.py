@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from transformers import BertForSequenceClassification
 
 from lmpipe.encoding import TextDataset, model_reading, set_model_reading
 from lmpipe.errors import ParamsError
@@ -16,7 +14,7 @@ from lmpipe.models import load_classifier, load_tokenizer, resolve_model_dir, wr
 from lmpipe.params import load_params
 from lmpipe.serving import OnnxTextClassifier, pool_logits, read_texts
 from lmpipe.training import eval_metrics
-from tests.conftest import ROOT, tiny_bert_config
+from tests.conftest import ROOT, tiny_bert_classifier
 
 LABELS = ["a", "b", "c"]
 MAX_LENGTH = 24
@@ -117,15 +115,7 @@ def test_training_evaluation_onnx_and_predict_read_alike(tokenizer, tmp_path, mo
     """The one tokenisation path: the trained model's config carries its reading; the dataset training
     and evaluation use, the PyTorch inference loop and the exported ONNX classifier give the same token
     ids, and the same text-level logits."""
-    config = tiny_bert_config(
-        tokenizer.vocab_size,
-        initializer_range=0.2,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-    )
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(config).eval()
+    model = tiny_bert_classifier(tokenizer, LABELS)
     wanted = reading(mode, head_share=0.25, pooling="max")
     set_model_reading(model, wanted)
     write_model(model, tokenizer, tmp_path / "model")
