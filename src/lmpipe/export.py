@@ -26,7 +26,7 @@ from lmpipe import latency
 from lmpipe.encoding import model_reading
 from lmpipe.inference import batches_logits
 from lmpipe.metrics import classification_metrics
-from lmpipe.models import load_classifier, load_tokenizer
+from lmpipe.models import SOFT_PROMPT_KEY, load_classifier, load_tokenizer
 from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OPT_FILE, OnnxTextClassifier, pool_logits
 
 
@@ -152,6 +152,8 @@ def optimize_onnx(model_dir: str | Path, folder: str | Path, max_length: int, op
     config = model.config
     if config.model_type != "bert":
         return {"skipped": f"model type '{config.model_type}': ONNX Runtime's optimizer here covers bert"}
+    if getattr(config, SOFT_PROMPT_KEY, None):  # its forward widens the 2-D mask the fusable export replaces
+        return {"skipped": "a soft prompt (train.strategy prompt_tuning): the fusable export takes a plain BERT"}
     AttentionInterface.register(FUSABLE_ATTENTION, _fusable_attention)
     model.set_attn_implementation(FUSABLE_ATTENTION)
     tokenizer = load_tokenizer(model_dir)
