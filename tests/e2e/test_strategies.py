@@ -317,7 +317,9 @@ def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder)
     variants = json.loads((repo / "reports/compress/report.json").read_text())["variants"]
     assert {"original", "int8", "pruned", "student"} <= set(variants)
     student = load_file(repo / "models/compress/student/model.safetensors")
-    assert torch.equal(student["soft_prompt"], saved["soft_prompt"])  # the teacher's prompt, kept
+    # the student starts from the teacher's prompt and distillation trains it along with its layers
+    assert student["soft_prompt"].shape == saved["soft_prompt"].shape
+    assert type(load_classifier(repo / "models/compress/student")).__name__.startswith("SoftPrompt")
     exported = json.loads((repo / "reports/export/report.json").read_text())
     assert exported["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
     assert exported["onnx_fp32"]["labels_differing"] == 0
