@@ -15,6 +15,7 @@ are softmax(logits / temperature), with the temperature the analyze stage fit on
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,6 +96,7 @@ def read_texts(
     return features, np.arange(len(texts))
 
 
+@functools.lru_cache(maxsize=8)  # per tokenizer, not per request: serving calls read_texts per batch
 def _special_wrapping(tokenizer: Any) -> dict[str, tuple[list[int], list[int], int]]:
     """How the tokenizer wraps one text's tokens, per feature: (prefix, suffix, value per text token),
     e.g. ``input_ids``: ([CLS], [SEP], -), ``token_type_ids``: ([0], [0], 0), ``attention_mask``:
