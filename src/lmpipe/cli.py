@@ -242,12 +242,19 @@ def _add_search_worker_parser(sub) -> None:
         description="Joins the Optuna study that `dvc repro search` opened on search.storage, if this "
         "checkout's params and train/val data are the study's, and runs trials until the study has "
         "search.n_trials in all. Start it after the search stage; stop it any time (its running trial "
-        "is marked FAIL after 3 heartbeats).",
+        "is marked FAIL after 3 heartbeats). With --wait it can start together with the stage.",
     )
     w.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     w.add_argument("--data", default="data/split", help="train/val folder (default: data/split)")
     w.add_argument("--labels", default="data/prepared/labels.json", help="default: data/prepared/labels.json")
     w.add_argument("--storage", help="the study's RDB URL, if not search.storage of --params")
+    w.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to this long for the search stage to open the study (default: 0, join now or fail)",
+    )
     w.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # local workers' index: their seed
 
 
@@ -256,7 +263,7 @@ def search_worker(args: argparse.Namespace) -> None:
     from lmpipe.stages import search
 
     paths = search.WorkerPaths(data=args.data, labels=args.labels)
-    print(search.worker(load_params(args.params), paths, args.storage, args.worker))
+    print(search.worker(load_params(args.params), paths, args.storage, args.worker, args.wait))
 
 
 if __name__ == "__main__":  # how the search stage starts its local workers: python -m lmpipe.cli

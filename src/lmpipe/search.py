@@ -295,11 +295,15 @@ def mark_study(study: optuna.Study, params: Params, fingerprint: str, parent_run
 
 
 def join_study(
-    params: Params, storage: optuna.storages.RDBStorage, fingerprint: str, seed: int
+    params: Params, storage: optuna.storages.RDBStorage, fingerprint: str, seed: int, wait: float = 0
 ) -> optuna.Study:
     """The study this worker's params belong to, if the search stage has opened it and its data is the
-    same; otherwise a one-line ``UserError`` saying what differs."""
+    same; otherwise a one-line ``UserError`` saying what differs. ``wait``: seconds to wait for the
+    stage to open the study (workers started together with the stage)."""
     name = study_name(params)
+    deadline = time.monotonic() + wait
+    while not _opened(storage, name) and time.monotonic() < deadline:
+        time.sleep(1.0)
     names = optuna.study.get_all_study_names(storage)
     if name not in names:
         prefix = f"{params.search.study_name}-"
@@ -327,6 +331,13 @@ def join_study(
             f"{theirs} there), not joining: check out the same commit and `dvc pull`"
         )
     return study
+
+
+def _opened(storage: optuna.storages.RDBStorage, name: str) -> bool:
+    """The stage has created the study and marked it (``mark_study``), so a worker can join it."""
+    if name not in optuna.study.get_all_study_names(storage):
+        return False
+    return "mlflow_run_id" in optuna.load_study(study_name=name, storage=storage).user_attrs
 
 
 def _differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:

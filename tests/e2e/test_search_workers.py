@@ -107,7 +107,9 @@ def test_worker_with_other_params_does_not_join(searched, tmp_path):
 
 
 def test_killed_worker_leaves_a_failed_trial_and_the_study_finishes(searched, postgres):
-    """The stage runs one worker, a second one joins from outside and is killed mid-trial."""
+    """The stage runs one worker, a second one joins from outside and is killed mid-trial. The second
+    starts together with the stage (``--wait``), so that it is up before the stage's worker has run
+    all the trials."""
     repo, _ = searched
     storage = postgres.create_database("killed_worker")
     write_params(
@@ -123,22 +125,23 @@ def test_killed_worker_leaves_a_failed_trial_and_the_study_finishes(searched, po
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    joined = subprocess.Popen(
+        [str(BIN / "lmpipe"), "search-worker", "--wait", "300"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         study = wait_for_study(storage, stage)
-        joined = subprocess.Popen(
-            [str(BIN / "lmpipe"), "search-worker"],
-            cwd=repo,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         victim = wait_for_running_trial_of(study, joined.pid)
         os.kill(joined.pid, signal.SIGKILL)
         joined.wait()
         out, _ = stage.communicate(timeout=300)
     finally:
-        if stage.poll() is None:
-            stage.kill()
+        for proc in (stage, joined):
+            if proc.poll() is None:
+                proc.kill()
     assert stage.returncode == 0, out
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     assert sorted(trials) == list(range(8))

@@ -188,7 +188,13 @@ def local_workers(count: int, threads: int, paths: Paths, storage_url: str) -> I
                 print(f"search: worker {i} exited with code {proc.returncode}; its trials are in the study")
 
 
-def worker(params: Params, paths: WorkerPaths, storage: str | None = None, index: int | None = None) -> str:
+def worker(
+    params: Params,
+    paths: WorkerPaths,
+    storage: str | None = None,
+    index: int | None = None,
+    wait: float = 0,
+) -> str:
     """``lmpipe search-worker``: join the study that the search stage opened on the shared storage (same
     params and data, else a one-line error) and run trials until the study has its ``n_trials``."""
     cfg = params.search
@@ -203,7 +209,9 @@ def worker(params: Params, paths: WorkerPaths, storage: str | None = None, index
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # each worker samples with a seed of its own: one seed everywhere would propose the same points
     index = index if index is not None else os.getpid()
-    study = lib.join_study(params, rdb, lib.data_fingerprint(train, val), params.base.seed + index)
+    study = lib.join_study(
+        params, rdb, lib.data_fingerprint(train, val), params.base.seed + index, wait=wait
+    )
     objective = lib.Objective(
         params,
         train,
