@@ -153,7 +153,9 @@ def optimize_onnx(model_dir: str | Path, folder: str | Path, max_length: int, op
     if config.model_type != "bert":
         return {"skipped": f"model type '{config.model_type}': ONNX Runtime's optimizer here covers bert"}
     if getattr(config, SOFT_PROMPT_KEY, None):  # its forward widens the 2-D mask the fusable export replaces
-        return {"skipped": "a soft prompt (train.strategy prompt_tuning): the fusable export takes a plain BERT"}
+        return {
+            "skipped": "a soft prompt (train.strategy prompt_tuning): the fusable export takes a plain BERT"
+        }
     AttentionInterface.register(FUSABLE_ATTENTION, _fusable_attention)
     model.set_attn_implementation(FUSABLE_ATTENTION)
     tokenizer = load_tokenizer(model_dir)

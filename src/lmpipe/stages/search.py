@@ -209,9 +209,7 @@ def worker(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # each worker samples with a seed of its own: one seed everywhere would propose the same points
     index = index if index is not None else os.getpid()
-    study = lib.join_study(
-        params, rdb, lib.data_fingerprint(train, val), params.base.seed + index, wait=wait
-    )
+    study = lib.join_study(params, rdb, lib.data_fingerprint(train, val), params.base.seed + index, wait=wait)
     objective = lib.Objective(
         params,
         train,
