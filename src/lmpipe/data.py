@@ -59,16 +59,16 @@ def load_source(prep: PrepareParams) -> tuple[pd.DataFrame, str]:
     return load_file(path, prep.text_column, prep.label_column, prep.encoding), f"`{prep.source}`"
 
 
-def builtin_name(path: Path) -> str:
-    """The corpus a descriptor file names (``builtin: bbc_news``), checked."""
+def builtin_name(path: Path, known: Mapping[str, str] = BUILTINS, task: str = "classification") -> str:
+    """The corpus a descriptor file names (``builtin: bbc_news``), checked against ``known``."""
     try:
         name = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("builtin")
     except (yaml.YAMLError, AttributeError):
         name = None
-    if name not in BUILTINS:
+    if name not in known:
         raise UserError(
-            f"prepare.source: {path} must be a built-in descriptor with `builtin: <name>` "
-            f"({', '.join(BUILTINS)}), or a .csv, .jsonl or .parquet file, or a folder"
+            f"prepare.source: {path} names the built-in corpus {name!r}; base.task {task} takes "
+            f"{', '.join(known)} (the other task's corpora need base.task set to that task)"
         )
     return name
 
@@ -223,9 +223,12 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
 
 def stratified_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     """A seeded sample of ``n`` rows keeping class proportions (plain random when a class is too rare
-    to stratify); the whole frame when ``n`` is None or not smaller than it. Row order is kept."""
+    to stratify, or when rows have no label); the whole frame when ``n`` is None or not smaller than it.
+    Row order is kept."""
     if n is None or n >= len(frame):
         return frame
+    if "label" not in frame.columns:  # token classification: sentences, no label to stratify on
+        return frame.sample(n=n, random_state=seed).sort_index()
     counts = frame["label"].value_counts()
     if (counts < 2).any() or n < len(counts):
         return frame.sample(n=n, random_state=seed).sort_index()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lmpipe.data import encode_labels
 from lmpipe.serving import HEAD_READING, READING_KEY, pool_logits, read_texts
@@ -68,6 +68,10 @@ class TextDataset(torch.utils.data.Dataset):
     def pool(self, logits: np.ndarray) -> np.ndarray:
         return pool_logits(logits, self.owner, self.n_texts, self.reading["pooling"])
 
+    def collator(self, tokenizer: PreTrainedTokenizerBase):
+        """Pads each batch to its longest row."""
+        return DataCollatorWithPadding(tokenizer)
+
     def __len__(self) -> int:
         return self.n_texts if self.sampled else len(self.owner)
 
@@ -94,7 +98,12 @@ def frame_dataset(
     seed: int = 0,
 ) -> TextDataset:
     """A split frame (``text``, ``label``) as a dataset; a label outside ``label2id`` is an error.
-    ``train=True``: one sampled window per text per visit (``TextDataset``)."""
+    ``train=True``: one sampled window per text per visit (``TextDataset``). A token-classification
+    frame (``tokens``, ``tags``) becomes an ``ner.TokenDataset``, which reads each sentence's head."""
+    if "tags" in frame.columns:
+        from lmpipe import ner
+
+        return ner.frame_dataset(tokenizer, frame, label2id, max_length)
     labels = encode_labels(frame["label"], label2id, "the label map of the prepared data")
     return TextDataset(
         tokenizer,

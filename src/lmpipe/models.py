@@ -11,11 +11,15 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING,
+)
 
 from lmpipe import distributed
 from lmpipe.errors import UserError
@@ -44,6 +48,13 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 
 # config.json key of a classifier trained with train.strategy prompt_tuning: its soft prompt's length
 SOFT_PROMPT_KEY = "soft_prompt_tokens"
+# config.json key of the task a model was trained for (base.task); a model without one classifies texts
+TASK_KEY = "lmpipe_task"
+TOKEN_TASK = "token_classification"
+
+
+def model_task(config: PretrainedConfig) -> str:
+    return getattr(config, TASK_KEY, None) or "classification"
 
 
 class SoftPromptMixin:
@@ -92,7 +103,10 @@ _PROMPTED: dict[type, type] = {}
 
 
 def classifier_class(config: PretrainedConfig) -> type:
-    """The transformers classifier class of ``config``, with ``SoftPromptMixin`` if it has a soft prompt."""
+    """The transformers classifier class of ``config`` (a token classifier for ``lmpipe_task:
+    token_classification``), with ``SoftPromptMixin`` if it has a soft prompt."""
+    if model_task(config) == TOKEN_TASK:
+        return MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING[type(config)]
     cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
     if not getattr(config, SOFT_PROMPT_KEY, None):
         return cls
@@ -101,10 +115,13 @@ def classifier_class(config: PretrainedConfig) -> type:
     return _PROMPTED[cls]
 
 
-def load_classifier(model_dir: str | Path, label2id: dict[str, int] | None = None) -> torch.nn.Module:
-    """Load a sequence classifier from a local folder.
+def load_classifier(
+    model_dir: str | Path, label2id: dict[str, int] | None = None, task: str = "classification"
+) -> torch.nn.Module:
+    """Load a sequence classifier (or a token classifier, ``task``) from a local folder.
 
-    With ``label2id`` a fresh head is sized for those labels (fine-tuning a pretrained encoder);
+    With ``label2id`` a fresh head is sized for those labels (fine-tuning a pretrained encoder), and the
+    config records ``task`` (``lmpipe_task``), so that every later load builds the same head;
     without it, the folder must already be a classifier whose config carries its labels, and a
     classifier trained with a soft prompt comes back as a ``SoftPromptMixin`` model that prepends it.
     Weights come from safetensors only.
@@ -116,7 +133,18 @@ def load_classifier(model_dir: str | Path, label2id: dict[str, int] | None = Non
             label2id=dict(label2id),
             id2label={i: label for label, i in label2id.items()},
         )
-        return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+        if task != TOKEN_TASK:
+            return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+        config = AutoConfig.from_pretrained(
+            str(model_dir),
+            local_files_only=True,
+            trust_remote_code=False,
+            **{k: kwargs[k] for k in ("num_labels", "label2id", "id2label")},
+        )
+        setattr(config, TASK_KEY, task)
+        return AutoModelForTokenClassification.from_pretrained(
+            str(model_dir), config=config, **{k: kwargs[k] for k in ("local_files_only", "use_safetensors")}
+        )
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     return classifier_class(config).from_pretrained(str(model_dir), config=config, **kwargs)
 

@@ -55,8 +55,12 @@ class ReadingParams(_Section):
         return dataclasses.asdict(self)
 
 
+TASKS = ("classification", "token_classification")
+
+
 @dataclass(frozen=True)
 class BaseParams(_Section):
+    task: Literal["classification", "token_classification"]
     seed: int
     model: str
     max_length: int
@@ -77,6 +81,21 @@ class BaseParams(_Section):
             yield "seed", f"must be >= 0, got {self.seed}"
 
 
+SOURCE_SUFFIXES = {
+    "",
+    ".csv",
+    ".jsonl",
+    ".parquet",
+    ".yaml",
+    ".yml",
+    ".conll",
+    ".txt",
+    ".tsv",
+    ".iob",
+    ".bio",
+}
+
+
 @dataclass(frozen=True)
 class PrepareParams(_Section):
     source: str
@@ -84,6 +103,7 @@ class PrepareParams(_Section):
     text_column: str
     label_column: str
     on_conflict: Literal["drop", "first"]
+    on_bad_bio: Literal["repair", "reject"]
     max_rows: int | None
 
     def problems(self):
@@ -95,12 +115,13 @@ class PrepareParams(_Section):
                     "built-in descriptor such as data/builtin/bbc_news.yaml"
                 ),
             )
-        elif Path(self.source).suffix.lower() not in {"", ".csv", ".jsonl", ".parquet", ".yaml", ".yml"}:
+        elif Path(self.source).suffix.lower() not in SOURCE_SUFFIXES:
             yield (
                 "source",
                 (
                     f"'{self.source}' must be a .csv, .jsonl or .parquet file, a folder of <label>/*.txt "
-                    "files, or a built-in descriptor (.yaml) such as data/builtin/bbc_news.yaml"
+                    "files, a CoNLL-style file (.conll, .txt, .tsv, .iob, .bio; token_classification), "
+                    "or a built-in descriptor (.yaml) such as data/builtin/bbc_news.yaml"
                 ),
             )
         try:
@@ -325,9 +346,26 @@ class BaselineParams(_Section):
 
 
 @dataclass(frozen=True)
+class CrfParams(_Section):
+    """The token-classification baseline: a linear-chain CRF (sklearn-crfsuite, L-BFGS)."""
+
+    c1: float
+    c2: float
+    max_iterations: int
+
+    def problems(self):
+        for name in ("c1", "c2"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+        if self.max_iterations < 1:
+            yield "max_iterations", f"must be >= 1, got {self.max_iterations}"
+
+
+@dataclass(frozen=True)
 class EvaluateParams(_Section):
     batch_size: int
     baseline: BaselineParams
+    crf: CrfParams
 
     def problems(self):
         if self.batch_size < 1:
@@ -782,6 +820,8 @@ class Params(_Section):
     export: ExportParams
 
     def problems(self):
+        if self.base.task == "token_classification":
+            yield from self.token_classification_problems()
         # every value a search may hand to train must be a valid train value
         hints = typing.get_type_hints(TrainParams)
         for name, spec in self.search.space.items():
@@ -796,6 +836,33 @@ class Params(_Section):
                 for field_name, message in candidate.problems():
                     if field_name == name:
                         yield key, f"value {value!r}: {message}"
+
+    def token_classification_problems(self) -> Iterator[tuple[str, str]]:
+        """Params that make no sense for token classification (``base.task``), each by its key."""
+        if self.base.reading.mode != "head":
+            yield (
+                "base.reading.mode",
+                "token_classification reads each sentence's first max_length tokens: use head",
+            )
+        if self.train.augment.copies > 0:
+            yield (
+                "train.augment.copies",
+                "token-level augmentation would move words off their tags: use 0 with token_classification",
+            )
+        if (
+            self.train.strategy == "prompt_tuning"
+            or "strategy" in self.search.space
+            and "prompt_tuning" in (self.search.space["strategy"].choices or ())
+        ):
+            yield (
+                "train.strategy",
+                "prompt_tuning prepends tokens a token-classification head would tag: not with token_classification",
+            )
+        if self.search.folds > 1:
+            yield (
+                "search.folds",
+                "k-fold search stratifies by class label: use 1 (the val split) with token_classification",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,6 +47,22 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "export": ("served.macro_f1", "served.latency_b1_p50_ms", "served.size_mb", "gate.passed"),
 }
 
+# a task's own headline for a stage, where it differs (a report with ``"task": <name>`` uses it): for
+# token classification, evaluate's entity micro-F1 (the figure NER papers report) beside macro-F1
+TASK_HEADLINE: dict[str, dict[str, tuple[str, ...]]] = {
+    "token_classification": {
+        "evaluate": (
+            "model.f1",
+            "model.macro_f1",
+            "baseline.f1",
+            "baseline.macro_f1",
+            "model_minus_baseline.f1",
+            "model_minus_baseline.f1_ci95_low",
+            "model_minus_baseline.f1_ci95_high",
+        ),
+    },
+}
+
 # the most metric columns `dvc exp show` may have for the default pipeline (compress: 4 variants)
 MAX_COLUMNS = 40
 
@@ -79,7 +95,8 @@ def headline(stage: str, report: Mapping[str, Any]) -> dict[str, Any]:
     """The headline scalars of ``stage`` in ``report``, nested as in the report, in HEADLINE's order.
     Keys the report lacks (a disabled search, a skipped variant) are left out, and so are non-scalars."""
     out: dict[str, Any] = {}
-    for path in HEADLINE[stage]:
+    paths = TASK_HEADLINE.get(str(report.get("task")), {}).get(stage, HEADLINE[stage])
+    for path in paths:
         _merge(out, _select(report, path.split(".")))
     return out
 

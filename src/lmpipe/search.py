@@ -69,10 +69,16 @@ def study_name(params: Params) -> str:
     return f"{params.search.study_name}-{study_hash(params)}"
 
 
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
 def data_fingerprint(*frames: pd.DataFrame) -> str:
     """A hash of the rows a study trains and scores on, so that a worker with other data cannot join."""
     digest = hashlib.sha256()
     for frame in frames:
+        # list columns (a sentence's tokens and tags) hash as their JSON text
+        frame = frame.apply(lambda c: c.map(lambda v: json.dumps(list(v))) if c.map(_is_list).any() else c)
         digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
     return digest.hexdigest()[:12]
 
@@ -479,7 +485,7 @@ class Objective:
             folds_of(sample, self.val, self.params.search.folds, seed)
         ):
             models.seed_everything(seed)
-            model = models.load_classifier(self.model_dir, self.label2id)
+            model = models.load_classifier(self.model_dir, self.label2id, task=self.params.base.task)
             prefix = f"fold{fold}_" if self.params.search.folds > 1 else ""
             result = train_model(
                 model,

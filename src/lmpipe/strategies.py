@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lmpipe.errors import UserError
-from lmpipe.models import SOFT_PROMPT_KEY, classifier_class
+from lmpipe.models import SOFT_PROMPT_KEY, TOKEN_TASK, classifier_class, model_task
 from lmpipe.params import PhaseParams, TrainParams
 
 DROPOUT_CONFIG_KEYS = (
@@ -142,8 +142,9 @@ def wrap_lora(model: nn.Module, cfg: TrainParams) -> nn.Module:
     problem = lora_targets_problem(model, cfg.lora.target_modules)
     if problem:
         raise UserError(problem)
+    token = model_task(model.config) == TOKEN_TASK
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.TOKEN_CLS if token else TaskType.SEQ_CLS,
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import (
-    DataCollatorWithPadding,
     EarlyStoppingCallback,
     PreTrainedTokenizerBase,
     Trainer,
@@ -51,7 +50,12 @@ SELECTION_METRIC = "macro_f1"
 
 def eval_metrics(prediction, val_set: Any = None) -> dict[str, float]:
     """``compute_metrics`` for the Trainer: accuracy and macro-F1 from logits. When ``val_set`` holds
-    windows (``base.reading.mode: windows``), its windows' logits are pooled into its texts' first."""
+    windows (``base.reading.mode: windows``), its windows' logits are pooled into its texts' first.
+    Token classification (an ``ner.TokenDataset``): entity-level scores, macro entity-F1 as macro_f1."""
+    if getattr(val_set, "task", None) == "token_classification":
+        from lmpipe import ner
+
+        return ner.eval_metrics(prediction, val_set)
     logits = np.asarray(
         prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     )
@@ -298,7 +302,7 @@ def train_model(
             train_dataset=train_set,
             eval_dataset=val_set,
             processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer),
+            data_collator=train_set.collator(tokenizer),
             compute_metrics=functools.partial(eval_metrics, val_set=val_set),
             compute_loss_func=compute_loss,
             callbacks=extra,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lmpipe import calibration, data, io, plots, reports, robustness, slices, tracking
+from lmpipe import calibration, data, io, ner, plots, reports, robustness, slices, tracking
 from lmpipe.encoding import model_reading
 from lmpipe.errors import ParamsError
 from lmpipe.evaluation import aligned_proba, fit_baseline
@@ -53,6 +53,7 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def run(params: Params, paths: Paths) -> str:
+    ner.not_yet("analyze", params.base.task)
     cfg, seed, max_length = params.analyze, params.base.seed, params.base.max_length
     train = data.read_split(paths.data, "train")
     val = data.read_split(paths.data, "val")

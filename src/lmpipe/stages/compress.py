@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmpipe import compression as lib
-from lmpipe import data, distributed, io, latency, models, plots, reports, tracking
+from lmpipe import data, distributed, io, latency, models, ner, plots, reports, tracking
 from lmpipe.encoding import frame_dataset
 from lmpipe.inference import predict_logits_model
 from lmpipe.metrics import classification_metrics
@@ -101,6 +101,7 @@ class Variant:
 
 
 def run(params: Params, paths: Paths) -> str:
+    ner.not_yet("compress", params.base.task)
     cfg = params.compress
     launched = distributed.launch(params.train.distributed)
     if launched is not None:

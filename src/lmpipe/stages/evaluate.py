@@ -1,12 +1,15 @@
-"""evaluate: score the trained model and a TF-IDF + logistic-regression baseline on the test split, with
-the model-minus-baseline difference and its confidence interval."""
+"""evaluate: score the trained model and a baseline on the test split, with the model-minus-baseline
+difference and its confidence interval. The baseline is TF-IDF + logistic regression for classification,
+a CRF over word features for token classification (scored on entities, ``lmpipe.ner``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmpipe import data, io, plots, reports, tracking
-from lmpipe.compare import predictions_frame, versus_baseline
+import pandas as pd
+
+from lmpipe import data, io, models, ner, plots, reports, tracking
+from lmpipe.compare import predictions_frame, versus_baseline, versus_baseline_entities
 from lmpipe.evaluation import baseline_proba, curve_frames, misclassified_frame, score
 from lmpipe.inference import predict_proba
 from lmpipe.params import Params
@@ -27,6 +30,8 @@ class Paths:
 
 
 def run(params: Params, paths: Paths) -> str:
+    if params.base.task == ner.TASK:
+        return run_entities(params, paths)
     train, test = data.read_split(paths.data, "train"), data.read_split(paths.data, "test")
     train_run_id = io.read_json(paths.train_report).get("mlflow_run_id", "")
 
@@ -116,5 +121,84 @@ def run(params: Params, paths: Paths) -> str:
         f"[{100 * d['macro_f1_ci95_low']:+.2f}, {100 * d['macro_f1_ci95_high']:+.2f}] "
         f"({'significant' if d['macro_f1_significant'] else 'not significant'}); only the model right on "
         f"{d['model_only_right']} texts, only the baseline on {d['baseline_only_right']}, "
+        f"McNemar p = {d['mcnemar_p']:.3f}"
+    )
+
+
+def run_entities(params: Params, paths: Paths) -> str:
+    """Token classification: entity-level scores (seqeval's strict IOB2 spans) of the model and the CRF
+    baseline, their paired difference over sentences, token-level predictions and the wrong sentences."""
+    from sklearn.metrics import confusion_matrix
+
+    train, test = data.read_split(paths.data, "train"), data.read_split(paths.data, "test")
+    train_run_id = io.read_json(paths.train_report).get("mlflow_run_id", "")
+    true = [list(tags) for tags in test["tags"]]
+    with tracking.stage_run(params, "evaluate", tags={"train_run_id": train_run_id}) as run:
+        model = models.load_classifier(paths.model).to(models.device())
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        pred, proba = ner.predict_words(
+            model,
+            models.load_tokenizer(paths.model),
+            list(test["tokens"]),
+            params.base.max_length,
+            params.evaluate.batch_size,
+            desc="test",
+        )
+        base_pred, base_proba = ner.crf_tags(ner.fit_crf(train, params.evaluate.crf), test)
+        model_scores, base_scores = ner.entity_scores(true, pred), ner.entity_scores(true, base_pred)
+        scores = {
+            "task": ner.TASK,
+            "model": model_scores["metrics"],
+            "baseline": base_scores["metrics"],
+            "model_minus_baseline": versus_baseline_entities(true, pred, base_pred, params.base.seed),
+            "test_rows": len(test),
+            "test_entities": int(sum(v["support"] for v in model_scores["per_type"].values())),
+        }
+        metrics = {**scores, "mlflow_run_id": run.info.run_id, "train_mlflow_run_id": train_run_id}
+        per_type = {"model": model_scores["per_type"], "baseline": base_scores["per_type"]}
+        types = sorted(set(per_type["model"]) | set(per_type["baseline"]))
+        per_type_plot = {
+            "type": types,
+            "model_f1": [per_type["model"].get(t, {}).get("f1-score", 0.0) for t in types],
+            "baseline_f1": [per_type["baseline"].get(t, {}).get("f1-score", 0.0) for t in types],
+            "support": [per_type["model"].get(t, {}).get("support", 0) for t in types],
+        }
+        flat = [t for tags in true for t in tags]
+        with io.staged_outputs(paths.out) as out:  # all outputs appear together, or none
+            (out / "plots").mkdir()
+            io.write_csv(out / "plots" / "per_type_f1.csv", pd.DataFrame(per_type_plot))
+            ner.predictions_frame(test, pred, proba).to_csv(out / "predictions.csv", index=False)
+            ner.predictions_frame(test, base_pred, base_proba).to_csv(out / BASELINE_PREDICTIONS, index=False)
+            ner.misclassified_frame(test, pred, base_pred).to_csv(out / "misclassified.csv", index=False)
+            io.write_json(out / "per_class.json", per_type)
+            tracking.log_metrics(metrics["model"], prefix="test_")
+            tracking.log_metrics(metrics["baseline"], prefix="baseline_test_")
+            tracking.log_metrics(metrics["model_minus_baseline"], prefix="model_minus_baseline_")
+            for name, guess, title in (
+                ("confusion_matrix", pred, "Test tag confusion (words)"),
+                ("baseline_confusion_matrix", base_pred, "Baseline (CRF) tag confusion (words)"),
+            ):
+                matrix = confusion_matrix(flat, [t for tags in guess for t in tags], labels=names)
+                fig = plots.confusion_figure(matrix, names, title)
+                tracking.log_figure(fig, f"plots/{name}.png")
+                plots.close(fig)
+            for file in ("per_class.json", "misclassified.csv", "predictions.csv"):
+                tracking.log_artifact(out / file, "evaluation")
+            if train_run_id and not tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_"):
+                print(
+                    f"evaluate: train run {train_run_id} is not in the MLflow store; scores logged here only"
+                )
+            io.write_json(out / SCORES, scores)
+            reports.write("evaluate", metrics, out / "metrics.json", out / "report.json")
+            tracking.log_dict(metrics, "evaluate_report.json")
+    m, b, d = metrics["model"], metrics["baseline"], metrics["model_minus_baseline"]
+    return (
+        f"evaluate: entity micro-F1 model {m['f1']:.4f}, baseline (CRF) {b['f1']:.4f}; macro-F1 model "
+        f"{m['macro_f1']:.4f}, baseline {b['macro_f1']:.4f} | {len(test)} test sentences, "
+        f"{scores['test_entities']} entities\n"
+        f"evaluate: model minus baseline {100 * d['f1']:+.2f} pt micro-F1, 95% CI "
+        f"[{100 * d['f1_ci95_low']:+.2f}, {100 * d['f1_ci95_high']:+.2f}]; {100 * d['macro_f1']:+.2f} pt "
+        f"macro-F1 [{100 * d['macro_f1_ci95_low']:+.2f}, {100 * d['macro_f1_ci95_high']:+.2f}]; sentences only "
+        f"the model tags right {d['model_only_right']}, only the baseline {d['baseline_only_right']}, "
         f"McNemar p = {d['mcnemar_p']:.3f}"
     )

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lmpipe import data, io, modelcard, promotion, reports, serving, tracking
+from lmpipe import data, io, modelcard, ner, promotion, reports, serving, tracking
 from lmpipe import export as lib
 from lmpipe.compare import predictions_frame, versus_baseline
 from lmpipe.errors import UserError
@@ -98,6 +98,7 @@ def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
 
 
 def run(params: Params, paths: Paths) -> str:
+    ner.not_yet("export", params.base.task)
     model_dir = chosen_model(params, paths.source)
     compression = io.read_json(paths.compress_report) if paths.compress_report else None
     budget = budget_check(params, compression)  # before any work

@@ -1,4 +1,5 @@
-"""split: a seeded, stratified train/val/test split with a leakage check."""
+"""split: a seeded train/val/test split with a leakage check: stratified by label for classification, by
+sentence for token classification (with the entities per type in each part)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lmpipe import data, io, reports
+from lmpipe import data, io, ner, reports
 from lmpipe.params import Params
 
 
@@ -19,10 +20,13 @@ class Paths:
 
 
 def run(params: Params, paths: Paths) -> str:
-    parts = data.split_frame(pd.read_parquet(paths.data), params.split, params.base.seed)
+    task = ner if params.base.task == ner.TASK else data
+    parts = task.split_frame(pd.read_parquet(paths.data), params.split, params.base.seed)
     with io.atomic_dir(paths.out) as tmp:
         for name, part in parts.items():
             part.to_parquet(tmp / f"{name}.parquet", index=False)
-    report = data.split_report(parts)
+    report = task.split_report(parts)
     reports.write("split", report, paths.metrics, paths.report)
+    for warning in report.get("warnings", []):
+        print(f"split: warning: {warning}")
     return "split: " + ", ".join(f"{k} {v}" for k, v in report["sizes"].items())

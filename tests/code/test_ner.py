@@ -1,0 +1,232 @@
+"""Token classification's own parts (``lmpipe.ner``): reading CoNLL and JSONL, the BIO policy, the split,
+the subword alignment, entity scores against seqeval, the CRF baseline, the paired comparison and the
+decoding of tags into character offsets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+from seqeval.metrics import classification_report, f1_score
+from seqeval.scheme import IOB2
+
+from lmpipe import ner
+from lmpipe.compare import versus_baseline_entities
+from lmpipe.errors import UserError
+from lmpipe.models import load_tokenizer, resolve_model_dir
+from lmpipe.params import load_params
+from tests.conftest import ROOT
+
+PARAMS = load_params(ROOT / "params.yaml")
+
+
+def prep(source, **changes):
+    return replace(PARAMS.prepare, source=str(source), **changes)
+
+
+def test_conll_layouts_blank_lines_and_docstart(tmp_path):
+    lines = [
+        "-DOCSTART- -X- O O",
+        "",
+        "EU NNP B-NP B-ORG",
+        "rejects VBZ B-VP O",
+        "\t",  # WNUT writes a lone tab between tweets
+        "Peter NNP B-NP B-PER",
+        "Blackburn NNP I-NP I-PER",
+    ]
+    frame = ner.parse_conll(lines, "f.conll")
+    assert frame["tokens"].tolist() == [["EU", "rejects"], ["Peter", "Blackburn"]]
+    assert frame["tags"].tolist() == [["B-ORG", "O"], ["B-PER", "I-PER"]]
+    assert frame["id"].tolist() == ["3", "6"]
+    tabbed = ner.parse_conll(["New\tB-loc", "York\tI-loc", "", "hi\tO"], "t.tsv")
+    assert tabbed["tags"].tolist() == [["B-loc", "I-loc"], ["O"]]
+
+
+def test_a_bad_conll_line_is_one_error_naming_file_and_line():
+    with pytest.raises(UserError, match=r"^f.conll:3: 3 columns, but the file's first token line has 2$"):
+        ner.parse_conll(["a O", "b O", "c X O"], "f.conll")
+    with pytest.raises(UserError, match=r"^f.conll:2: 1 column"):
+        ner.parse_conll(["a O", "lonely"], "f.conll")
+
+
+def test_bio_policy_repairs_or_rejects_naming_the_line(tmp_path):
+    source = tmp_path / "d.conll"
+    source.write_text("I\tO\nlove\tO\nNew\tI-loc\nYork\tI-loc\n\nParis\tB-loc\nHilton\tI-person\n")
+    raw, _ = ner.load_source(prep(source))
+    frame, report = ner.prepare_frame(raw, prep(source), 0)
+    assert frame["tags"].tolist() == [["O", "O", "B-loc", "I-loc"], ["B-loc", "B-person"]]
+    assert report["bio_repaired"] == 2
+    with pytest.raises(UserError, match=rf"^{source}:3: I-loc follows O, but an entity starts with B-"):
+        ner.prepare_frame(raw, prep(source, on_bad_bio="reject"), 0)
+    source.write_text("a\tB-loc\nb\tX-loc\n")
+    raw, _ = ner.load_source(prep(source))
+    with pytest.raises(UserError, match=rf"^{source}:2: tag 'X-loc' is not BIO"):
+        ner.prepare_frame(raw, prep(source), 0)
+
+
+def test_cleaning_drops_empty_tokens_sentences_and_duplicates(tmp_path):
+    source = tmp_path / "d.jsonl"
+    rows = [
+        {"tokens": ["Hi", " ", "Bob"], "tags": ["O", "O", "B-per"]},
+        {"tokens": ["Hi", "Bob"], "tags": ["O", "B-per"]},  # the first, once its empty token is gone
+        {"tokens": [" "], "tags": ["O"]},
+        {"tokens": ["Ann", "sings"], "tags": ["B-per", "O"]},
+    ]
+    source.write_text("\n".join(json.dumps(r) for r in rows))
+    raw, _ = ner.load_source(prep(source))
+    frame, report = ner.prepare_frame(raw, prep(source), 0)
+    assert frame["text"].tolist() == ["Hi Bob", "Ann sings"]
+    assert (report["empty_tokens_dropped"], report["empty_dropped"], report["duplicates_removed"]) == (
+        2,
+        1,
+        1,
+    )
+    assert report["entities_per_type"] == {"per": 2}
+
+
+def test_jsonl_rows_with_unequal_lists_are_named(tmp_path):
+    source = tmp_path / "d.jsonl"
+    source.write_text('{"tokens": ["a", "b"], "tags": ["O", "O"]}\n{"tokens": ["a", "b"], "tags": ["O"]}\n')
+    with pytest.raises(UserError, match=rf"^{source}:2: tokens has 2 items but tags has 1$"):
+        ner.load_source(prep(source))
+
+
+def test_builtin_wnut16_reads_and_cleans():
+    raw, description = ner.load_source(prep(ROOT / "data/builtin/wnut16.yaml"))
+    assert len(raw) == 2394 and "WNUT 2016" in description
+    frame, report = ner.prepare_frame(raw, prep(ROOT / "data/builtin/wnut16.yaml"), 0)
+    assert report["classes"] == 10 and report["rows_out"] == len(frame) > 2200
+    assert set(ner.tag_map(frame["tags"])) >= {"O", "B-person", "I-person", "B-tvshow"}
+
+
+def test_split_by_sentence_reports_entities_and_refuses_unseen_tags():
+    sentences = [(["Ann", "sings"], ["B-per", "O"])] * 1 + [
+        ([f"w{i}", "x"], ["B-loc", "O"]) for i in range(19)
+    ]
+    frame = pd.DataFrame(
+        {
+            "id": [str(i) for i in range(20)],
+            "tokens": [s for s, _ in sentences],
+            "tags": [t for _, t in sentences],
+            "text": [" ".join(s) for s, _ in sentences],
+        }
+    )
+    split = replace(PARAMS.split, train=0.8, val=0.1, test=0.1)
+    for seed in range(50):  # a seed that puts the only person outside train
+        order = np.random.default_rng(seed).permutation(20)
+        if 0 in order[:4]:
+            break
+    with pytest.raises(
+        UserError, match=r"^split: (val|test) sentence 0 has tag\(s\) \['B-per'\] that no train"
+    ):
+        ner.split_frame(frame, split, seed)
+    frame.loc[0, "tags"] = ["B-loc", "O"]
+    parts = ner.split_frame(frame, split, seed)
+    assert {k: len(v) for k, v in parts.items()} == {"train": 16, "val": 2, "test": 2}
+    assert ner.split_report(parts)["entities_per_type"]["train"] == {"loc": 16}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
+
+
+def test_labels_sit_on_each_words_first_subword_and_words_past_max_length_are_o(tokenizer):
+    words = ["Empire", "Statebuildingxyz", "rocks", "tonight", "and", "more", "words", "follow", "here"]
+    tags = [0, 1, 2, 2, 2, 2, 2, 2, 2]
+    data = ner.TokenDataset(tokenizer, [words], [tags], max_length=8)
+    labels, word_ids = data.labels[0], data.word_ids[0]
+    assert len(labels) == 8 and labels[0] == labels[-1] == ner.IGNORE_INDEX  # [CLS], [SEP]
+    read = sorted({w for w in word_ids if w is not None})
+    for word in read:
+        positions = [p for p, w in enumerate(word_ids) if w == word]
+        assert labels[positions[0]] == tags[word]
+        assert all(labels[p] == ner.IGNORE_INDEX for p in positions[1:])
+    assert len(positions) == 1 or word_ids.count(1) > 1  # the long word was split
+    names = ["B-x", "I-x", "O"]
+    logits = np.zeros((8, 3), dtype=np.float32)
+    logits[:, 0] = 5.0  # every read word B-x
+    pred, proba = ner.word_tags(data, [logits], names)
+    assert pred[0][: len(read)] == ["B-x"] * len(read)
+    assert pred[0][len(read) :] == ["O"] * (len(words) - len(read)) and np.isnan(proba[0][-1])
+
+
+def random_tags(rng, n, types=("per", "loc", "org")):
+    out = []
+    for _ in range(n):
+        choice = rng.integers(0, 4)
+        out.append("O" if choice == 0 else f"{'BI'[rng.integers(0, 2)]}-{types[rng.integers(0, len(types))]}")
+    return out
+
+
+def test_entity_scores_are_seqevals_strict_iob2():
+    rng = np.random.default_rng(0)
+    true = [ner.check_bio(random_tags(rng, 12), ["x"] * 12, "repair")[0] for _ in range(60)]
+    pred = [random_tags(rng, 12) for _ in range(60)]  # stray I- tags too: strict mode ignores them
+    scores = ner.entity_scores(true, pred)
+    assert scores["metrics"]["f1"] == pytest.approx(f1_score(true, pred, mode="strict", scheme=IOB2))
+    assert scores["metrics"]["macro_f1"] == pytest.approx(
+        f1_score(true, pred, mode="strict", scheme=IOB2, average="macro")
+    )
+    report = classification_report(true, pred, mode="strict", scheme=IOB2, output_dict=True)
+    for kind, row in scores["per_type"].items():
+        assert row["f1-score"] == pytest.approx(report[kind]["f1-score"])
+        assert row["support"] == report[kind]["support"]
+
+
+def test_paired_comparison_over_sentences():
+    rng = np.random.default_rng(1)
+    true = [ner.check_bio(random_tags(rng, 10), ["x"] * 10, "repair")[0] for _ in range(40)]
+    same = versus_baseline_entities(true, true, true, seed=0, resamples=200)
+    assert same["f1"] == same["f1_ci95_low"] == same["f1_ci95_high"] == 0.0 and same["mcnemar_p"] == 1.0
+    blank = [["O"] * len(t) for t in true]
+    ahead = versus_baseline_entities(true, true, blank, seed=0, resamples=200)
+    assert ahead["f1"] == 1.0 and ahead["f1_ci95_low"] > 0.9 and ahead["f1_significant"]
+    assert ahead["model_only_right"] > 0 and ahead["baseline_only_right"] == 0
+
+
+def test_crf_baseline_learns_the_training_sentences():
+    raw, _ = ner.load_source(prep(ROOT / "data/builtin/wnut16.yaml"))
+    frame, _ = ner.prepare_frame(raw, prep(ROOT / "data/builtin/wnut16.yaml", max_rows=300), 0)
+    crf = ner.fit_crf(frame, PARAMS.evaluate.crf)
+    tags, proba = ner.crf_tags(crf, frame)
+    assert ner.entity_scores(list(frame["tags"]), tags)["metrics"]["f1"] > 0.5  # its own training data
+    assert all(((p > 0) & (p <= 1)).all() for p in proba)
+
+
+def test_entities_decode_to_character_offsets():
+    text = "Saw  Empire State Building, then ESB!"
+    tokens = ["Saw", "Empire", "State", "Building", ",", "then", "ESB", "!"]
+    tags = ["O", "B-facility", "I-facility", "I-facility", "O", "O", "B-facility", "O"]
+    offsets = ner.word_offsets(text, tokens)
+    found = ner.decode_entities(text, offsets, tags, [0.9, 0.8, 0.6, 0.7, 0.9, 0.9, 0.5, 0.9])
+    assert [(e["type"], e["text"], e["start"], e["end"]) for e in found] == [
+        ("facility", "Empire State Building", 5, 26),
+        ("facility", "ESB", 33, 36),
+    ]
+    assert found[0]["score"] == pytest.approx(0.7)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"base": {"reading": {"mode": "windows"}}}, "base.reading.mode"),
+        ({"train": {"augment": {"copies": 1}}}, "train.augment.copies"),
+        ({"train": {"strategy": "prompt_tuning"}}, "train.strategy"),
+        ({"search": {"folds": 3}}, "search.folds"),
+    ],
+)
+def test_params_that_make_no_sense_for_the_task_are_named(tmp_path, changes, key):
+    from lmpipe.errors import ParamsError
+    from lmpipe.params import write_params
+
+    path = write_params(
+        tmp_path / "params.yaml", {"base": {"task": "token_classification"}}, source=ROOT / "params.yaml"
+    )
+    load_params(path)  # the defaults hold for the task
+    write_params(path, changes)
+    with pytest.raises(ParamsError, match=rf"{key}: .*token_classification"):
+        load_params(path)
