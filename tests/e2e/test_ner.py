@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import new_repo, run
+from lmpipe.params import write_params
+from tests.conftest import git_commit, new_repo, run
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +23,18 @@ def ner_repo(tmp_path_factory, tiny_encoder):
         "base": {"task": "token_classification", "max_length": 32, "model": str(tiny_encoder)},
         "prepare": {"source": "data/builtin/wnut16.yaml", "max_rows": 500},
         "train": {"epochs": 2, "batch_size": 16, "learning_rate": 1.0e-3, "logging_steps": 5},
+        "search": {
+            "enabled": True,
+            "n_trials": 2,
+            "timeout": None,
+            "trial": {"max_train_samples": 120, "max_length": 32, "epochs": 1},
+            "space": {"weight_decay": {"type": "float", "low": 0.0, "high": 0.1}},
+        },
         "mlflow": {"experiment": "ner"},
     }
-    repo = new_repo(tmp_path_factory.mktemp("ner"), overrides)
+    repo = new_repo(tmp_path_factory.mktemp("ner"), {})
+    write_params(repo / "params.yaml", overrides, replace=["search.space"])
+    git_commit(repo, "ner params")
     result = run(["dvc", "repro", "evaluate"], repo, timeout=900)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
     return repo
@@ -40,6 +50,13 @@ def test_prepare_and_split_report_sentences_and_entities(ner_repo):
     assert split["sizes"] == {"train": 400, "val": 50, "test": 50}
     assert set(split["entities_per_type"]) == {"train", "val", "test"}
     assert "split: warning: entity type" in (ner_repo / "repro.log").read_text()  # 50 tweets miss some types
+
+
+def test_search_scores_trials_on_val_entity_f1(ner_repo):
+    best = json.loads((ner_repo / "reports/search/best_params.json").read_text())
+    assert set(best["params"]) == {"weight_decay"}
+    trials = pd.read_csv(ner_repo / "reports/search/trials.csv")
+    assert len(trials) == 2 and trials["value"].between(0, 1).all()
 
 
 def test_train_selects_on_val_entity_f1_and_saves_a_token_classifier(ner_repo):
