@@ -62,6 +62,10 @@ def test_search_scores_trials_on_val_entity_f1(ner_repo):
 def test_train_selects_on_val_entity_f1_and_saves_a_token_classifier(ner_repo):
     history = pd.read_csv(ner_repo / "reports/train/history.csv")
     assert {"val_macro_f1", "val_f1", "val_accuracy"} <= set(history.columns) and len(history) >= 1
+    assert (
+        "train: warning: train.epochs 2 is few for token classification"
+        in (ner_repo / "repro.log").read_text()
+    )
     config = json.loads((ner_repo / "models/model/config.json").read_text())
     assert config["lmpipe_task"] == "token_classification"
     assert config["architectures"] == ["BertForTokenClassification"]

@@ -10,7 +10,19 @@ from typing import Any
 
 import pandas as pd
 
-from lmpipe import augment, checkpoints, data, distributed, io, models, plots, reports, strategies, tracking
+from lmpipe import (
+    augment,
+    checkpoints,
+    data,
+    distributed,
+    io,
+    models,
+    ner,
+    plots,
+    reports,
+    strategies,
+    tracking,
+)
 from lmpipe.encoding import frame_dataset
 from lmpipe.params import Params
 from lmpipe.training import train_model
@@ -51,6 +63,8 @@ def run(params: Params, paths: Paths) -> str:
     model = models.load_classifier(model_dir, label2id, task=base.task)
     # a bad strategy setting fails here, before a run or a checkpoint
     strategies.validate(model, cfg, base.max_length)
+    if base.task == ner.TASK and (warning := ner.epochs_warning(cfg.epochs, cfg.strategy)):
+        print(warning)
     train_frame, augmented = augment.augment_frame(
         data.read_split(paths.data, "train"), cfg.augment, base.seed
     )
