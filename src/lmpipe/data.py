@@ -67,8 +67,8 @@ def builtin_name(path: Path, known: Mapping[str, str] = BUILTINS, task: str = "c
         name = None
     if name not in known:
         raise UserError(
-            f"prepare.source: {path} names the built-in corpus {name!r}; base.task {task} takes "
-            f"{', '.join(known)} (the other task's corpora need base.task set to that task)"
+            f"prepare.source: {path} must be a built-in descriptor with `builtin: <name>` "
+            f"({', '.join(known)} for base.task {task}; it names {name!r}), or a data file or folder"
         )
     return name
 
@@ -180,17 +180,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
     empty = (frame["text"] == "") | (frame["label"] == "")
     frame = frame[~empty]
 
-    labels_per_text = frame.groupby("text", sort=False)["label"].nunique()
-    conflicting = set(labels_per_text[labels_per_text > 1].index)
-    conflict_rows = int(frame["text"].isin(conflicting).sum())
-    if conflicting and prep.on_conflict == "drop":
-        frame = frame[~frame["text"].isin(conflicting)]
-    before_dedup = len(frame)
-    frame = frame.drop_duplicates(subset="text", keep="first")
-    duplicates_removed = before_dedup - len(frame)
-    if conflicting and prep.on_conflict == "first":
-        # the extra copies of conflicting texts were removed above; count them with conflicts, not duplicates
-        duplicates_removed -= conflict_rows - len(conflicting)
+    frame, duplicates_removed, conflicting, conflict_rows = deduplicate(frame, "label", prep.on_conflict)
 
     sampled_out = 0
     if prep.max_rows is not None and prep.max_rows < len(frame):
@@ -219,6 +209,24 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
         "rows_per_class": {c: int(n) for c, n in frame["label"].value_counts().sort_index().items()},
     }
     return frame, report
+
+
+def deduplicate(frame: pd.DataFrame, target: str, on_conflict: str) -> tuple[pd.DataFrame, int, set, int]:
+    """Exact duplicate ``text``s kept once; a text seen with different ``target`` values (a label, or a
+    sentence's tags as one string) is dropped whole (``on_conflict: drop``) or keeps its first
+    (``first``). Returns the frame, the duplicates removed, the conflicting texts and their rows."""
+    per_text = frame.groupby("text", sort=False)[target].nunique()
+    conflicting = set(per_text[per_text > 1].index)
+    conflict_rows = int(frame["text"].isin(conflicting).sum())
+    if conflicting and on_conflict == "drop":
+        frame = frame[~frame["text"].isin(conflicting)]
+    before = len(frame)
+    frame = frame.drop_duplicates(subset="text", keep="first")
+    duplicates = before - len(frame)
+    if conflicting and on_conflict == "first":
+        # the extra copies of conflicting texts were removed above; count them with conflicts, not duplicates
+        duplicates -= conflict_rows - len(conflicting)
+    return frame, duplicates, conflicting, conflict_rows
 
 
 def stratified_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:

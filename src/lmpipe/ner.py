@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lmpipe.data import DESCRIPTOR_SUFFIXES, builtin_name, check_no_leakage
+from lmpipe.data import DESCRIPTOR_SUFFIXES, builtin_name, check_no_leakage, deduplicate
 from lmpipe.errors import UserError
 from lmpipe.params import CrfParams, PrepareParams, SplitParams
 
@@ -226,16 +226,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
         rows.append((sid, words, tags_, " ".join(words)))
     frame = pd.DataFrame(rows, columns=["id", "tokens", "tags", "text"])
     frame["tag_key"] = frame["tags"].map(" ".join)
-    tags_per_text = frame.groupby("text", sort=False)["tag_key"].nunique()
-    conflicting = set(tags_per_text[tags_per_text > 1].index)
-    conflict_rows = int(frame["text"].isin(conflicting).sum())
-    if conflicting and prep.on_conflict == "drop":
-        frame = frame[~frame["text"].isin(conflicting)]
-    before = len(frame)
-    frame = frame.drop_duplicates(subset="text", keep="first")
-    duplicates = before - len(frame)
-    if conflicting and prep.on_conflict == "first":
-        duplicates -= conflict_rows - len(conflicting)
+    frame, duplicates, conflicting, _ = deduplicate(frame, "tag_key", prep.on_conflict)
     sampled_out = 0
     if prep.max_rows is not None and prep.max_rows < len(frame):
         kept_frame = frame.sample(n=prep.max_rows, random_state=seed).sort_index()
