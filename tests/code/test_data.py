@@ -180,7 +180,9 @@ def test_a_folder_source_reads_label_subfolders(tmp_path):
         for name in names:
             (tmp_path / label / name).write_text(f" {label} {name} ", encoding="utf-8")
     (tmp_path / "a" / "notes.md").write_text("ignored")
-    frame, description = load_source(PrepareParams(str(tmp_path), "utf-8", "text", "label", "drop", "repair", None))
+    frame, description = load_source(
+        PrepareParams(str(tmp_path), "utf-8", "text", "label", "drop", "repair", None)
+    )
     assert frame["id"].tolist() == ["a/x.txt", "b/1.txt", "b/2.txt"]
     assert frame["label"].tolist() == ["a", "b", "b"] and frame["text"].iloc[0] == " a x.txt "
     assert "folder" in description
