@@ -337,8 +337,7 @@ class TokenDataset(torch.utils.data.Dataset):
     ``IGNORE_INDEX`` on the other subwords and the special tokens."""
 
     task = TASK
-    windowed = False
-    sampled = False
+    windowed = False  # one row per sentence: nothing to pool (``training.eval_metrics``)
 
     def __init__(
         self,
@@ -380,8 +379,8 @@ class TokenDataset(torch.utils.data.Dataset):
         return np.array(words, dtype=np.int64), np.array(positions, dtype=np.int64)
 
     def word_logits(self, logits: np.ndarray, i: int) -> np.ndarray:
-        """Per-word logits of row ``i`` from its token logits (``[positions, tags]``); a word not read
-        (past max_length) gets logits that favour ``O`` (all -inf but 0 at ``outside``)."""
+        """Per-word logits of row ``i`` from its token logits (``[positions, tags]``): each word's first
+        subword's; a word not read (past max_length) gets a row of nan, which ``word_tags`` makes ``O``."""
         out = np.full((self.n_words[i], logits.shape[-1]), np.nan, dtype=np.float32)
         words, positions = self.first_subwords(i)
         out[words] = logits[positions]
