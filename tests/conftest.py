@@ -98,6 +98,12 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def remove(path: Path) -> None:
+    """Delete a module fixture's folder once its tests are done. An e2e repo holds about 1 GB (models, their
+    DVC cache copies, MLflow artefacts): a suite that kept them all filled a CI machine's disk."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def train_cmd(name: str) -> list[str]:
     """The train stage's command in a pipeline repo with ``params-<name>.yaml`` and its outputs in
     ``runs/<name>/`` (beside the repo's own), sharing ``checkpoints/train`` and the MLflow store."""
@@ -187,6 +193,7 @@ def tiny_repo(tmp_path_factory) -> Iterator[Path]:
     assert not changed, (
         f"a test changed the shared tiny_repo (use tiny_repo_copy to change it): {changed[:20]}"
     )
+    remove(repo)
 
 
 @pytest.fixture
@@ -197,14 +204,28 @@ def tiny_repo_copy(tiny_repo, tmp_path) -> Path:
 
 def copy_pipeline_repo(src: Path, dest: Path) -> Path:
     """Everything ``dvc repro`` left in ``src`` (git, the DVC cache, the outputs, the MLflow store and its
-    artefacts) copied to ``dest``, less DVC's temporary files.
+    artefacts) copied to ``dest``, less DVC's temporary files. The DVC cache is hard-linked, not copied:
+    its files are content-addressed and never written in place, and a copy of it is a third of the repo.
 
     The MLflow store records absolute paths into ``src``: the experiment's artifact location (every new
     run's artefacts go there), each run's artifact URI, logged and registered models' locations, and
     each logged model's ``MLmodel`` file its own folder. They are rewritten to ``dest``, or the copy's
     new runs would write their artefacts into ``src``."""
     skip = {src / ".dvc": {"tmp"}}  # locks, the experiments queue: nothing a copy needs
-    shutil.copytree(src, dest, ignore=lambda folder, names: skip.get(Path(folder), set()) & set(names))
+    cache = src / ".dvc" / "cache"
+
+    def link_cache(file: str, to: str) -> None:
+        if Path(file).is_relative_to(cache):
+            os.link(file, to)
+        else:
+            shutil.copy2(file, to)
+
+    shutil.copytree(
+        src,
+        dest,
+        ignore=lambda folder, names: skip.get(Path(folder), set()) & set(names),
+        copy_function=link_cache,
+    )
     old, new = str(src), str(dest)
     with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db, db:
         for table, column in _text_columns(db):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lmpipe.params import write_params
 from tests.conftest import new_repo as make_repo
-from tests.conftest import run
+from tests.conftest import remove, run
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,8 @@ def repo(tmp_path_factory, tiny_encoder):
     repo = make_repo(tmp_path_factory.mktemp("compress-repo"), overrides(tiny_encoder))
     result = run(["dvc", "repro", "compress"], repo, timeout=900)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
-    return repo
+    yield repo
+    remove(repo)
 
 
 def table(repo) -> dict:

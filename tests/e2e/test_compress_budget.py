@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from lmpipe.params import load_params, write_params
-from tests.conftest import new_repo, run
+from tests.conftest import new_repo, remove, run
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,8 @@ def repo(tmp_path_factory):
     repo = new_repo(tmp_path_factory.mktemp("budget-repo"), overrides)
     result = run(["dvc", "repro", "compress"], repo, timeout=900)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
-    return repo
+    yield repo
+    remove(repo)
 
 
 def report(repo) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo, run, train_cmd, train_until_checkpoint
+from tests.conftest import new_repo, remove, run, train_cmd, train_until_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -26,7 +27,7 @@ TWO = {"processes": 2, "nnodes": 1, "node_rank": 0, "rdzv_endpoint": "localhost:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_encoder) -> Path:
+def repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
     repo = new_repo(
         tmp_path_factory.mktemp("distributed"),
         {
@@ -43,7 +44,8 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
         },
     )
     run(["dvc", "repro", "train"], repo, timeout=600)  # the data, and a model for compress
-    return repo
+    yield repo
+    remove(repo)
 
 
 def write_train_params(repo: Path, name: str, **train_params) -> None:

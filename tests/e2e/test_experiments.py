@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from lmpipe.experiments import experiment_refs
 from lmpipe.reports import MAX_COLUMNS
 from lmpipe.tracking import flatten
-from tests.conftest import BIN, ROOT, TINY, git_commit, new_repo, pipeline_env, run
+from tests.conftest import BIN, ROOT, TINY, git_commit, new_repo, pipeline_env, remove, run
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def queued(tiny_encoder, tmp_path_factory):
         run(["dvc", "queue", "stop"], repo, check=False)
     seconds = time.monotonic() - started
     show = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    return {
+    yield {
         "repo": repo,
         "root": root,
         "baseline": baseline,
@@ -94,6 +94,7 @@ def queued(tiny_encoder, tmp_path_factory):
         "show": show,
         "exps": experiments_in(show),
     }
+    remove(root)
 
 
 def report_of(repo, name: str, stage: str) -> dict:

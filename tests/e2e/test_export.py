@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier
 from lmpipe.params import write_params
 from lmpipe.serving import OnnxTextClassifier, softmax
-from tests.conftest import new_repo, pipeline_env, run
+from tests.conftest import new_repo, pipeline_env, remove, run
 from tests.services import serve_model
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ NAME = "tiny-clf"
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_encoder) -> Path:
+def repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
     overrides = {
         "base": {"model": str(tiny_encoder), "max_length": 32},
         "prepare": {"max_rows": 80},
@@ -46,7 +47,8 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
     repo = new_repo(tmp_path_factory.mktemp("export-repo"), overrides)
     result = run(["dvc", "repro"], repo, timeout=900)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
-    return repo
+    yield repo
+    remove(repo)
 
 
 def metrics(repo: Path, stage: str = "export") -> dict:

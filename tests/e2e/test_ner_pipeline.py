@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import git_commit, new_repo, run
+from tests.conftest import git_commit, new_repo, remove, run
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,8 @@ def ner_repo(tmp_path_factory, tiny_encoder):
     git_commit(repo, "ner params")
     result = run(["dvc", "repro", "evaluate"], repo, timeout=900)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
-    return repo
+    yield repo
+    remove(repo)
 
 
 def test_prepare_and_split_report_sentences_and_entities(ner_repo):

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import TINY, copy_repo, git_commit, run
+from tests.conftest import TINY, copy_repo, git_commit, remove, run
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,7 +51,8 @@ def searched(tmp_path_factory):
     git_commit(repo, "tiny search")
     result = run(["dvc", "repro", "train"], repo, timeout=900)  # search hands over to train
     (repo / "repro.log").write_text(result.stdout + result.stderr)
-    return repo
+    yield repo
+    remove(repo)
 
 
 def test_trials_table_records_every_state(searched):

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import BIN, TINY, new_repo, pipeline_env, run
+from tests.conftest import BIN, TINY, new_repo, pipeline_env, remove, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -56,7 +56,8 @@ def searched(tmp_path_factory, tiny_encoder, postgres):
     run(["git", "commit", "-qam", "search"], repo)
     result = run(["dvc", "repro", "search"], repo, timeout=600)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
-    return repo, storage
+    yield repo, storage
+    remove(repo)
 
 
 def test_two_workers_run_exactly_n_trials(searched):

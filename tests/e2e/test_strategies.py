@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmpipe.params import write_params
-from tests.conftest import BIN, TINY, new_repo, run, train_cmd, train_until_checkpoint
+from tests.conftest import BIN, TINY, new_repo, remove, run, train_cmd, train_until_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ ROWS, STEPS_PER_EPOCH = 64, 8  # 80 rows sampled, 80% to train, batches of 8
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_encoder) -> Path:
+def repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
     repo = new_repo(
         tmp_path_factory.mktemp("strategies"),
         {
@@ -49,7 +50,8 @@ def repo(tmp_path_factory, tiny_encoder) -> Path:
         },
     )
     run(["dvc", "repro", "evaluate"], repo, timeout=900)  # compress and export are not what this tests
-    return repo
+    yield repo
+    remove(repo)
 
 
 def train(repo: Path, name: str, check: bool = True, **train_params):
@@ -277,7 +279,7 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
 
 
 @pytest.fixture(scope="module")
-def prompt_repo(tmp_path_factory, tiny_encoder) -> Path:
+def prompt_repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
     """The whole pipeline (``dvc repro``: evaluate, analyze, compress, export) on a prompt-tuned model."""
     repo = new_repo(
         tmp_path_factory.mktemp("prompt"),
@@ -293,7 +295,8 @@ def prompt_repo(tmp_path_factory, tiny_encoder) -> Path:
         },
     )
     run(["dvc", "repro"], repo, timeout=900)
-    return repo
+    yield repo
+    remove(repo)
 
 
 def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder):

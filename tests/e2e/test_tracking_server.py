@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, new_repo, pipeline_env, run
+from tests.conftest import BIN, new_repo, pipeline_env, remove, run
 from tests.services import serve_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -22,7 +23,7 @@ NAME = "team-clf"
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_encoder, mlflow_server) -> Path:
+def repo(tmp_path_factory, tiny_encoder, mlflow_server) -> Iterator[Path]:
     overrides = {
         "base": {"model": str(tiny_encoder), "max_length": 32},
         "prepare": {"max_rows": 80},
@@ -43,7 +44,8 @@ def repo(tmp_path_factory, tiny_encoder, mlflow_server) -> Path:
     repo = new_repo(tmp_path_factory.mktemp("team-repo"), overrides)
     result = run(["dvc", "repro"], repo, env=server_env(mlflow_server), timeout=900)
     (repo / "repro.log").write_text(result.stdout + result.stderr)
-    return repo
+    yield repo
+    remove(repo)
 
 
 def server_env(server) -> dict[str, str]:
