@@ -291,10 +291,21 @@ def distillation_loss(
     alpha: float,
     num_items_in_batch: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)`` per example,
-    summed and divided by the examples in the (accumulated) batch, as the Trainer expects of a loss hook.
-    The T^2 factor keeps the soft term's gradients on the scale of the hard term's (Hinton et al.)."""
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)`` per example (per
+    labelled token, for token classification: ``[batch, positions, tags]`` logits, and the positions whose
+    label is -100, other subwords, special tokens and padding, left out of both terms), summed and divided
+    by the items in the (accumulated) batch, as the Trainer expects of a loss hook. The T^2 factor keeps
+    the soft term's gradients on the scale of the hard term's (Hinton et al.)."""
     t = temperature
+    classes = student_logits.shape[-1]
+    student_logits, teacher_logits = student_logits.reshape(-1, classes), teacher_logits.reshape(-1, classes)
+    labels = labels.reshape(-1)
+    labelled = labels != IGNORE_INDEX
+    student_logits, teacher_logits, labels = (
+        student_logits[labelled],
+        teacher_logits[labelled],
+        labels[labelled],
+    )
     soft = F.kl_div(
         F.log_softmax(student_logits / t, dim=-1),
         F.log_softmax(teacher_logits / t, dim=-1),
@@ -302,9 +313,12 @@ def distillation_loss(
         log_target=True,
     ).sum(dim=-1) * (t * t)
     hard = F.cross_entropy(student_logits, labels, reduction="none")
-    per_example = alpha * soft + (1.0 - alpha) * hard
-    denominator = num_items_in_batch if num_items_in_batch is not None else per_example.numel()
-    return per_example.sum() / denominator
+    per_item = alpha * soft + (1.0 - alpha) * hard
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(per_item.numel(), 1)
+    return per_item.sum() / denominator
+
+
+IGNORE_INDEX = -100  # the label of a position no loss is computed on (transformers' convention)
 
 
 class DistillationLoss:
@@ -329,23 +343,35 @@ class DistillationLoss:
     def _capture(self, module, args, kwargs):
         self._inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch")}
 
+    @staticmethod
+    def _mask(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs.get("attention_mask")
+        ids = inputs["input_ids"]
+        return torch.ones_like(ids, dtype=torch.bool).cpu() if mask is None else mask.cpu().bool()
+
     def _keys(self, inputs: Mapping[str, torch.Tensor]) -> list[bytes]:
         ids = inputs["input_ids"].cpu()
-        mask = inputs.get("attention_mask")
-        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.cpu().bool()
-        return [row[keep].numpy().tobytes() for row, keep in zip(ids, mask, strict=True)]
+        return [row[keep].numpy().tobytes() for row, keep in zip(ids, self._mask(inputs), strict=True)]
 
     def teacher_logits(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher's fp32 logits for a batch: from the cache when every example is in it."""
-        keys = self._keys(inputs)
+        """The teacher's fp32 logits for a batch: from the cache when every example is in it. Token
+        logits are kept without their padding and padded again to the batch at hand (zeros: padding is
+        never labelled), as the same sentence is padded to different lengths in different batches."""
+        keys, mask = self._keys(inputs), self._mask(inputs)
         if all(k in self._cache for k in keys):
-            device = inputs["input_ids"].device
-            return torch.stack([self._cache[k] for k in keys]).to(device)
+            rows = [self._cache[k] for k in keys]
+            if rows[0].dim() == 1:
+                logits = torch.stack(rows)
+            else:
+                logits = torch.zeros((*mask.shape, rows[0].shape[-1]), dtype=rows[0].dtype)
+                for i, row in enumerate(rows):
+                    logits[i][mask[i]] = row
+            return logits.to(inputs["input_ids"].device)
         with torch.no_grad():
             logits = self.teacher(**inputs).logits.float()
         self.teacher_passes += 1
-        for key, row in zip(keys, logits.detach().cpu(), strict=True):
-            self._cache[key] = row
+        for key, row, keep in zip(keys, logits.detach().cpu(), mask, strict=True):
+            self._cache[key] = row if row.dim() == 1 else row[keep].clone()
         return logits
 
     def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:

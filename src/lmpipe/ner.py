@@ -618,15 +618,16 @@ def entities_text(tokens: Sequence[str], tags: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------- model and files
-def predict_words(
+def token_logits(
     model: torch.nn.Module,
     tokenizer,
     tokens: Sequence[Sequence[str]],
     max_length: int,
     batch_size: int,
     desc=None,
-) -> tuple[list[list[str]], list[np.ndarray]]:
-    """A token classifier's tag per word of each sentence, and its probability (``word_tags``)."""
+) -> tuple[TokenDataset, list[np.ndarray], list[str]]:
+    """A token classifier's logits per subword position of each sentence (``[positions, tags]``, padding
+    dropped), the dataset that maps them back to words, and the tag names in id order."""
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding
 
@@ -643,7 +644,31 @@ def predict_words(
             logits = model(**{k: v.to(model_device) for k, v in batch.items()}).logits.float().cpu().numpy()
             lengths = batch["attention_mask"].sum(dim=1).tolist()
             rows.extend(logits[j, :n] for j, n in enumerate(lengths))
-    return word_tags(dataset, rows, names)
+    return dataset, rows, names
+
+
+def predict_words(
+    model: torch.nn.Module,
+    tokenizer,
+    tokens: Sequence[Sequence[str]],
+    max_length: int,
+    batch_size: int,
+    desc=None,
+) -> tuple[list[list[str]], list[np.ndarray]]:
+    """A token classifier's tag per word of each sentence, and its probability (``word_tags``)."""
+    return word_tags(*token_logits(model, tokenizer, tokens, max_length, batch_size, desc))
+
+
+def split_outputs(
+    model: torch.nn.Module, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None
+) -> tuple[np.ndarray, dict[str, float]]:
+    """A token classifier on a split frame (``tokens``, ``tags``): the logits of every word it read (each
+    word's first subword, stacked ``[words, tags]``) and its entity scores (``entity_scores``)."""
+    dataset, rows, names = token_logits(model, tokenizer, list(frame["tokens"]), max_length, batch_size, desc)
+    words = np.concatenate([dataset.word_logits(r, i) for i, r in enumerate(rows)])
+    pred, _ = word_tags(dataset, rows, names)
+    scores = entity_scores(list(frame["tags"]), pred)["metrics"]
+    return words[~np.isnan(words[:, 0])], scores
 
 
 def predictions_frame(

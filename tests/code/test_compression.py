@@ -193,6 +193,40 @@ def test_distillation_hook_runs_the_teacher_on_the_student_inputs(model, tokeniz
     assert not student._forward_pre_hooks
 
 
+def test_token_distillation_counts_only_labelled_positions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    labels = torch.tensor([[-100, 0, 2, -100], [-100, 1, -100, -100]])  # [CLS], words, subwords, padding
+    kept = labels != -100
+    flat = lib.distillation_loss(student[kept], teacher[kept], labels[kept], 2.0, 0.3)
+    assert lib.distillation_loss(student, teacher, labels, 2.0, 0.3) == pytest.approx(float(flat))
+    # what sits at an unlabelled position never matters
+    noisy = student.clone()
+    noisy[~kept] = 100.0
+    assert lib.distillation_loss(noisy, teacher, labels, 2.0, 0.3) == pytest.approx(float(flat))
+
+
+def test_token_teacher_logits_are_cached_unpadded_and_padded_again(tokenizer, texts):
+    from transformers import BertForTokenClassification
+
+    from tests.conftest import tiny_bert_config
+
+    torch.manual_seed(0)
+    teacher = BertForTokenClassification(tiny_bert_config(tokenizer.vocab_size, num_labels=3)).eval()
+    hook = lib.DistillationLoss(teacher, lib.make_student(teacher), 2.0, 1.0)
+    first = tokenizer(texts[:2], truncation=True, max_length=12, padding="max_length", return_tensors="pt")
+    logits = hook.teacher_logits(dict(first))
+    # the same two sentences padded to another length, in another order: from the cache, re-padded
+    again = tokenizer(texts[1::-1], truncation=True, max_length=12, padding="max_length", return_tensors="pt")
+    longer = {k: torch.nn.functional.pad(v, (0, 5)) for k, v in again.items()}
+    cached = hook.teacher_logits(longer)
+    assert hook.teacher_passes == 1 and cached.shape == (2, 17, 3)
+    for i, j in ((0, 1), (1, 0)):
+        mask = first["attention_mask"][j].bool()
+        assert torch.allclose(cached[i][longer["attention_mask"][i].bool()], logits[j][mask])
+    hook.close()
+
+
 def test_fixed_batch_and_latency_summary(tokenizer):
     batch = lib.fixed_batch(tokenizer, ["short", "a longer text here"], 5, 24)
     assert batch["input_ids"].shape == (5, 24)

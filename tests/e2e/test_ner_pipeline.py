@@ -93,6 +93,30 @@ def test_evaluate_scores_entities_against_the_crf_baseline(ner_repo):
     assert "test_f1" in run_data.metrics and "baseline_test_f1" in run_data.metrics
 
 
+def test_compress_measures_each_variant_on_entity_f1(ner_repo):
+    small = {
+        "prune": {"grid": [0.2, 0.5]},
+        "distill": {"epochs": 1},
+        "latency": {"warmup": 1, "repeats": 3, "batch_size": 4, "batch_repeats": 2},
+    }
+    write_params(ner_repo / "params.yaml", {"compress": small})
+    run(["dvc", "repro", "compress"], ner_repo, timeout=900)
+    rows = json.loads((ner_repo / "reports/compress/report.json").read_text())["variants"]
+    assert set(rows) == {"original", "int8", "pruned", "student"}
+    evaluated = json.loads((ner_repo / "reports/evaluate/metrics.json").read_text())["model"]
+    # the original is scored as evaluate scores it: entity macro-F1 over the test sentences
+    assert rows["original"]["macro_f1"] == pytest.approx(evaluated["macro_f1"], abs=1e-9)
+    for name, row in rows.items():
+        assert 0 <= row["macro_f1"] <= 1 and 0 < row["accuracy"] <= 1, name
+        assert row["latency_b1_p50_ms"] > 0 and isinstance(row.get("within_budget", True), bool), name
+    assert rows["student"]["layers"] == 2 and rows["student"]["kept_layers"] == "1,3"
+    for name in ("pruned", "student"):
+        config = json.loads((ner_repo / f"models/compress/{name}/config.json").read_text())
+        assert config["lmpipe_task"] == "token_classification", name
+        assert config["architectures"] == ["BertForTokenClassification"], name
+    assert rows["int8"]["size_mb"] < rows["original"]["size_mb"]
+
+
 def test_a_stage_without_the_task_says_so_in_one_line(ner_repo):
     result = run(["dvc", "repro", "analyze"], ner_repo, check=False, timeout=300)
     assert result.returncode != 0

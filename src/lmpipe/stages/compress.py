@@ -72,22 +72,28 @@ class Inputs:
             frame_dataset(self.tokenizer, self.val, self.label2id, base.max_length, reading),
         )
 
-    def logits(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The model's logits on the val or test split through the one inference loop, with the truth."""
+    def outputs(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, dict[str, float]]:
+        """The model's logits on the val or test split through the one inference loop (a row per text; per
+        word read, for token classification) and its scores there, ``macro_f1`` the task's headline."""
         frame = {"val": self.val, "test": self.test}[split]
+        base, batch_size = self.params.base, self.params.train.eval_batch_size
+        if "tags" in frame.columns:
+            return ner.split_outputs(
+                model, self.tokenizer, frame, base.max_length, batch_size, desc=f"{desc} ({split})"
+            )
         logits, names = predict_logits_model(
-            model, self.tokenizer, frame["text"].tolist(), self.params.base.max_length,
-            self.params.train.eval_batch_size, desc=f"{desc} ({split})",
+            model, self.tokenizer, frame["text"].tolist(), base.max_length, batch_size,
+            desc=f"{desc} ({split})",
         )  # fmt: skip
         y_true = data.encode_labels(
             frame["label"], data.model_label2id(names), f"the model in {self.model_dir}"
         )
-        return logits, y_true, names
+        return logits, classification_metrics(y_true, logits.argmax(axis=1))
 
     def val_macro_f1(self, model: nn.Module, desc: str) -> float:
-        """What every budget decision is made on: macro-F1 on the val split."""
-        logits, y_true, _ = self.logits(model, "val", desc)
-        return float(classification_metrics(y_true, logits.argmax(axis=1))["macro_f1"])
+        """What every budget decision is made on: macro-F1 on the val split (entity macro-F1, for token
+        classification)."""
+        return float(self.outputs(model, "val", desc)[1]["macro_f1"])
 
 
 @dataclass
@@ -101,7 +107,6 @@ class Variant:
 
 
 def run(params: Params, paths: Paths) -> str:
-    ner.not_yet("compress", params.base.task)
     cfg = params.compress
     launched = distributed.launch(params.train.distributed)
     if launched is not None:
@@ -267,8 +272,7 @@ def student_params(params: Params) -> TrainParams:
 def measure(inputs: Inputs, model: nn.Module, folder: Path, desc: str, val_macro_f1: float | None = None):
     """Test accuracy and macro-F1 (reported, never used to choose), val macro-F1 (what the budget is
     judged on; pass it when already known), weight size and parameters."""
-    logits, y_true, _ = inputs.logits(model, "test", desc)
-    m = classification_metrics(y_true, logits.argmax(axis=1))
+    _, m = inputs.outputs(model, "test", desc)
     if val_macro_f1 is None:
         val_macro_f1 = inputs.val_macro_f1(model, desc)
     return {
@@ -335,12 +339,12 @@ def quantized(inputs: Inputs, folder: Path) -> Variant:
 def int8_sensitivity(inputs: Inputs, fp32: nn.Module) -> list[dict[str, Any]]:
     """Each Linear layer quantized alone, ranked by how far it moves the val outputs (mean KL of the
     softmax against fp32's): the most sensitive first."""
-    reference, _, _ = inputs.logits(fp32, "val", "sensitivity: fp32")
+    reference, _ = inputs.outputs(fp32, "val", "sensitivity: fp32")
     scores, layers = [], lib.linear_names(fp32)
     for name in tqdm(layers, desc="int8 sensitivity", unit="layer"):
         others = [n for n in layers if n != name]
         alone = lib.quantize_dynamic_int8(fp32, others)
-        logits, _, _ = inputs.logits(alone, "val", name)
+        logits, _ = inputs.outputs(alone, "val", name)
         scores.append({"layer": name, "val_kl": lib.mean_kl(reference, logits)})
     return sorted(scores, key=lambda s: -s["val_kl"])
 
