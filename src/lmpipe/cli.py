@@ -108,7 +108,15 @@ def predict(args: argparse.Namespace) -> None:
             "truncated (only their start was read; see the `truncated` column)",
             file=sys.stderr,
         )
-    counts = ", ".join(f"{k} {v}" for k, v in frame["label"].value_counts().sort_index().items())
+    if "label" in frame.columns:
+        counts = ", ".join(f"{k} {v}" for k, v in frame["label"].value_counts().sort_index().items())
+    else:  # a token classifier: entities per type
+        import pandas as pd
+
+        kinds = pd.Series([e["type"] for found in frame["entities"] for e in json.loads(found)], dtype=object)
+        counts = f"{len(kinds)} entities: " + ", ".join(
+            f"{k} {v}" for k, v in kinds.value_counts().sort_index().items()
+        )
     print(f"predict: {len(frame)} texts -> {args.output} ({counts})", file=sys.stderr)
 
 

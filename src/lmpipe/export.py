@@ -26,7 +26,7 @@ from lmpipe import latency
 from lmpipe.encoding import model_reading
 from lmpipe.inference import batches_logits
 from lmpipe.metrics import classification_metrics
-from lmpipe.models import SOFT_PROMPT_KEY, load_classifier, load_tokenizer
+from lmpipe.models import SOFT_PROMPT_KEY, TOKEN_TASK, load_classifier, load_tokenizer, model_task
 from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OPT_FILE, OnnxTextClassifier, pool_logits
 
 
@@ -61,6 +61,8 @@ def write_classifier_folder(
         # how the model reads a text longer than max_length (serving.read_texts), as it was trained to
         "reading": model_reading(model),
     }
+    if model_task(model.config) == TOKEN_TASK:  # served by serving.OnnxEntityTagger
+        info["task"] = TOKEN_TASK
     (out_dir / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
@@ -309,8 +311,10 @@ def latency_benchmark(
 
 # ------------------------------------------------------------------------------------------ the registry
 def split_fingerprint(test: pd.DataFrame) -> str:
-    """A hash of the test split's texts and labels: versions scored on the same split share it."""
-    blob = "\n".join(f"{t}\t{y}" for t, y in zip(test["text"], test["label"], strict=True))
+    """A hash of the test split's texts and labels (tags, for token classification): versions scored on
+    the same split share it."""
+    truth = test["label"] if "label" in test.columns else [" ".join(tags) for tags in test["tags"]]
+    blob = "\n".join(f"{t}\t{y}" for t, y in zip(test["text"], truth, strict=True))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -337,3 +341,20 @@ def score_registered(uri: str, texts: Sequence[str], y_true: np.ndarray, labels:
             return None
         proba = classifier.predict_proba(list(texts))
     return classification_metrics(y_true, proba.argmax(axis=1))["macro_f1"]
+
+
+def score_registered_entities(uri: str, frame: pd.DataFrame, labels: list[str]) -> float | None:
+    """Entity macro-F1 of a registered token classifier's own ONNX model on a split's sentences; None when
+    its tags differ from ``labels`` or it is not a token classifier (another task or other data)."""
+    from lmpipe import ner, tracking
+    from lmpipe.serving import OnnxEntityTagger
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tracking.download_model(uri, tmp) / "artifacts" / "classifier"
+        if json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8")).get("task") != TOKEN_TASK:
+            return None
+        tagger = OnnxEntityTagger(folder)
+        if tagger.labels != labels:
+            return None
+        pred, _ = tagger.tag_words([list(s) for s in frame["tokens"]])
+    return ner.entity_scores([list(t) for t in frame["tags"]], pred)["metrics"]["macro_f1"]

@@ -145,12 +145,7 @@ def render(
         lines += ["", *[f"- {n}" for n in notes]] if notes else []
     lines += [
         "",
-        "## Promotion gate",
-        "",
-        f"Decision: {'passed' if gate.get('passed') else 'not promoted'}.",
-        "",
-        *[f"- {r}" for r in gate.get("reasons", [])],
-        "",
+        *_gate_lines(gate),
         "## Intended use",
         "",
         f"Routing or tagging English texts like the training data ({data_name}) into the classes above, "
@@ -182,4 +177,107 @@ def _versus_baseline(gap: dict) -> list[str]:
         f"[{100 * gap['macro_f1_ci95_low']:+.2f}, {100 * gap['macro_f1_ci95_high']:+.2f}] pt ({verdict}); "
         f"the model alone is right on {gap['model_only_right']} test texts, the baseline alone on "
         f"{gap['baseline_only_right']} (McNemar p = {gap['mcnemar_p']:.3f}).",
+    ]
+
+
+def render_entities(params: Params, records: dict, export: dict) -> str:
+    """The model card of a token classifier (named-entity recognition): data, training, entity scores
+    against the CRF baseline, export parity and latency, the served output, the gate, use and limits."""
+    prepare, split, train = records["prepare"], records["split"], records["train"]
+    evaluate = records["evaluate"]
+    sizes = split.get("sizes", {})
+    types = sorted({t[2:] for t in export.get("labels", []) if t[:2] in ("B-", "I-")})
+    model, baseline = evaluate.get("model", {}), evaluate.get("baseline", {})
+    gap = evaluate.get("model_minus_baseline", {})
+    reg, gate, served = export.get("registry", {}), export.get("gate", {}), export.get("served", {})
+    fp32, int8 = export.get("onnx_fp32", {}), export.get("onnx_int8", {})
+    lines = [
+        f"# Model card: {params.export.registered_model}",
+        "",
+        f"A named-entity tagger (token classification, BIO tags over {len(types)} entity types: "
+        f"{', '.join(types)}), fine-tuned from `{params.base.model}` and exported to ONNX. Registered in "
+        f"MLflow as `{reg.get('name', 'n/a')}` version {reg.get('version', 'n/a')} (aliases: "
+        f"{', '.join(gate.get('aliases', [])) or 'none'}).",
+        "",
+        "## Data",
+        "",
+        f"- Source: {prepare.get('source') or params.prepare.source}; {prepare.get('rows_in', 'n/a')} "
+        f"sentences in, {prepare.get('rows_out', 'n/a')} after cleaning and de-duplication.",
+        f"- Split (seed {params.base.seed}, by sentence): train {sizes.get('train', 'n/a')}, val "
+        f"{sizes.get('val', 'n/a')}, test {sizes.get('test', 'n/a')}.",
+        "",
+        "## Model and training",
+        "",
+        f"- Base model: `{params.base.model}`; {train.get('parameters', 'n/a')} parameters; labels on each "
+        "word's first subword.",
+        "- Training params: "
+        + ", ".join(f"{k}={v}" for k, v in params.to_dict()["train"].items())
+        + f"; max_length={params.base.max_length}.",
+        f"- Best val entity macro-F1 {_f(train.get('best_val_macro_f1'))} at epoch "
+        f"{train.get('best_epoch', 'n/a')}; MLflow training run `{train.get('mlflow_run_id', 'n/a')}`; git "
+        f"commit `{export.get('git_commit', 'n/a')}`.",
+        "",
+        "## Test scores (entity level, seqeval's strict IOB2 spans)",
+        "",
+        "| predictor | micro-F1 | macro-F1 | word accuracy |",
+        "|---|---|---|---|",
+        f"| PyTorch fp32 (this model) | {_f(model.get('f1'))} | {_f(model.get('macro_f1'))} | "
+        f"{_f(model.get('accuracy'))} |",
+        f"| ONNX fp32 | {_f(fp32.get('f1'))} | {_f(fp32.get('macro_f1'))} | {_f(fp32.get('accuracy'))} |",
+        f"| ONNX Runtime int8 | {_f(int8.get('f1'))} | {_f(int8.get('macro_f1'))} | {_f(int8.get('accuracy'))} |",
+        f"| CRF baseline (hand-written word features) | {_f(baseline.get('f1'))} | "
+        f"{_f(baseline.get('macro_f1'))} | {_f(baseline.get('accuracy'))} |",
+        "",
+        f"{evaluate.get('test_rows', 'n/a')} test sentences, {evaluate.get('test_entities', 'n/a')} entities."
+        + (
+            f" Model minus baseline: {100 * gap['f1']:+.2f} pt micro-F1, paired bootstrap 95% CI over "
+            f"sentences [{100 * gap['f1_ci95_low']:+.2f}, {100 * gap['f1_ci95_high']:+.2f}]; "
+            f"{100 * gap['macro_f1']:+.2f} pt macro-F1 [{100 * gap['macro_f1_ci95_low']:+.2f}, "
+            f"{100 * gap['macro_f1_ci95_high']:+.2f}]."
+            if "f1_ci95_low" in gap
+            else ""
+        ),
+        "",
+        "## Export and serving",
+        "",
+        f"- ONNX fp32 vs PyTorch over {fp32.get('words', 'n/a')} test words: max |logit difference| "
+        f"{fp32.get('max_abs_logit_diff', float('nan')):.2e}, word tag agreement {_f(fp32.get('label_agreement'))}.",
+        f"- ONNX Runtime dynamic int8: word tag agreement {_f(int8.get('label_agreement'))}, entity "
+        f"macro-F1 change {_f(int8.get('macro_f1_minus_pytorch'))}.",
+        f"- Served variant: **{served.get('variant', 'n/a')}** ({_f(served.get('size_mb'), 1)} MB, batch-1 "
+        f"p50 {_f(served.get('latency_b1_p50_ms'), 1)} ms on {export.get('latency_threads', 'n/a')} CPU "
+        "threads).",
+        "- Output: for each text, a list of entities `{type, start, end, text, score}`: character offsets "
+        "into the text (end exclusive) and the mean probability of the entity's word tags (raw softmax).",
+        "",
+        *_gate_lines(gate),
+        "## Intended use",
+        "",
+        "Finding names of people, places, companies and the other types above in short English texts like "
+        "the training data, with a person checking what matters.",
+        "",
+        "## Limitations",
+        "",
+        "- Words are the text's whitespace-separated tokens, as in the training data: punctuation glued to a "
+        "word (`Paris,`) is part of it, and of the entity's text.",
+        f"- Only the first {params.base.max_length} subword tokens of a text are read; later words are "
+        "tagged `O`.",
+        f"- The test split is small ({sizes.get('test', 'n/a')} sentences), and rare types have a handful of "
+        "entities: per-type scores move a lot with one error.",
+        "- Scores are not calibrated probabilities.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _gate_lines(gate: dict) -> list[str]:
+    """The promotion gate's section: its decision and every reason."""
+    decision = "passed" if gate.get("passed") else "not promoted"
+    return [
+        "## Promotion gate",
+        "",
+        f"Decision: {decision}.",
+        "",
+        *[f"- {r}" for r in gate.get("reasons", [])],
+        "",
     ]

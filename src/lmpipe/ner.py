@@ -41,10 +41,10 @@ import torch
 from lmpipe.data import DESCRIPTOR_SUFFIXES, builtin_name, check_no_leakage, deduplicate
 from lmpipe.errors import UserError
 from lmpipe.params import CrfParams, PrepareParams, SplitParams
+from lmpipe.serving import OUTSIDE, TOKEN_TASK, first_subword_rows, tags_of
 
-TASK = "token_classification"
+TASK = TOKEN_TASK
 IGNORE_INDEX = -100  # label of the positions the loss and the metrics skip
-OUTSIDE = "O"
 CONLL_SUFFIXES = (".conll", ".txt", ".tsv", ".iob", ".bio")
 BUILTINS = {
     "wnut16": "WNUT 2016 Twitter NER (built-in, 10 entity types; the training data of the WNUT 2016 "
@@ -68,15 +68,6 @@ def epochs_warning(epochs: int, strategy: str) -> str | None:
         f"scored val entity F1 0.27 after 2 epochs and 0.49 after 5 (docs/ner.md); "
         f"consider train.epochs {RECOMMENDED_EPOCHS} with train.patience 2"
     )
-
-
-def not_yet(stage: str, task: str) -> None:
-    """A stage that does not carry token classification yet says so in one line, before any work."""
-    if task == TASK:
-        raise UserError(
-            f"{stage}: base.task token_classification is not supported by this stage yet (docs/ner.md); "
-            "run the NER pipeline up to evaluate: dvc exp run evaluate -S base.task=token_classification ..."
-        )
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -368,23 +359,11 @@ class TokenDataset(torch.utils.data.Dataset):
             previous = word
         return labels
 
-    def first_subwords(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row ``i``'s words read and the position of each one's first subword."""
-        words, positions, previous = [], [], None
-        for position, word in enumerate(self.word_ids[i]):
-            if word is not None and word != previous:
-                words.append(word)
-                positions.append(position)
-            previous = word
-        return np.array(words, dtype=np.int64), np.array(positions, dtype=np.int64)
-
     def word_logits(self, logits: np.ndarray, i: int) -> np.ndarray:
         """Per-word logits of row ``i`` from its token logits (``[positions, tags]``): each word's first
-        subword's; a word not read (past max_length) gets a row of nan, which ``word_tags`` makes ``O``."""
-        out = np.full((self.n_words[i], logits.shape[-1]), np.nan, dtype=np.float32)
-        words, positions = self.first_subwords(i)
-        out[words] = logits[positions]
-        return out
+        subword's; a word not read (past max_length) gets a row of nan, which ``word_tags`` makes ``O``
+        (``serving.first_subword_rows``, what the served model does)."""
+        return first_subword_rows(logits, self.word_ids[i], self.n_words[i])
 
     def collator(self, tokenizer):
         from transformers import DataCollatorForTokenClassification
@@ -413,18 +392,10 @@ def frame_dataset(tokenizer, frame: pd.DataFrame, tag2id: Mapping[str, int], max
 def word_tags(dataset: TokenDataset, token_logits: Sequence[np.ndarray], names: Sequence[str]):
     """Each sentence's predicted tag per word and the softmax probability of that tag; a word the model
     did not read (past max_length) is ``O`` with probability nan."""
-    outside = list(names).index(OUTSIDE) if OUTSIDE in names else 0
     tags, scores = [], []
     for i, logits in enumerate(token_logits):
-        words = dataset.word_logits(np.asarray(logits, dtype=np.float32), i)
-        read = ~np.isnan(words[:, 0])
-        ids = np.full(len(words), outside)
-        proba = np.full(len(words), np.nan)
-        if read.any():
-            shifted = words[read] - words[read].max(axis=1, keepdims=True)
-            p = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-            ids[read], proba[read] = p.argmax(axis=1), p.max(axis=1)
-        tags.append([names[k] for k in ids])
+        found, proba = tags_of(dataset.word_logits(np.asarray(logits, dtype=np.float32), i), list(names))
+        tags.append(found)
         scores.append(proba)
     return tags, scores
 
@@ -584,34 +555,15 @@ def crf_tags(crf, frame: pd.DataFrame) -> tuple[list[list[str]], list[np.ndarray
     return [list(t) for t in tags], scores
 
 
+def crf_marginals(crf, frame: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
+    """The CRF's marginal probability of every tag (columns in ``names`` order; 0 for a tag it never saw
+    in train), for every word of every sentence, stacked: ``[words, tags]``."""
+    features = [sentence_features(list(t)) for t in frame["tokens"]]
+    rows = [[m.get(name, 0.0) for name in names] for s in crf.predict_marginals(features) for m in s]
+    return np.array(rows, dtype=np.float64).reshape(-1, len(names))
+
+
 # --------------------------------------------------------------------------------------------- decoding
-def word_offsets(text: str, tokens: Sequence[str]) -> list[tuple[int, int]]:
-    """Character offsets of each token in ``text`` (tokens found left to right)."""
-    offsets, at = [], 0
-    for token in tokens:
-        start = text.find(token, at)
-        if start < 0:
-            raise ValueError(f"token {token!r} not found in the text after offset {at}")
-        offsets.append((start, start + len(token)))
-        at = start + len(token)
-    return offsets
-
-
-def decode_entities(
-    text: str, offsets: Sequence[tuple[int, int]], tags: Sequence[str], scores: Sequence[float]
-) -> list[dict[str, Any]]:
-    """Entities as ``{type, start, end, text, score}``: character offsets into ``text`` (end exclusive),
-    and the mean probability of the entity's word tags."""
-    out = []
-    for kind, first, last in entity_spans(tags):
-        start, end = offsets[first][0], offsets[last - 1][1]
-        score = float(np.nanmean(np.asarray(scores[first:last], dtype=float)))
-        out.append(
-            {"type": kind, "start": start, "end": end, "text": text[start:end], "score": round(score, 4)}
-        )
-    return out
-
-
 def entities_text(tokens: Sequence[str], tags: Sequence[str]) -> str:
     """A sentence's entities, readable: ``Empire State Building/facility; ESB/facility``."""
     return "; ".join(f"{' '.join(tokens[s:e])}/{kind}" for kind, s, e in entity_spans(tags))
@@ -671,6 +623,41 @@ def split_outputs(
     return words[~np.isnan(words[:, 0])], scores
 
 
+def word_parity(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], names: Sequence[str]
+) -> dict[str, float]:
+    """How closely ``candidate`` per-word logits (``[words, tags]`` per sentence, nan where not read) follow
+    the PyTorch ``reference``: max abs difference over the words read, and word tag agreement."""
+    ref, cand = np.concatenate(list(reference)), np.concatenate(list(candidate))
+    read = ~np.isnan(ref[:, 0])
+    ref_tags, cand_tags = ref[read].argmax(axis=1), cand[read].argmax(axis=1)
+    return {
+        "max_abs_logit_diff": float(np.abs(ref[read] - cand[read]).max(initial=0.0)),
+        "label_agreement": float((ref_tags == cand_tags).mean()) if read.any() else 1.0,
+        "labels_differing": int((ref_tags != cand_tags).sum()),
+        "words": int(read.sum()),
+    }
+
+
+def tags_from_predictions(predictions: pd.DataFrame, frame: pd.DataFrame) -> list[list[str]]:
+    """Each sentence of ``frame`` tagged as a ``predictions_frame`` (one row per word) says, in order."""
+    by_id = {
+        str(sid): rows.sort_values("position")["predicted"].astype(str).tolist()
+        for sid, rows in predictions.groupby("id")
+    }
+    missing = [str(sid) for sid in frame["id"] if str(sid) not in by_id]
+    if missing:
+        raise UserError(
+            f"predictions: no rows for sentence id {missing[0]} of the split ({len(missing)} missing)"
+        )
+    return [by_id[str(sid)] for sid in frame["id"]]
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """A ``predictions_frame`` CSV, tags as written (``O``, ``B-NA``... never read as missing values)."""
+    return pd.read_csv(path, dtype={"id": str, "predicted": str}, keep_default_na=False)
+
+
 def predictions_frame(
     frame: pd.DataFrame, pred: Sequence[Sequence[str]], proba: Sequence[np.ndarray]
 ) -> pd.DataFrame:
@@ -722,3 +709,11 @@ def misclassified_frame(
             )
     columns = ["id", "errors", "actual", "predicted", "baseline", "text"]
     return pd.DataFrame(rows, columns=columns).sort_values("errors", ascending=False, kind="stable")
+
+
+# -------------------------------------------------------------------------------------------- analysis
+def changed_sentences(clean: Sequence[Sequence[str]], perturbed: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per sentence, whether its entities (span and type) differ between two taggings."""
+    return np.array(
+        [set(entity_spans(a)) != set(entity_spans(b)) for a, b in zip(clean, perturbed, strict=True)]
+    )

@@ -1,5 +1,6 @@
 """Batch prediction from the command line (``lmpipe predict``): CSV, JSONL or plain-text lines in,
-labels and class probabilities out, with the exported ONNX model (default) or the PyTorch one.
+labels and class probabilities out (entities with character offsets, for a token classifier), with the
+exported ONNX model (default) or the PyTorch one.
 
 A text longer than the model's ``max_length`` tokens is read as in training (``base.reading``: its
 head, tail, head and tail, or every window with the windows pooled); the output's ``truncated`` column
@@ -16,7 +17,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lmpipe.errors import UserError
-from lmpipe.serving import CLASSIFIER_FILE, VARIANT_FILES, InputError, OnnxTextClassifier, check_texts
+from lmpipe.serving import (
+    CLASSIFIER_FILE,
+    TOKEN_TASK,
+    VARIANT_FILES,
+    InputError,
+    OnnxEntityTagger,
+    OnnxTextClassifier,
+    check_texts,
+    entities_of,
+    words_of,
+)
 
 INPUT_TYPES = {".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
 OUTPUT_TYPES = {".csv", ".jsonl"}
@@ -112,6 +123,8 @@ def predict_file(
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     rows, texts = read_texts(input_path, text_column)
     model = Path(model)
+    if model_is_tagger(model, backend):
+        return tag_file(rows, texts, output_path, model, backend, variant, batch_size, max_length)
 
     if backend == "onnx":
         if not (model / CLASSIFIER_FILE).is_file():
@@ -168,6 +181,73 @@ def predict_file(
                 "truncated": bool(t),
             }
             for r, lab, probs, t in zip(rows, frame["label"], proba, truncated, strict=True)
+        ]
+        with io.atomic_path(output_path) as tmp:
+            tmp.write_text("".join(json.dumps(rec) + "\n" for rec in records), encoding="utf-8")
+    return frame
+
+
+def model_is_tagger(model: Path, backend: str) -> bool:
+    """Whether ``model`` (an export folder, or a save_pretrained folder for pytorch) is a token classifier."""
+    if backend == "onnx":
+        info = model / CLASSIFIER_FILE
+        return info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("task") == TOKEN_TASK
+    config = model / "config.json"
+    return (
+        config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("lmpipe_task") == TOKEN_TASK
+    )
+
+
+def tag_file(
+    rows: list[int],
+    texts: list[str],
+    output_path: Path,
+    model: Path,
+    backend: str,
+    variant: str,
+    batch_size: int,
+    max_length: int | None,
+) -> pd.DataFrame:
+    """``predict_file`` for a token classifier: each text's entities ``{type, start, end, text, score}``
+    (character offsets into the text), as the served model gives them; ``truncated`` marks the texts
+    whose later words were not read (tagged ``O``)."""
+    from lmpipe import io
+
+    words = [words_of(text) for text in texts]
+    sentences = [[w for w, _, _ in ws] for ws in words]
+    if backend == "onnx":
+        tagger = OnnxEntityTagger(model, VARIANT_FILES[variant])
+        if max_length is not None:
+            tagger.max_length = max_length
+        tokenizer, limit = tagger.tokenizer, tagger.max_length
+        tags, scores = [], []
+        for i in tqdm(range(0, len(texts), batch_size), desc="predict (onnx)", unit="batch"):
+            found, proba = tagger.tag_words(sentences[i : i + batch_size], batch_size)
+            tags += found
+            scores += proba
+    else:
+        if max_length is None:
+            raise UserError(
+                "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
+            )
+        from lmpipe.models import device, load_classifier, load_tokenizer
+        from lmpipe.ner import predict_words
+
+        tokenizer, limit = load_tokenizer(model), max_length
+        loaded = load_classifier(model).to(device())
+        tags, scores = predict_words(
+            loaded, tokenizer, sentences, max_length, batch_size, "predict (pytorch)"
+        )
+    entities = [entities_of(*row) for row in zip(texts, words, tags, scores, strict=True)]
+    lengths = [len(ids) for ids in tokenizer(sentences, is_split_into_words=True, verbose=False)["input_ids"]]
+    truncated = [n > limit for n in lengths]
+    frame = pd.DataFrame({"row": rows, "entities": [json.dumps(e) for e in entities], "truncated": truncated})
+    if output_path.suffix.lower() == ".csv":
+        io.write_csv(output_path, frame)
+    else:
+        records = [
+            {"row": int(r), "entities": e, "truncated": bool(c)}
+            for r, e, c in zip(rows, entities, truncated, strict=True)
         ]
         with io.atomic_path(output_path) as tmp:
             tmp.write_text("".join(json.dumps(rec) + "\n" for rec in records), encoding="utf-8")

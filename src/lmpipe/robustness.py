@@ -117,6 +117,21 @@ def perturb(texts: Sequence[str], name: str, strength: float, seed: int) -> list
     return [fn(text, strength, rng) for text in texts]
 
 
+# perturbations that edit words in place (one token in, one token out), so the tags stay aligned; the
+# others (word_dropout, strip_punctuation, whitespace, window_shift) change the words themselves
+WORD_PERTURBATIONS = ("char_noise", "lowercase", "uppercase")
+
+
+def perturb_sentences(
+    sentences: Sequence[Sequence[str]], name: str, strength: float, seed: int
+) -> list[list[str]]:
+    """``sentences`` with ``name`` applied to each word (a ``WORD_PERTURBATIONS`` one), as ``perturb`` applies it to
+    a text's words (token classification); the same (seed, name, strength) gives the same words."""
+    edit = PERTURBATIONS[name]
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), int(round(strength * 1e6))])
+    return [[edit(word, strength, rng) or word for word in sentence] for sentence in sentences]
+
+
 def flip_rate(clean: np.ndarray, perturbed: np.ndarray, resamples: int, seed: int) -> dict[str, float]:
     """Share of predictions that changed, with a 95% bootstrap CI over the texts."""
     flips = (np.asarray(clean) != np.asarray(perturbed)).astype(np.float64)

@@ -11,12 +11,18 @@ was trained to read it (``read_texts``, the one tokenisation path of training, e
 its head, its tail, its head and tail, or every window, with the windows' logits pooled. Probabilities
 are softmax(logits / temperature), with the temperature the analyze stage fit on val
 (``classifier.json``; 1 = the raw softmax).
+
+A token classifier's folder (``classifier.json`` ``task: token_classification``) is served by
+``OnnxEntityTagger``: a text's words are its whitespace-separated tokens (as CoNLL tokens joined by
+spaces), each word is tagged on its first subword, and the BIO tags become entities ``{type, start,
+end, text, score}`` with character offsets into the text.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,9 @@ TEXT_COLUMN = "text"
 # as ``lmpipe_reading`` and in classifier.json as ``reading``): a model without one reads the head
 READING_KEY = "lmpipe_reading"
 HEAD_READING = {"mode": "head", "head_share": 0.5, "stride": 32, "pooling": "mean"}
+TOKEN_TASK = "token_classification"  # classifier.json ``task``; absent = text classification
+OUTSIDE = "O"
+WORD = re.compile(r"\S+")
 
 
 class InputError(ValueError):
@@ -146,8 +155,8 @@ def check_texts(values: Sequence[Any], first_row: int = 1) -> list[str]:
     return texts
 
 
-class OnnxTextClassifier:
-    """ONNX Runtime inference over a classifier folder written by the export stage."""
+class OnnxFolder:
+    """An ONNX Runtime session over a folder written by the export stage, with its tokenizer and labels."""
 
     def __init__(
         self,
@@ -183,6 +192,17 @@ class OnnxTextClassifier:
             str(folder), local_files_only=True, trust_remote_code=False
         )
 
+    @property
+    def task(self) -> str:
+        return self.info.get("task", "classification")
+
+    def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, features)[0]
+
+
+class OnnxTextClassifier(OnnxFolder):
+    """ONNX Runtime inference over a text classifier folder: one label per text."""
+
     def read(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The padded model inputs of what the model reads of ``texts`` (``read_texts``), and the text
         each input row belongs to."""
@@ -199,9 +219,6 @@ class OnnxTextClassifier:
         features, owner = self.read(texts)
         return pool_logits(self.logits(features), owner, len(texts), self.reading["pooling"])
 
-    def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, features)[0]
-
     def proba(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated class probabilities of logits: softmax(logits / temperature)."""
         return softmax(logits / self.temperature)
@@ -211,6 +228,109 @@ class OnnxTextClassifier:
             self.proba(self.text_logits(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+
+def words_of(text: str) -> list[tuple[str, int, int]]:
+    """A text's words as a token classifier reads them, its whitespace-separated tokens, each with its
+    character offsets (end exclusive)."""
+    return [(m.group(), m.start(), m.end()) for m in WORD.finditer(text)]
+
+
+def first_subword_rows(logits: np.ndarray, word_ids: Sequence[int | None], n_words: int) -> np.ndarray:
+    """Per-word rows of one sentence's token rows (``[positions, tags]``): each word's first subword's. A
+    word the model did not read (past max_length) gets a row of nan."""
+    out = np.full((n_words, logits.shape[-1]), np.nan, dtype=np.float32)
+    previous = None
+    for position, word in enumerate(word_ids):
+        if word is not None and word != previous:
+            out[word] = logits[position]
+        previous = word
+    return out
+
+
+def tags_of(word_logits: np.ndarray, labels: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Each word's tag and that tag's softmax probability; a word not read (a nan row) is ``O`` with
+    probability nan."""
+    read = ~np.isnan(word_logits[:, 0]) if len(word_logits) else np.zeros(0, dtype=bool)
+    ids = np.full(len(word_logits), list(labels).index(OUTSIDE) if OUTSIDE in labels else 0)
+    proba = np.full(len(word_logits), np.nan)
+    if read.any():
+        p = softmax(word_logits[read].astype(np.float64))
+        ids[read], proba[read] = p.argmax(axis=1), p.max(axis=1)
+    return [labels[k] for k in ids], proba
+
+
+def bio_spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """The entities of a BIO tag sequence as ``(type, first word, end word)``, end exclusive, by the
+    strict IOB2 rule (seqeval's ``mode="strict"``): a ``B-X`` and the ``I-X`` right after it; an ``I-``
+    that continues no entity starts none."""
+    spans, kind, first = [], None, 0
+    for i, tag in enumerate([*tags, OUTSIDE]):
+        if kind is not None and tag != f"I-{kind}":
+            spans.append((kind, first, i))
+            kind = None
+        if tag.startswith("B-"):
+            kind, first = tag[2:], i
+    return spans
+
+
+def entities_of(
+    text: str, words: Sequence[tuple[str, int, int]], tags: Sequence[str], scores: Sequence[float]
+) -> list[dict[str, Any]]:
+    """Entities as ``{type, start, end, text, score}``: character offsets into ``text`` (end exclusive),
+    and the mean probability of the entity's word tags."""
+    out = []
+    for kind, first, end in bio_spans(tags):
+        start, stop = words[first][1], words[end - 1][2]
+        score = float(np.mean(np.asarray(scores[first:end], dtype=float)))
+        out.append(
+            {"type": kind, "start": start, "end": stop, "text": text[start:stop], "score": round(score, 4)}
+        )
+    return out
+
+
+class OnnxEntityTagger(OnnxFolder):
+    """ONNX Runtime inference over a token classifier folder: texts in, entities out."""
+
+    def read_words(self, sentences: Sequence[Sequence[str]]) -> tuple[dict[str, np.ndarray], list[list]]:
+        """The padded model inputs of sentences given as words, and each row's subword-to-word map."""
+        enc = self.tokenizer(
+            [list(s) for s in sentences],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=self.max_length,
+        )
+        word_ids = [enc.word_ids(i) for i in range(len(sentences))]
+        padded = self.tokenizer.pad(dict(enc), padding=True, return_tensors="np")
+        return {name: padded[name].astype(np.int64) for name in self.input_names}, word_ids
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The padded model inputs of ``texts``, read as their words."""
+        return self.read_words([[w for w, _, _ in words_of(text)] for text in texts])[0]
+
+    def word_logits(self, sentences: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Per sentence, each word's logits (``first_subword_rows``)."""
+        features, word_ids = self.read_words(sentences)
+        logits = self.logits(features)
+        return [first_subword_rows(logits[i], word_ids[i], len(s)) for i, s in enumerate(sentences)]
+
+    def tag_words(
+        self, sentences: Sequence[Sequence[str]], batch_size: int = 32
+    ) -> tuple[list[list[str]], list[np.ndarray]]:
+        """Each sentence's tag per word and its probability (``tags_of``)."""
+        tags, scores = [], []
+        for i in range(0, len(sentences), batch_size):
+            for rows in self.word_logits(sentences[i : i + batch_size]):
+                found, proba = tags_of(rows, self.labels)
+                tags.append(found)
+                scores.append(proba)
+        return tags, scores
+
+    def entities(self, texts: Sequence[str], batch_size: int = 32) -> list[list[dict[str, Any]]]:
+        """Each text's entities (``entities_of``)."""
+        words = [words_of(text) for text in texts]
+        tags, scores = self.tag_words([[w for w, _, _ in ws] for ws in words], batch_size)
+        return [entities_of(*row) for row in zip(texts, words, tags, scores, strict=True)]
 
 
 def texts_from_input(model_input: Any) -> list[str]:
@@ -267,7 +387,42 @@ class TextClassifierModel(mlflow.pyfunc.PythonModel):
         ]
 
 
+class Entity(pydantic.BaseModel):
+    """One entity found in a text: its type, character offsets (end exclusive), text and mean tag
+    probability."""
+
+    type: str
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+class TaggedText(pydantic.BaseModel):
+    """One text's result: its entities, in text order."""
+
+    entities: list[Entity]
+
+
+class EntityTaggerModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc of a token classifier: a list of texts in, one ``TaggedText`` per text out."""
+
+    def load_context(self, context):
+        self.tagger = OnnxEntityTagger(context.artifacts["classifier"])
+
+    def predict(self, context, model_input: list[str], params=None) -> list[TaggedText]:
+        try:
+            texts = texts_from_input(model_input)
+        except InputError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        return [
+            TaggedText(entities=[Entity(**found) for found in row]) for row in self.tagger.entities(texts)
+        ]
+
+
 # MLflow executes this file under a module name starting with "code_model_" when it loads the model:
-# only then is the model object set. Importing lmpipe.serving has no side effect.
+# only then is the model object set, the one its ``model_config`` ``task`` names (logged by export).
+# Importing lmpipe.serving has no side effect.
 if __name__.startswith("code_model_"):
-    mlflow.models.set_model(TextClassifierModel())
+    _task = mlflow.models.ModelConfig(development_config={"task": "classification"}).get("task")
+    mlflow.models.set_model(EntityTaggerModel() if _task == TOKEN_TASK else TextClassifierModel())

@@ -40,8 +40,24 @@ def by_length(
 ) -> pd.DataFrame:
     """One row per length bucket (in tokens, edges given as multiples of ``max_length``) and predictor.
     Empty buckets are left out."""
-    bounds = [0, *[e * max_length for e in edges], np.inf]
     rows = []
+    for bucket, inside in length_buckets(lengths, max_length, edges):
+        for name, pred in preds.items():
+            rows.append(
+                {
+                    **bucket,
+                    "predictor": name,
+                    "texts": int(inside.sum()),
+                    **_macro_f1_ci(y[inside], pred[inside], n_classes, resamples, seed),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def length_buckets(lengths: np.ndarray, max_length: int, edges: Sequence[float]):
+    """Yield each non-empty length bucket (``bucket``, ``min_tokens``, ``max_tokens``; edges as multiples
+    of ``max_length``) and the mask of the rows in it."""
+    bounds = [0, *[e * max_length for e in edges], np.inf]
     for low, high in zip(bounds[:-1], bounds[1:], strict=True):
         inside = (lengths > low) & (lengths <= high)
         if not inside.any():
@@ -51,18 +67,14 @@ def by_length(
             if low == 0
             else (f"> {int(low)}" if np.isinf(high) else f"{int(low) + 1}-{int(high)}")
         )
-        for name, pred in preds.items():
-            rows.append(
-                {
-                    "bucket": label,
-                    "min_tokens": int(low) + 1,
-                    "max_tokens": None if np.isinf(high) else int(high),
-                    "predictor": name,
-                    "texts": int(inside.sum()),
-                    **_macro_f1_ci(y[inside], pred[inside], n_classes, resamples, seed),
-                }
-            )
-    return pd.DataFrame(rows)
+        yield (
+            {
+                "bucket": label,
+                "min_tokens": int(low) + 1,
+                "max_tokens": None if np.isinf(high) else int(high),
+            },
+            inside,
+        )
 
 
 def by_class(
@@ -90,6 +102,82 @@ def by_class(
                     "f1": float(2 * tp / denom) if denom else 0.0,
                     "ci95_low": low,
                     "ci95_high": high,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------- token classification (lmpipe.ner's scores)
+def entity_scores_ci(
+    counts: Mapping[str, np.ndarray], keys: Sequence[str], resamples: int, seed: int
+) -> dict[str, float]:
+    """``scores_from_counts`` (``keys`` of it) with a 95% bootstrap CI over sentences for each."""
+    from lmpipe.ner import scores_from_counts
+
+    point = scores_from_counts(counts)
+    draws: dict[str, list] = {k: [] for k in keys}
+    for weights in bootstrap_weights(len(counts["words"]), resamples, seed):
+        scores = scores_from_counts(counts, weights)
+        for k in keys:
+            draws[k].append(scores[k])
+    out = {}
+    for k in keys:
+        low, high = np.percentile(np.concatenate(draws[k]), [2.5, 97.5])
+        out.update({k: float(point[k]), f"{k}_ci95_low": float(low), f"{k}_ci95_high": float(high)})
+    return out
+
+
+def entities_by_length(
+    lengths: np.ndarray,
+    true: Sequence[Sequence[str]],
+    preds: Mapping[str, Sequence[Sequence[str]]],
+    max_length: int,
+    edges: Sequence[float],
+    resamples: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Entity micro and macro F1 with CIs per sentence-length bucket (subword tokens, edges as multiples
+    of ``max_length``: past 1.0 the words beyond ``max_length`` are not read) and predictor: token
+    classification's ``by_length``."""
+    from lmpipe.ner import entity_spans, sentence_counts
+
+    types = sorted({t for tags in true for t, _, _ in entity_spans(tags)})
+    rows = []
+    for bucket, mask in length_buckets(lengths, max_length, edges):
+        inside = np.flatnonzero(mask)
+        for name, pred in preds.items():
+            counts = sentence_counts([true[i] for i in inside], [pred[i] for i in inside], types)
+            rows.append(
+                {
+                    **bucket,
+                    "predictor": name,
+                    "texts": len(inside),
+                    "entities": int(counts["true"].sum()),
+                    **entity_scores_ci(counts, ("f1", "macro_f1"), resamples, seed),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def entities_by_type(
+    true: Sequence[Sequence[str]], preds: Mapping[str, Sequence[Sequence[str]]], resamples: int, seed: int
+) -> pd.DataFrame:
+    """Each entity type's F1 with its CI (sentences resampled as a whole), per predictor: token
+    classification's ``by_class``."""
+    from lmpipe.ner import entity_spans, sentence_counts
+
+    types = sorted({t for tags in true for t, _, _ in entity_spans(tags)})
+    rows = []
+    for name, pred in preds.items():
+        counts = sentence_counts(true, pred, types)
+        for j, kind in enumerate(types):
+            one = {k: (v[:, [j]] if v.ndim == 2 else v) for k, v in counts.items()}
+            rows.append(
+                {
+                    "class": kind,
+                    "predictor": name,
+                    "support": int(one["true"].sum()),
+                    **entity_scores_ci(one, ("f1",), resamples, seed),
                 }
             )
     return pd.DataFrame(rows)

@@ -459,10 +459,11 @@ def log_pyfunc_model(
     artifacts: Mapping[str, str | Path],
     input_example: Any,
     pip_requirements: list[str],
+    model_config: Mapping[str, Any] | None = None,
 ) -> str:
     """Log a "models from code" pyfunc model (no pickled object) under ``model`` in the active run;
-    its signature comes from the ``predict`` type hints, checked on ``input_example``. Returns its
-    ``models:/`` URI."""
+    its signature comes from the ``predict`` type hints, checked on ``input_example``; ``model_config``
+    is what the code reads at load (``mlflow.models.ModelConfig``). Returns its ``models:/`` URI."""
     import mlflow
 
     mlflow.set_registry_uri(tracking_uri())
@@ -472,6 +473,7 @@ def log_pyfunc_model(
         artifacts={k: str(v) for k, v in artifacts.items()},
         input_example=input_example,
         pip_requirements=pip_requirements,
+        model_config=dict(model_config or {}),
     )
     return info.model_uri
 

@@ -13,7 +13,7 @@ import pytest
 from seqeval.metrics import classification_report, f1_score
 from seqeval.scheme import IOB2
 
-from lmpipe import ner
+from lmpipe import ner, serving
 from lmpipe.compare import versus_baseline_entities
 from lmpipe.errors import UserError
 from lmpipe.models import load_tokenizer, resolve_model_dir
@@ -198,16 +198,25 @@ def test_crf_baseline_learns_the_training_sentences():
 
 
 def test_entities_decode_to_character_offsets():
-    text = "Saw  Empire State Building, then ESB!"
-    tokens = ["Saw", "Empire", "State", "Building", ",", "then", "ESB", "!"]
+    # words are whitespace-separated: CoNLL tokens joined by spaces, here with a double space
+    text = "Saw  Empire State Building , then ESB !"
+    words = serving.words_of(text)
+    assert [w for w, _, _ in words] == ["Saw", "Empire", "State", "Building", ",", "then", "ESB", "!"]
     tags = ["O", "B-facility", "I-facility", "I-facility", "O", "O", "B-facility", "O"]
-    offsets = ner.word_offsets(text, tokens)
-    found = ner.decode_entities(text, offsets, tags, [0.9, 0.8, 0.6, 0.7, 0.9, 0.9, 0.5, 0.9])
+    found = serving.entities_of(text, words, tags, [0.9, 0.8, 0.6, 0.7, 0.9, 0.9, 0.5, 0.9])
     assert [(e["type"], e["text"], e["start"], e["end"]) for e in found] == [
         ("facility", "Empire State Building", 5, 26),
-        ("facility", "ESB", 33, 36),
+        ("facility", "ESB", 34, 37),
     ]
     assert found[0]["score"] == pytest.approx(0.7)
+
+
+def test_served_spans_are_seqevals_strict_iob2_spans():
+    rng = np.random.default_rng(0)
+    vocabulary = ["O", "B-a", "I-a", "B-b", "I-b"]
+    for _ in range(2000):
+        tags = list(rng.choice(vocabulary, size=int(rng.integers(0, 9))))
+        assert serving.bio_spans(tags) == ner.entity_spans(tags), tags
 
 
 @pytest.mark.parametrize(
@@ -230,3 +239,36 @@ def test_params_that_make_no_sense_for_the_task_are_named(tmp_path, changes, key
     write_params(path, changes)
     with pytest.raises(ParamsError, match=rf"{key}: .*token_classification"):
         load_params(path)
+
+
+def test_word_perturbations_keep_one_word_per_tag():
+    from lmpipe import robustness
+
+    sentences = [["Barack", "Obama", "visits", "New", "York"], ["ok"], ["@user", "#tag", "http://t.co/x"]]
+    for name in robustness.WORD_PERTURBATIONS:
+        noisy = robustness.perturb_sentences(sentences, name, 1.0, seed=3)
+        assert [len(s) for s in noisy] == [len(s) for s in sentences], name
+        assert all(w and not any(c.isspace() for c in w) for s in noisy for w in s), name
+        assert noisy == robustness.perturb_sentences(sentences, name, 1.0, seed=3)  # seeded
+    assert robustness.perturb_sentences(sentences, "lowercase", 1.0, 0)[0][:2] == ["barack", "obama"]
+
+
+def test_word_parity_and_predictions_back_to_sentences():
+    names = ["B-x", "I-x", "O"]
+    ref = [np.array([[3.0, 0.0, 1.0], [0.0, 0.0, 2.0]]), np.array([[np.nan] * 3])]
+    close = [ref[0] + 1e-6, ref[1]]
+    assert ner.word_parity(ref, close, names) == {
+        "max_abs_logit_diff": pytest.approx(1e-6),
+        "label_agreement": 1.0,
+        "labels_differing": 0,
+        "words": 2,  # the word not read (nan) is not compared
+    }
+    flipped = [np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0]]), ref[1]]
+    assert ner.word_parity(ref, flipped, names)["labels_differing"] == 1
+    frame = pd.DataFrame({"id": ["a", "b"], "tokens": [["x", "y"], ["z"]]})
+    predictions = pd.DataFrame(
+        {"id": ["b", "a", "a"], "position": [0, 1, 0], "predicted": ["O", "I-x", "B-x"]}
+    )
+    assert ner.tags_from_predictions(predictions, frame) == [["B-x", "I-x"], ["O"]]
+    with pytest.raises(UserError, match="no rows for sentence id c"):
+        ner.tags_from_predictions(predictions, pd.DataFrame({"id": ["c"], "tokens": [["q"]]}))

@@ -117,8 +117,84 @@ def test_compress_measures_each_variant_on_entity_f1(ner_repo):
     assert rows["int8"]["size_mb"] < rows["original"]["size_mb"]
 
 
-def test_a_stage_without_the_task_says_so_in_one_line(ner_repo):
-    result = run(["dvc", "repro", "analyze"], ner_repo, check=False, timeout=300)
-    assert result.returncode != 0
-    assert "analyze: base.task token_classification is not supported by this stage yet" in result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+def test_analyze_calibrates_words_and_perturbs_them_in_place(ner_repo):
+    run(["dvc", "repro", "analyze"], ner_repo, timeout=900)
+    report = json.loads((ner_repo / "reports/analyze/report.json").read_text())
+    cal = report["calibration"]
+    assert cal["temperature"] > 0 and cal["words"] > 100
+    assert {"model", "model_scaled", "baseline"} <= set(cal) and 0 <= cal["baseline"]["ece"] <= 1
+    calibration = json.loads((ner_repo / "models/calibration.json").read_text())
+    assert calibration["temperature"] == cal["temperature"] and calibration["fitted_on"] == "val"
+    # the test params perturb with char_noise, lowercase and window_shift: the last changes the words
+    assert set(report["robustness"]["perturbations"]) == {"char_noise@0.1", "lowercase@1"}
+    assert set(report["robustness"]["skipped"]) == {"window_shift"}
+    robust = pd.read_csv(ner_repo / "reports/analyze/robustness.csv")
+    assert set(robust["predictor"]) == {"model", "baseline"} and robust["macro_f1"].between(0, 1).all()
+    lowered = robust[(robust["perturbation"] == "lowercase") & (robust["strength"] == 1.0)]
+    # MiniLM's tokenizer is uncased: lower-casing changes no input, so no entity of the model's
+    assert lowered.set_index("predictor").loc["model", "flip_rate"] == 0.0
+    by_type = pd.read_csv(ner_repo / "reports/analyze/slices_class.csv")
+    assert (by_type["f1_ci95_low"] <= by_type["f1"]).all() and (
+        by_type["f1"] <= by_type["f1_ci95_high"]
+    ).all()
+    attack = pd.read_csv(ner_repo / "reports/analyze/attack.csv")
+    assert attack["note"].iloc[0].startswith("not for token classification")
+
+
+def test_export_serves_entities_with_character_offsets(ner_repo):
+    import mlflow
+
+    result = run(["dvc", "repro", "export"], ner_repo, timeout=900)
+    report = json.loads((ner_repo / "reports/export/report.json").read_text())
+    assert report["task"] == "token_classification"
+    assert report["onnx_fp32"]["ok"] and report["onnx_fp32"]["labels_differing"] == 0
+    assert report["onnx_fp32"]["max_abs_logit_diff"] < 1e-3
+    # ONNX fp32 tags every test word as PyTorch does: the same entity scores as evaluate's
+    evaluated = json.loads((ner_repo / "reports/evaluate/metrics.json").read_text())["model"]
+    assert report["onnx_fp32"]["macro_f1"] == pytest.approx(evaluated["macro_f1"], abs=1e-9)
+    assert 0 < report["onnx_int8"]["label_agreement"] <= 1
+    assert set(report["latency"]) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    card = (ner_repo / "models/export/MODEL_CARD.md").read_text()
+    assert "named-entity tagger" in card and "CRF baseline" in card
+    assert "export: ONNX fp32 max |dlogit|" in result.stdout
+
+    # the registered model: texts in, entities with character offsets out
+    mlflow.set_tracking_uri(f"sqlite:///{ner_repo / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(report["registry"]["model_uri"])
+    test = pd.read_parquet(ner_repo / "data/split/test.parquet")
+    texts = test["text"].tolist()
+    output = served.predict(texts)
+    assert len(output) == len(texts)
+    found = 0
+    for text, tagged in zip(texts, output, strict=True):
+        for entity in tagged.entities:
+            assert text[entity.start : entity.end] == entity.text and entity.text.strip() == entity.text
+            assert 0 < entity.score <= 1 and entity.type in {t[2:] for t in report["labels"] if t != "O"}
+            found += 1
+    # what the served model finds is what the export's own tagging of the test words finds
+    from lmpipe import ner
+    from lmpipe.serving import OnnxEntityTagger
+
+    tagger = OnnxEntityTagger(ner_repo / "models/export")
+    tags, _ = tagger.tag_words([list(s) for s in test["tokens"]])
+    assert found == sum(len(ner.entity_spans(t)) for t in tags)
+    example = report["served"]["example"]
+    assert example["entities"] == tagger.entities([example["text"]])[0]
+
+
+def test_predict_writes_entities(ner_repo, tmp_path):
+    from tests.conftest import BIN
+
+    texts = tmp_path / "tweets.txt"
+    texts.write_text("Going to New York with Barack Obama tomorrow\nnothing here\n")
+    out = tmp_path / "entities.jsonl"
+    run(
+        [str(BIN / "lmpipe"), "predict", str(texts), "--model", "models/export", "--output", str(out)],
+        ner_repo,
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == [1, 2]
+    for row, text in zip(rows, texts.read_text().splitlines(), strict=True):
+        assert set(row) == {"row", "entities", "truncated"}
+        for entity in row["entities"]:
+            assert text[entity["start"] : entity["end"]] == entity["text"]

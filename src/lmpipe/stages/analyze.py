@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from lmpipe import calibration, data, io, ner, plots, reports, robustness, slices, tracking
+from lmpipe import calibration, data, io, ner, plots, reports, robustness, serving, slices, tracking
 from lmpipe.encoding import model_reading
 from lmpipe.errors import ParamsError
 from lmpipe.evaluation import aligned_proba, fit_baseline
@@ -53,7 +53,8 @@ def _macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def run(params: Params, paths: Paths) -> str:
-    ner.not_yet("analyze", params.base.task)
+    if params.base.task == ner.TASK:
+        return run_entities(params, paths)
     cfg, seed, max_length = params.analyze, params.base.seed, params.base.max_length
     train = data.read_split(paths.data, "train")
     val = data.read_split(paths.data, "val")
@@ -238,44 +239,236 @@ def run(params: Params, paths: Paths) -> str:
         report["mlflow_run_id"] = run.info.run_id
         report["train_mlflow_run_id"] = train_run_id
 
-        for name, part in TABLES.items():
-            tables.setdefault(name, pd.DataFrame({"note": [f"off: analyze.{part}.enabled is false"]}))
         if not cfg.explain.enabled:
             html = "<!doctype html><title>attributions</title><p>off: analyze.explain.enabled is false</p>"
-        with io.staged_outputs(paths.out) as out:  # all outputs appear together, or none
-            for name, frame in tables.items():
-                frame.to_csv(out / f"{name}.csv", index=False)
-            for name, table in reliab.items():
-                (out / "plots" / "reliability").mkdir(parents=True, exist_ok=True)
-                table.to_csv(out / "plots" / "reliability" / f"{name}.csv", index=False)
-            if "robustness" in tables:
-                (out / "plots" / "robustness").mkdir(parents=True, exist_ok=True)
-                wide = tables["robustness"].pivot_table(
-                    index=["perturbation", "strength"], columns="predictor", values="macro_f1"
-                )
-                for kind, part in wide.groupby(level=0):
-                    part.reset_index(level=0, drop=True).add_suffix("_macro_f1").reset_index().to_csv(
-                        out / "plots" / "robustness" / f"{kind}.csv", index=False
-                    )
-            (out / "attributions.html").write_text(html, encoding="utf-8")
-            for name, fig in figures.items():
-                tracking.log_figure(fig, f"plots/{name}.png")
-                plots.close(fig)
-            for entry in sorted(out.iterdir()):
-                if entry.is_file():
-                    tracking.log_artifact(entry, "analysis")
-            tracking.log_metrics(tracking.flatten(reports.headline("analyze", report)))
-            reports.write("analyze", report, out / "metrics.json", out / "report.json")
-            tracking.log_dict(report, "analyze_report.json")
-        io.write_json(
-            paths.calibration,
-            {
-                "temperature": temperature,
-                "fitted_on": "val" if cfg.calibration.enabled else None,
-                "rows": len(val),
-            },
+        _write_outputs(
+            paths,
+            report,
+            tables,
+            reliab,
+            figures,
+            html,
+            temperature,
+            val_rows=len(val),
+            fitted=cfg.calibration.enabled,
         )
     return _summary(report)
+
+
+NOT_FOR_TOKENS = "not for token classification: the attack and the attributions explain one label per text"
+
+
+def run_entities(params: Params, paths: Paths) -> str:
+    """Token classification: calibration of the word tag probabilities (a temperature fit on val, ECE and
+    Brier over the test words, model and CRF baseline alike), robustness to perturbations that edit words
+    in place (entity F1, and the sentences whose entities change), and entity F1 by sentence length and
+    by type, with CIs. The attack and the attributions explain one label per text: their tables say so."""
+    cfg, seed, max_length = params.analyze, params.base.seed, params.base.max_length
+    train, val, test = (data.read_split(paths.data, s) for s in ("train", "val", "test"))
+    train_run_id = io.read_json(paths.train_report).get("mlflow_run_id", "")
+    model = load_classifier(paths.model).to(device()).eval()
+    tokenizer = load_tokenizer(paths.model)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    tag2id = {name: i for i, name in enumerate(names)}
+    started = time.perf_counter()
+
+    def word_rows(sentences: list[list[str]], desc: str) -> list[np.ndarray]:
+        dataset, rows, _ = ner.token_logits(
+            model, tokenizer, sentences, max_length, params.train.eval_batch_size, desc
+        )
+        return [dataset.word_logits(r, i) for i, r in enumerate(rows)]
+
+    def tagged(rows: list[np.ndarray]) -> list[list[str]]:
+        return [serving.tags_of(w, names)[0] for w in rows]
+
+    def stacked(rows: list[np.ndarray], truth) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The words the model read: their logits, true tag ids, and which of all the words they are."""
+        logits = np.concatenate(rows)
+        y = np.array([tag2id[tag] for tags in truth for tag in tags])
+        read = ~np.isnan(logits[:, 0])
+        return logits[read], y[read], read
+
+    sentences, true = [list(s) for s in test["tokens"]], [list(t) for t in test["tags"]]
+    clean_rows = word_rows(sentences, "test")
+    clean = tagged(clean_rows)
+    crf = ner.fit_crf(train, params.evaluate.crf)
+    base_clean, _ = ner.crf_tags(crf, test)
+    report: dict = {"task": ner.TASK, "test_rows": len(test)}
+    tables: dict[str, pd.DataFrame] = {}
+    figures: dict[str, object] = {}
+    with tracking.stage_run(params, "analyze", tags={"train_run_id": train_run_id}) as run:
+        temperature = 1.0
+        if cfg.calibration.enabled:
+            val_logits, y_val, _ = stacked(word_rows([list(s) for s in val["tokens"]], "val"), val["tags"])
+            temperature = calibration.fit_temperature(val_logits, y_val)
+        logits, y, read = stacked(clean_rows, true)
+        probas = {
+            "model": calibration.softmax(logits),
+            "model_scaled": calibration.softmax(logits, temperature),
+            "baseline": ner.crf_marginals(crf, test, names)[read],
+        }
+        bins = cfg.calibration.bins
+        reliab = {k: calibration.reliability(v, y, bins) for k, v in probas.items()}
+        report["calibration"] = {
+            "enabled": cfg.calibration.enabled,
+            "temperature": temperature,
+            "bins": bins,
+            "words": len(y),
+            **{k: calibration.summary(v, y, bins) for k, v in probas.items()},
+        }
+        figures["reliability"] = plots.reliability_figure(
+            reliab, {k: report["calibration"][k]["ece"] for k in reliab}
+        )
+        if cfg.robustness.enabled:
+            kinds = {
+                k: v for k, v in cfg.robustness.perturbations.items() if k in robustness.WORD_PERTURBATIONS
+            }
+            skipped = sorted(set(cfg.robustness.perturbations) - set(kinds))
+            rows, changed_by = [], {}
+            clean_scores = {
+                "model": ner.entity_scores(true, clean)["metrics"],
+                "baseline": ner.entity_scores(true, base_clean)["metrics"],
+            }
+            for kind in kinds:
+                for who, s in clean_scores.items():
+                    rows.append({"perturbation": kind, "strength": 0.0, "predictor": who, "macro_f1": s["macro_f1"],
+                                 "f1": s["f1"], "drop": 0.0, "flip_rate": 0.0, "flip_rate_ci95_low": 0.0,
+                                 "flip_rate_ci95_high": 0.0, "texts_changed": 0})  # fmt: skip
+            for kind, strengths in kinds.items():
+                for strength in strengths:
+                    noisy = robustness.perturb_sentences(sentences, kind, strength, seed)
+                    base_noisy, _ = ner.crf_tags(crf, test.assign(tokens=noisy))
+                    edited = sum(a != b for a, b in zip(noisy, sentences, strict=True))
+                    for who, before, after in (
+                        ("model", clean, tagged(word_rows(noisy, f"{kind}@{strength:g}"))),
+                        ("baseline", base_clean, base_noisy),
+                    ):
+                        s = ner.entity_scores(true, after)["metrics"]
+                        changed = ner.changed_sentences(before, after)
+                        rows.append(
+                            {
+                                "perturbation": kind,
+                                "strength": strength,
+                                "predictor": who,
+                                "macro_f1": s["macro_f1"],
+                                "f1": s["f1"],
+                                "drop": clean_scores[who]["macro_f1"] - s["macro_f1"],
+                                # the share of sentences whose entities changed
+                                **robustness.flip_rate(
+                                    np.zeros(len(changed)), changed, cfg.robustness.resamples, seed
+                                ),
+                                "texts_changed": edited,
+                            }
+                        )
+                        if who == "model":
+                            changed_by[f"{kind}@{strength:g}"] = (changed, after)
+            tables["robustness"] = pd.DataFrame(rows)
+            report["robustness"] = _robustness_report(tables["robustness"])
+            if skipped:
+                report["robustness"]["skipped"] = {
+                    k: "changes the words, so the tags would not align" for k in skipped
+                }
+            tables["fragile"] = _fragile_sentences(test, clean, changed_by)
+            if len(tables["robustness"]):
+                figures["robustness"] = plots.robustness_figure(tables["robustness"])
+        if cfg.slices.enabled:
+            preds = {"model": clean, "baseline": base_clean}
+            resamples = cfg.robustness.resamples
+            tables["slices_length"] = slices.entities_by_length(
+                ner.token_lengths(tokenizer, test), true, preds, max_length, cfg.slices.length_edges,
+                resamples, seed,
+            )  # fmt: skip
+            tables["slices_class"] = slices.entities_by_type(true, preds, resamples, seed)
+            report["slices"] = {
+                "length": tables["slices_length"].to_dict(orient="records"),
+                "class": tables["slices_class"].to_dict(orient="records"),
+            }
+        for name in ("attack", "faithfulness", "top_tokens"):
+            tables[name] = pd.DataFrame({"note": [NOT_FOR_TOKENS]})
+        html = f"<!doctype html><title>attributions</title><p>{NOT_FOR_TOKENS}</p>"
+        report["seconds"] = {"total": round(time.perf_counter() - started, 1)}
+        report["mlflow_run_id"] = run.info.run_id
+        report["train_mlflow_run_id"] = train_run_id
+        _write_outputs(
+            paths, report, tables, reliab, figures, html, temperature, len(val), cfg.calibration.enabled
+        )
+    return _summary(report)
+
+
+def _fragile_sentences(
+    test: pd.DataFrame, clean: list[list[str]], changed_by: dict[str, tuple[np.ndarray, list[list[str]]]]
+) -> pd.DataFrame:
+    """The test sentences whose predicted entities some perturbation changes, the most changed first: the
+    clean entities and each perturbation's."""
+    counts = (
+        np.sum([changed for changed, _ in changed_by.values()], axis=0) if changed_by else np.zeros(len(test))
+    )
+    rows = []
+    for i in np.argsort(-counts, kind="stable"):
+        if counts[i] == 0:
+            break
+        tokens = list(test["tokens"].iloc[i])
+        row = {
+            "id": test["id"].iloc[i],
+            "perturbations_changing": int(counts[i]),
+            "text": test["text"].iloc[i],
+        }
+        row["clean"] = ner.entities_text(tokens, clean[i])
+        row |= {key: ner.entities_text(tokens, after[i]) for key, (_, after) in changed_by.items()}
+        rows.append(row)
+    columns = ["id", "perturbations_changing", "text", "clean", *changed_by]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _write_outputs(
+    paths: Paths,
+    report: dict,
+    tables: dict[str, pd.DataFrame],
+    reliab: dict[str, pd.DataFrame],
+    figures: dict[str, object],
+    html: str,
+    temperature: float,
+    val_rows: int,
+    fitted: bool,
+) -> None:
+    """Every output the stage declares, together or not at all, the same in the active MLflow run, and
+    the temperature export serves (``paths.calibration``). A table no part filled gets one row saying
+    why: DVC wants every declared output."""
+    for name, part in TABLES.items():
+        tables.setdefault(name, pd.DataFrame({"note": [f"off: analyze.{part}.enabled is false"]}))
+    with io.staged_outputs(paths.out) as out:  # all outputs appear together, or none
+        for name, frame in tables.items():
+            frame.to_csv(out / f"{name}.csv", index=False)
+        for name, table in reliab.items():
+            (out / "plots" / "reliability").mkdir(parents=True, exist_ok=True)
+            table.to_csv(out / "plots" / "reliability" / f"{name}.csv", index=False)
+        if "robustness" in tables:
+            (out / "plots" / "robustness").mkdir(parents=True, exist_ok=True)
+            wide = tables["robustness"].pivot_table(
+                index=["perturbation", "strength"], columns="predictor", values="macro_f1"
+            )
+            for kind, part in wide.groupby(level=0):
+                part.reset_index(level=0, drop=True).add_suffix("_macro_f1").reset_index().to_csv(
+                    out / "plots" / "robustness" / f"{kind}.csv", index=False
+                )
+        (out / "attributions.html").write_text(html, encoding="utf-8")
+        for name, fig in figures.items():
+            tracking.log_figure(fig, f"plots/{name}.png")
+            plots.close(fig)
+        for entry in sorted(out.iterdir()):
+            if entry.is_file():
+                tracking.log_artifact(entry, "analysis")
+        tracking.log_metrics(tracking.flatten(reports.headline("analyze", report)))
+        reports.write("analyze", report, out / "metrics.json", out / "report.json")
+        tracking.log_dict(report, "analyze_report.json")
+    io.write_json(
+        paths.calibration,
+        {
+            "temperature": temperature,
+            "fitted_on": "val" if fitted else None,
+            "rows": val_rows,
+        },
+    )
 
 
 def _robustness(

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from lmpipe import data, io, modelcard, ner, promotion, reports, serving, tracking
+from lmpipe import data, io, modelcard, models, ner, promotion, reports, serving, tracking
 from lmpipe import export as lib
-from lmpipe.compare import predictions_frame, versus_baseline
+from lmpipe.compare import predictions_frame, versus_baseline, versus_baseline_entities
 from lmpipe.errors import UserError
 from lmpipe.metrics import classification_metrics
 from lmpipe.params import Params
@@ -97,27 +99,35 @@ def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
     }
 
 
-def run(params: Params, paths: Paths) -> str:
-    ner.not_yet("export", params.base.task)
-    model_dir = chosen_model(params, paths.source)
-    compression = io.read_json(paths.compress_report) if paths.compress_report else None
-    budget = budget_check(params, compression)  # before any work
+def read_records(params: Params, paths: Paths) -> dict[str, Any]:
+    """The earlier stages' reports the card, the gate and the registry tags are written from, and the run
+    ids: the evaluate run is the latest finished one of the train run (the scores carry no run id, so that
+    an evaluate re-run that scores the same does not re-run export)."""
     records = {
         "prepare": io.read_json(paths.prepare_report),
         "split": io.read_json(paths.split_report),
         "train": io.read_json(paths.train_report),
         "evaluate": io.read_json(paths.eval_scores),
-        "compression": compression,
+        "compression": io.read_json(paths.compress_report) if paths.compress_report else None,
     }
+    train_run_id = records["train"].get("mlflow_run_id", "")
+    evaluation = tracking.evaluate_run_of(train_run_id) if train_run_id else None
+    records["evaluate_run_id"] = evaluation.info.run_id if evaluation else ""
+    return records
+
+
+def run(params: Params, paths: Paths) -> str:
+    if params.base.task == ner.TASK:
+        return run_entities(params, paths)
+    model_dir = chosen_model(params, paths.source)
+    compression = io.read_json(paths.compress_report) if paths.compress_report else None
+    budget = budget_check(params, compression)  # before any work
+    records = read_records(params, paths)
     # the Linear layers compress's int8 variant kept fp32 to meet the budget: the ONNX int8 model keeps
     # the same ones (they were ranked on the trained model, so only when that is what is shipped)
     int8_row = (records["compression"] or {}).get("variants", {}).get("int8", {})
     fp32_layers = int8_row.get("fp32_layers", []) if params.export.source == "model" else []
-    # the scores carry no run id (an evaluate re-run that scores the same does not re-run export); the
-    # evaluate run is the latest finished one of this train run
     train_run_id = records["train"].get("mlflow_run_id", "")
-    evaluation = tracking.evaluate_run_of(train_run_id) if train_run_id else None
-    records["evaluate_run_id"] = evaluation.info.run_id if evaluation else ""
     test = data.read_split(paths.data, "test")
     calibration = io.read_json(paths.calibration) if paths.calibration else {"temperature": 1.0}
     temperature = float(calibration["temperature"])
@@ -140,8 +150,19 @@ def run(params: Params, paths: Paths) -> str:
         latency = benchmark(params, checked, test["text"].tolist(), others)
         git = tracking.git_info()  # once: the registered version's tags and the metrics name the same commit
         baseline = pd.read_csv(paths.baseline_predictions)
+        versus = versus_evaluated_baseline(params, checked, test, baseline, records["evaluate"])
         registered = register_and_gate(
-            params, checked, test, baseline, tmp, records, active.info.run_id, git, list(others)
+            params,
+            checked.served,
+            checked.served_variant,
+            versus,
+            lambda uri: lib.score_registered(uri, test["text"].tolist(), checked.y_true, checked.labels),
+            test,
+            tmp,
+            records,
+            active.info.run_id,
+            git,
+            list(others),
         )
         sizes = {
             v: round((tmp / f).stat().st_size / 2**20, 3)
@@ -211,8 +232,7 @@ def run(params: Params, paths: Paths) -> str:
         tracking.log_dict(metrics, "export_report.json")
         reports.write("export", metrics, paths.metrics, paths.report)
     b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in metrics["latency"].items()}
-    failed = [r.removeprefix("FAIL: ") for r in metrics["gate"]["reasons"] if r.startswith("FAIL: ")]
-    gate = "gate passed" if metrics["gate"]["passed"] else "gate FAILED: " + "; ".join(failed)
+    gate = gate_line(metrics["gate"])
     return (
         f"export: ONNX fp32 max |dlogit| {metrics['onnx_fp32']['max_abs_logit_diff']:.1e}, int8 agreement "
         f"{metrics['onnx_int8']['label_agreement']:.4f} | batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, "
@@ -221,7 +241,165 @@ def run(params: Params, paths: Paths) -> str:
     )
 
 
+def gate_line(gate: dict[str, Any]) -> str:
+    """The gate's decision in a few words, with the failed checks."""
+    failed = [r.removeprefix("FAIL: ") for r in gate["reasons"] if r.startswith("FAIL: ")]
+    return "gate passed" if gate["passed"] else "gate FAILED: " + "; ".join(failed)
+
+
 ONNX_FILES = {"fp32": FP32_FILE, "int8": INT8_FILE, "fp32_opt": OPT_FILE, "int8_opt": OPT_INT8_FILE}
+
+
+def run_entities(params: Params, paths: Paths) -> str:
+    """Token classification: the ONNX export checked word by word against PyTorch on the test sentences,
+    its int8, their latency, a registered model whose output is entities with character offsets
+    (``serving.EntityTaggerModel``), the gate against evaluate's CRF baseline (entity macro-F1, paired
+    over sentences), and the card. Served probabilities are the raw softmax (no temperature)."""
+    cfg = params.export
+    model_dir = chosen_model(params, paths.source)
+    records = read_records(params, paths)
+    budget = budget_check(params, records["compression"])
+    train_run_id = records["train"].get("mlflow_run_id", "")
+    test = data.read_split(paths.data, "test")
+    sentences, true = [list(s) for s in test["tokens"]], [list(t) for t in test["tags"]]
+    tags = {
+        "train_run_id": train_run_id,
+        "evaluate_run_id": records["evaluate_run_id"],
+        "export_source": cfg.source,
+    }
+    torch.set_num_threads(cfg.latency.threads)
+    with tracking.stage_run(params, "export", tags=tags) as active, io.atomic_dir(paths.out) as tmp:
+        lib.write_classifier_folder(model_dir, tmp, params.base.max_length, cfg.opset, cfg.allow_spinning)
+        lib.quantize_onnx_int8(tmp)
+        taggers = {
+            v: serving.OnnxEntityTagger(tmp, ONNX_FILES[v], threads=cfg.latency.threads, allow_spinning=False)
+            for v in ("fp32", "int8")
+        }
+        model = models.load_classifier(model_dir).eval()  # on the CPU, where the exports run
+        dataset, token_rows, names = ner.token_logits(
+            model,
+            taggers["fp32"].tokenizer,
+            sentences,
+            params.base.max_length,
+            cfg.batch_size,
+            "pytorch fp32",
+        )
+        reference = [dataset.word_logits(r, i) for i, r in enumerate(token_rows)]
+        pytorch = ner.entity_scores(true, [serving.tags_of(w, names)[0] for w in reference])["metrics"]
+        rows, predicted = {}, {}
+        for variant, tagger in taggers.items():
+            words = [
+                w
+                for i in tqdm(range(0, len(sentences), cfg.batch_size), desc=f"onnx {variant}", unit="batch")
+                for w in tagger.word_logits(sentences[i : i + cfg.batch_size])
+            ]
+            predicted[variant] = [serving.tags_of(w, names)[0] for w in words]
+            scores = ner.entity_scores(true, predicted[variant])["metrics"]
+            row = ner.word_parity(reference, words, names)
+            row.update({k: scores[k] for k in ("f1", "macro_f1", "accuracy")})
+            if variant == "fp32":
+                row["ok"] = row["max_abs_logit_diff"] <= cfg.max_logit_diff and row["labels_differing"] == 0
+            else:
+                row["macro_f1_minus_pytorch"] = row["macro_f1"] - pytorch["macro_f1"]
+                row["ok"] = row["label_agreement"] >= cfg.min_int8_agreement
+            rows[variant] = row
+        if not rows["fp32"]["ok"]:
+            raise UserError(
+                f"export.max_logit_diff: the ONNX fp32 export differs from PyTorch by "
+                f"{rows['fp32']['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
+                f"{rows['fp32']['labels_differing']} word tag(s) changed on {model_dir}; not registering it"
+            )
+        variant = cfg.registered_variant.removesuffix("_opt")
+        if variant != cfg.registered_variant:
+            print(
+                f"export: export.registered_variant '{cfg.registered_variant}': no optimised graph for token "
+                f"classification yet; serving '{variant}'"
+            )
+        runners = {"pytorch_fp32": lib.torch_runner(model_dir)}
+        runners |= {f"onnx_{v}": tagger.logits for v, tagger in taggers.items()}
+        latency = lib.latency_benchmark(
+            runners, taggers["fp32"], test["text"].tolist(), cfg.latency.batch_sizes, cfg.latency.warmup,
+            cfg.latency.repeats,
+        )  # fmt: skip
+        speedup = {
+            f"{name}_vs_pytorch_b{n}": round(
+                latency["pytorch_fp32"][f"latency_b{n}_p50_ms"] / latency[name][f"latency_b{n}_p50_ms"], 3
+            )
+            for name in runners
+            if name != "pytorch_fp32"
+            for n in cfg.latency.batch_sizes
+        }
+        baseline_tags = ner.tags_from_predictions(ner.read_predictions(paths.baseline_predictions), test)
+        versus = versus_baseline_entities(true, predicted[variant], baseline_tags, params.base.seed)
+        versus["baseline_macro_f1"] = float(records["evaluate"]["baseline"]["macro_f1"])
+        git = tracking.git_info()
+        registered = register_and_gate(
+            params,
+            rows[variant],
+            variant,
+            versus,
+            lambda uri: lib.score_registered_entities(uri, test, names),
+            test,
+            tmp,
+            records,
+            active.info.run_id,
+            git,
+            task=ner.TASK,
+        )
+        sizes = {v: round((tmp / ONNX_FILES[v]).stat().st_size / 2**20, 3) for v in taggers}
+        example = test["text"].iloc[0]
+        metrics = {
+            "task": ner.TASK,
+            "source": cfg.source,
+            **budget,
+            "labels": names,
+            "test_rows": len(test),
+            "pytorch_fp32": {k: pytorch[k] for k in ("f1", "macro_f1", "accuracy")},
+            "onnx_fp32": rows["fp32"],
+            "onnx_int8": rows["int8"],
+            "optimize": {"skipped": "no optimised graph for token classification yet"},
+            "served": {
+                "variant": variant,
+                "f1": rows[variant]["f1"],
+                "macro_f1": rows[variant]["macro_f1"],
+                "accuracy": rows[variant]["accuracy"],
+                "latency_b1_p50_ms": latency[f"onnx_{variant}"].get("latency_b1_p50_ms"),
+                "size_mb": sizes[variant],
+                "example": {"text": example, "entities": taggers[variant].entities([example])[0]},
+            },
+            "latency": latency,
+            "speedup": speedup,
+            "latency_threads": cfg.latency.threads,
+            "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "size_mb": sizes,
+            **registered,
+            "git_commit": git["git_commit"],
+            "mlflow_run_id": active.info.run_id,
+        }
+        card = modelcard.render_entities(params, records, metrics)
+        (tmp / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+        tracking.log_artifact(tmp / "MODEL_CARD.md")
+        tracking.log_metrics(
+            {k: metrics[k] for k in ("pytorch_fp32", "onnx_fp32", "onnx_int8", "latency", "size_mb")}
+        )
+        tracking.log_metrics(
+            {
+                "gate_passed": int(metrics["gate"]["passed"]),
+                "registered_version": int(metrics["registry"]["version"]),
+            }
+        )
+        tracking.log_dict(metrics, "export_report.json")
+        reports.write("export", metrics, paths.metrics, paths.report)
+    b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in latency.items()}
+    gate = gate_line(metrics["gate"])
+    return (
+        f"export: ONNX fp32 max |dlogit| {rows['fp32']['max_abs_logit_diff']:.1e} over "
+        f"{rows['fp32']['words']} test words, int8 word-tag agreement {rows['int8']['label_agreement']:.4f}, "
+        f"entity macro-F1 {variant} {rows[variant]['macro_f1']:.4f} (PyTorch {pytorch['macro_f1']:.4f}) | "
+        f"batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, int8 {b1['onnx_int8']:.1f} ms | "
+        f"{metrics['registry']['name']} v{metrics['registry']['version']} aliases: "
+        f"{', '.join(metrics['gate']['aliases']) or 'none'}\nexport: {gate}"
+    )
 
 
 @dataclass
@@ -454,28 +632,37 @@ def comparison(checked: Checked, others: dict[str, Checked], latency: dict[str, 
     return rows
 
 
+def versus_evaluated_baseline(
+    params: Params, checked: Checked, test: pd.DataFrame, baseline: pd.DataFrame, evaluate: dict
+) -> dict[str, Any]:
+    """The served variant against evaluate's baseline on the same test rows, paired: evaluate's code."""
+    proba = serving.softmax(checked.served_logits)
+    versus = versus_baseline(predictions_frame(test, proba, checked.labels), baseline, params.base.seed)
+    return {**versus, "baseline_macro_f1": float(evaluate["baseline"]["macro_f1"])}
+
+
 def register_and_gate(
     params: Params,
-    checked: Checked,
+    served: dict[str, Any],
+    variant: str,
+    versus: dict[str, Any],
+    score_champion: Callable[[str], float | None],
     test: pd.DataFrame,
-    baseline: pd.DataFrame,
     folder: Path,
     records: dict,
     run_id: str,
     git: dict[str, str],
     subfolders: list[str] = (),
+    task: str = "classification",
 ) -> dict[str, Any]:
-    """Log the served ONNX variant as a pyfunc model, decide the promotion gate against the baseline and
-    the current champion, register the new version with its provenance tags, and set its aliases."""
+    """Log the served ONNX variant (test scores ``served``) as a pyfunc model, decide the promotion gate
+    against the baseline (``versus``: the paired difference, ``versus_evaluated_baseline``'s keys) and the
+    current champion (``score_champion`` scores a registered model on this test split, or None), register
+    the new version with its provenance tags, and set its aliases."""
     cfg = params.export
     texts = test["text"].tolist()
-    evaluate, train_run_id = records["evaluate"], records["train"].get("mlflow_run_id", "")
-    baseline_f1 = float(evaluate["baseline"]["macro_f1"])
-    served, variant = checked.served, checked.served_variant
-    # the served variant against the baseline on the same test rows, paired: the code of evaluate
-    proba = serving.softmax(checked.served_logits)
-    versus = versus_baseline(predictions_frame(test, proba, checked.labels), baseline, params.base.seed)
-    versus["baseline_macro_f1"] = baseline_f1
+    train_run_id = records["train"].get("mlflow_run_id", "")
+    baseline_f1 = versus["baseline_macro_f1"]
 
     # the registered model: the served ONNX variant as model.onnx, with tokenizer and labels
     with tempfile.TemporaryDirectory() as staging_root:
@@ -487,16 +674,14 @@ def register_and_gate(
         (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         example = [t[:300] for t in texts[:2]]
         model_uri = tracking.log_pyfunc_model(
-            serving.__file__, {"classifier": staging}, example, lib.pip_requirements()
+            serving.__file__, {"classifier": staging}, example, lib.pip_requirements(), {"task": task}
         )
 
     name = cfg.registered_model
     champion_version = tracking.alias_version(name, promotion.CHAMPION)
     champion_f1 = None
     if champion_version is not None:
-        champion_f1 = lib.score_registered(
-            f"models:/{name}@{promotion.CHAMPION}", texts, checked.y_true, checked.labels
-        )
+        champion_f1 = score_champion(f"models:/{name}@{promotion.CHAMPION}")
     checks = []
     if variant.startswith("int8"):
         agreement = served["label_agreement"]
@@ -532,7 +717,7 @@ def register_and_gate(
             f"ONNX {variant} export of '{cfg.source}' from training run "
             f"{train_run_id or 'n/a'} at git commit {git['git_commit']}. "
             f"Test macro-F1 {served['macro_f1']:.4f} (accuracy {served['accuracy']:.4f}) on "
-            f"{len(test)} rows; TF-IDF baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
+            f"{len(test)} rows; baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
         ),
     )
     for alias in decision.aliases:
