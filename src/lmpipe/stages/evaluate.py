@@ -77,9 +77,6 @@ def run(params: Params, paths: Paths) -> str:
                 {"model": model_scores["per_class"], "baseline": base_scores["per_class"]},
             )
 
-            tracking.log_metrics(metrics["model"], prefix="test_")
-            tracking.log_metrics(metrics["baseline"], prefix="baseline_test_")
-            tracking.log_metrics(metrics["model_minus_baseline"], prefix="model_minus_baseline_")
             tracking.log_metrics(
                 {n: c["roc_auc"] for n, c in model_scores["curves"].items()}, prefix="test_roc_auc_"
             )
@@ -102,16 +99,7 @@ def run(params: Params, paths: Paths) -> str:
             ):
                 tracking.log_figure(fig, f"plots/{name}.png")
                 plots.close(fig)
-            for file in ("per_class.json", "misclassified.csv", "predictions.csv"):
-                tracking.log_artifact(out / file, "evaluation")
-            if train_run_id and not tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_"):
-                print(
-                    f"evaluate: train run {train_run_id} is not in the MLflow store {tracking.tracking_uri()}; "
-                    "the test scores are logged on the evaluate run only"
-                )
-            io.write_json(out / SCORES, scores)
-            reports.write("evaluate", metrics, out / "metrics.json", out / "report.json")
-            tracking.log_dict(metrics, "evaluate_report.json")
+            record(out, scores, metrics, train_run_id)
 
     m, b, d = metrics["model"], metrics["baseline"], metrics["model_minus_baseline"]
     return (
@@ -123,6 +111,24 @@ def run(params: Params, paths: Paths) -> str:
         f"{d['model_only_right']} texts, only the baseline on {d['baseline_only_right']}, "
         f"McNemar p = {d['mcnemar_p']:.3f}"
     )
+
+
+def record(out, scores: dict, metrics: dict, train_run_id: str) -> None:
+    """What both tasks log and write alike: the headline scores on the evaluate run (and the model's on
+    its train run), the tables as artefacts, ``scores.json``, the report and its DVC metrics."""
+    tracking.log_metrics(metrics["model"], prefix="test_")
+    tracking.log_metrics(metrics["baseline"], prefix="baseline_test_")
+    tracking.log_metrics(metrics["model_minus_baseline"], prefix="model_minus_baseline_")
+    for file in ("per_class.json", "misclassified.csv", "predictions.csv"):
+        tracking.log_artifact(out / file, "evaluation")
+    if train_run_id and not tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_"):
+        print(
+            f"evaluate: train run {train_run_id} is not in the MLflow store {tracking.tracking_uri()}; "
+            "the test scores are logged on the evaluate run only"
+        )
+    io.write_json(out / SCORES, scores)
+    reports.write("evaluate", metrics, out / "metrics.json", out / "report.json")
+    tracking.log_dict(metrics, "evaluate_report.json")
 
 
 def run_entities(params: Params, paths: Paths) -> str:
@@ -171,9 +177,6 @@ def run_entities(params: Params, paths: Paths) -> str:
             ner.predictions_frame(test, base_pred, base_proba).to_csv(out / BASELINE_PREDICTIONS, index=False)
             ner.misclassified_frame(test, pred, base_pred).to_csv(out / "misclassified.csv", index=False)
             io.write_json(out / "per_class.json", per_type)
-            tracking.log_metrics(metrics["model"], prefix="test_")
-            tracking.log_metrics(metrics["baseline"], prefix="baseline_test_")
-            tracking.log_metrics(metrics["model_minus_baseline"], prefix="model_minus_baseline_")
             for name, guess, title in (
                 ("confusion_matrix", pred, "Test tag confusion (words)"),
                 ("baseline_confusion_matrix", base_pred, "Baseline (CRF) tag confusion (words)"),
@@ -182,15 +185,7 @@ def run_entities(params: Params, paths: Paths) -> str:
                 fig = plots.confusion_figure(matrix, names, title)
                 tracking.log_figure(fig, f"plots/{name}.png")
                 plots.close(fig)
-            for file in ("per_class.json", "misclassified.csv", "predictions.csv"):
-                tracking.log_artifact(out / file, "evaluation")
-            if train_run_id and not tracking.log_metrics_to(train_run_id, metrics["model"], prefix="test_"):
-                print(
-                    f"evaluate: train run {train_run_id} is not in the MLflow store; scores logged here only"
-                )
-            io.write_json(out / SCORES, scores)
-            reports.write("evaluate", metrics, out / "metrics.json", out / "report.json")
-            tracking.log_dict(metrics, "evaluate_report.json")
+            record(out, scores, metrics, train_run_id)
     m, b, d = metrics["model"], metrics["baseline"], metrics["model_minus_baseline"]
     return (
         f"evaluate: entity micro-F1 model {m['f1']:.4f}, baseline (CRF) {b['f1']:.4f}; macro-F1 model "

@@ -309,6 +309,11 @@ def run_entities(params: Params, paths: Paths) -> str:
                 f"{rows['fp32']['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
                 f"{rows['fp32']['labels_differing']} word tag(s) changed on {model_dir}; not registering it"
             )
+        if cfg.compare:
+            print(
+                f"export: export.compare ({', '.join(cfg.compare)}): compress variants are exported beside the "
+                "model for text classification only; compress's table compares them for this task"
+            )
         variant = cfg.registered_variant.removesuffix("_opt")
         if variant != cfg.registered_variant:
             print(
