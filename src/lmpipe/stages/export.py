@@ -123,10 +123,7 @@ def run(params: Params, paths: Paths) -> str:
     compression = io.read_json(paths.compress_report) if paths.compress_report else None
     budget = budget_check(params, compression)  # before any work
     records = read_records(params, paths)
-    # the Linear layers compress's int8 variant kept fp32 to meet the budget: the ONNX int8 model keeps
-    # the same ones (they were ranked on the trained model, so only when that is what is shipped)
-    int8_row = (records["compression"] or {}).get("variants", {}).get("int8", {})
-    fp32_layers = int8_row.get("fp32_layers", []) if params.export.source == "model" else []
+    fp32_layers = int8_fp32_layers(params, records["compression"])
     train_run_id = records["train"].get("mlflow_run_id", "")
     test = data.read_split(paths.data, "test")
     calibration = io.read_json(paths.calibration) if paths.calibration else {"temperature": 1.0}
@@ -241,6 +238,13 @@ def run(params: Params, paths: Paths) -> str:
     )
 
 
+def int8_fp32_layers(params: Params, compression: dict | None) -> list[str]:
+    """The Linear layers compress's int8 variant kept fp32 to meet its budget: the ONNX int8 model keeps
+    the same ones (they were ranked on the trained model, so only when that is what is shipped)."""
+    row = (compression or {}).get("variants", {}).get("int8", {})
+    return row.get("fp32_layers", []) if params.export.source == "model" else []
+
+
 def gate_line(gate: dict[str, Any]) -> str:
     """The gate's decision in a few words, with the failed checks."""
     failed = [r.removeprefix("FAIL: ") for r in gate["reasons"] if r.startswith("FAIL: ")]
@@ -270,7 +274,7 @@ def run_entities(params: Params, paths: Paths) -> str:
     torch.set_num_threads(cfg.latency.threads)
     with tracking.stage_run(params, "export", tags=tags) as active, io.atomic_dir(paths.out) as tmp:
         lib.write_classifier_folder(model_dir, tmp, params.base.max_length, cfg.opset, cfg.allow_spinning)
-        lib.quantize_onnx_int8(tmp)
+        lib.quantize_onnx_int8(tmp, int8_fp32_layers(params, records["compression"]))
         taggers = {
             v: serving.OnnxEntityTagger(tmp, ONNX_FILES[v], threads=cfg.latency.threads, allow_spinning=False)
             for v in ("fp32", "int8")
