@@ -64,7 +64,8 @@ def aligned(
         missing = {"id", "actual", "predicted"} - set(c.predictions.columns)
         if missing:
             raise UserError(f"{c.label}: predictions lack column(s) {', '.join(sorted(missing))}")
-        frame = c.predictions[["id", "actual", "predicted"]].astype(str)
+        frame = sentence_rows(c.predictions) if is_word_level(c.predictions) else c.predictions
+        frame = frame[["id", "actual", "predicted"]].astype(str)
         if frame["id"].duplicated().any():
             raise UserError(f"{c.label}: predictions repeat example ids")
         frames.append(frame.sort_values("id", kind="stable").reset_index(drop=True))
@@ -98,6 +99,49 @@ def aligned(
     truths = [f["actual"].map(code).to_numpy() for f in frames]
     preds = [f["predicted"].map(code).to_numpy() for f in frames]
     return truths, preds, classes, not mismatch
+
+
+def is_word_level(predictions: pd.DataFrame) -> bool:
+    """Token classification's predictions: one row per word (``id`` the sentence, ``position`` the word)."""
+    return "position" in predictions.columns
+
+
+def sentence_rows(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Word-level predictions as one row per sentence, its true and predicted tags joined by spaces: a
+    sentence is the example that is resampled, and it is right when every one of its tags is."""
+    words = predictions.astype({"id": str, "actual": str, "predicted": str})
+    words = words.sort_values(["id", "position"], kind="stable")
+    joined = words.groupby("id", sort=True).agg(
+        actual=("actual", " ".join), predicted=("predicted", " ".join)
+    )
+    return joined.reset_index()
+
+
+def _scorer(truths: list[np.ndarray], preds: list[np.ndarray], classes: list[str], token_task: bool):
+    """``score(i, weights)``: candidate ``i``'s ``METRICS`` for each row of ``weights``, and the classes to
+    report. Text classification: accuracy and macro-F1 over the texts (``weighted_scores``). Token
+    classification (``classes`` are sentences' tag strings): token accuracy and entity macro-F1, seqeval's
+    strict spans (``lmpipe.ner``), from per-sentence counts."""
+    if not token_task:
+        k = len(classes)
+        return (lambda i, w: weighted_scores(w, truths[i], preds[i], k)), classes
+    from lmpipe import ner
+
+    def tags(codes: np.ndarray) -> list[list[str]]:
+        return [classes[c].split(" ") for c in codes]
+
+    truth_tags = [tags(y) for y in truths]
+    pred_tags = [tags(p) for p in preds]
+    types = sorted(
+        {kind for seqs in truth_tags + pred_tags for seq in seqs for kind, _, _ in ner.entity_spans(seq)}
+    )
+    counts = [ner.sentence_counts(y, p, types) for y, p in zip(truth_tags, pred_tags, strict=True)]
+
+    def score(i: int, weights: np.ndarray) -> dict[str, np.ndarray]:
+        scores = ner.scores_from_counts(counts[i], np.atleast_2d(weights).astype(np.float64))
+        return {m: scores[m] for m in METRICS}
+
+    return score, sorted({tag for seqs in truth_tags for seq in seqs for tag in seq})
 
 
 def weighted_scores(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict:
@@ -231,24 +275,22 @@ def compare(
     if not 0 < alpha < 0.5:
         raise UserError(f"--alpha must be between 0 and 0.5, got {alpha}")
     truths, preds, classes, paired = aligned(candidates, unpaired)
-    k = len(classes)
-    point = [
-        {m: float(v[0]) for m, v in weighted_scores(np.ones(len(y)), y, p, k).items()}
-        for y, p in zip(truths, preds, strict=True)
-    ]
+    token_task = all(is_word_level(c.predictions) for c in candidates)
+    score, classes = _scorer(truths, preds, classes, token_task)
+    point = [{m: float(v[0]) for m, v in score(i, np.ones(len(y))).items()} for i, y in enumerate(truths)]
 
     # paired: one set of resamples for every candidate, so single CIs and differences share them;
     # unpaired: each candidate resamples its own test set (same seed, so still reproducible)
     draws: list[dict[str, list[np.ndarray]]] = [{m: [] for m in METRICS} for _ in preds]
     if paired:
         for w in bootstrap_weights(len(truths[0]), resamples, seed):
-            for i, p in enumerate(preds):
-                for m, v in weighted_scores(w, truths[0], p, k).items():
+            for i in range(len(preds)):
+                for m, v in score(i, w).items():
                     draws[i][m].append(v)
     else:
-        for i, (y, p) in enumerate(zip(truths, preds, strict=True)):
+        for i, y in enumerate(truths):
             for w in bootstrap_weights(len(y), resamples, seed):
-                for m, v in weighted_scores(w, y, p, k).items():
+                for m, v in score(i, w).items():
                     draws[i][m].append(v)
     samples = [{m: np.concatenate(d[m]) for m in METRICS} for d in draws]
     y = truths[0]
@@ -305,6 +347,7 @@ def compare(
         del g["_values"]
 
     return {
+        "task": "token_classification" if token_task else "classification",
         "paired": paired,
         "test_examples": len(y) if paired else [len(t) for t in truths],
         "classes": classes,

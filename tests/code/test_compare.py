@@ -285,3 +285,39 @@ def test_across_splits_needs_one_setting_on_distinct_seeds():
         across_splits([a, candidate("b", y, y, seed=1)], [a, a])
     with pytest.raises(UserError, match="also differ in train.learning_rate"):
         across_splits([a, candidate("b", y, y, seed=2, train__learning_rate=0.1)], [a, a])
+
+
+def test_token_classification_compares_entities_over_sentences():
+    from lmpipe import ner
+
+    rng = np.random.default_rng(1)
+    vocabulary = ["O", "O", "O", "B-per", "I-per", "B-loc"]
+    true = [list(rng.choice(vocabulary, size=int(rng.integers(3, 9)))) for _ in range(60)]
+    better = [list(t) for t in true]
+    for seq in better[:10]:  # errors in 10 sentences
+        seq[0] = "O" if seq[0] != "O" else "B-loc"
+    worse = [["O"] * len(t) for t in true]  # finds nothing
+
+    def words(pred: list[list[str]]) -> pd.DataFrame:
+        rows = [
+            {"id": f"s{i:03d}", "position": j, "token": "w", "actual": a, "predicted": p}
+            for i, (t, q) in enumerate(zip(true, pred, strict=True))
+            for j, (a, p) in enumerate(zip(t, q, strict=True))
+        ]
+        return pd.DataFrame(rows).sample(frac=1, random_state=0)  # the file's order is not the sentences'
+
+    result = compare(
+        [Candidate("worse", "synthetic", words(worse)), Candidate("better", "synthetic", words(better))],
+        resamples=500,
+    )
+    assert result["task"] == "token_classification" and result["test_examples"] == 60
+    for run_, pred in zip(result["runs"], (worse, better), strict=True):
+        expected = ner.entity_scores(true, pred)["metrics"]
+        assert run_["macro_f1"]["value"] == pytest.approx(expected["macro_f1"])
+        assert run_["accuracy"]["value"] == pytest.approx(expected["accuracy"])  # token accuracy
+    pair = result["pairs"][0]
+    assert pair["macro_f1"]["significant"] and pair["macro_f1"]["diff"] > 0.5
+    # McNemar counts whole sentences: the better model is wholly right on the 50 it did not touch
+    wholly = sum(all(a == b for a, b in zip(t, p, strict=True)) for t, p in zip(true, worse, strict=True))
+    assert pair["mcnemar"]["b_only"] + pair["mcnemar"]["a_only"] == 50 - wholly
+    assert "Token classification: an example is a test sentence" in markdown(result)
