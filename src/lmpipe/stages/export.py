@@ -120,9 +120,8 @@ def run(params: Params, paths: Paths) -> str:
     if params.base.task == ner.TASK:
         return run_entities(params, paths)
     model_dir = chosen_model(params, paths.source)
-    compression = io.read_json(paths.compress_report) if paths.compress_report else None
-    budget = budget_check(params, compression)  # before any work
     records = read_records(params, paths)
+    budget = budget_check(params, records["compression"])  # before any work
     fp32_layers = int8_fp32_layers(params, records["compression"])
     train_run_id = records["train"].get("mlflow_run_id", "")
     test = data.read_split(paths.data, "test")
