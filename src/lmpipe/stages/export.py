@@ -102,13 +102,19 @@ def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
 def read_records(params: Params, paths: Paths) -> dict[str, Any]:
     """The earlier stages' reports the card, the gate and the registry tags are written from, and the run
     ids: the evaluate run is the latest finished one of the train run (the scores carry no run id, so that
-    an evaluate re-run that scores the same does not re-run export)."""
+    an evaluate re-run that scores the same does not re-run export).
+
+    Compress's report is read first and the source's budget checked on it, before any other file is
+    opened: a variant outside the budget is refused with that reason, not with a missing file's."""
+    compression = io.read_json(paths.compress_report) if paths.compress_report else None
+    budget = budget_check(params, compression)
     records = {
         "prepare": io.read_json(paths.prepare_report),
         "split": io.read_json(paths.split_report),
         "train": io.read_json(paths.train_report),
         "evaluate": io.read_json(paths.eval_scores),
-        "compression": io.read_json(paths.compress_report) if paths.compress_report else None,
+        "compression": compression,
+        "budget": budget,
     }
     train_run_id = records["train"].get("mlflow_run_id", "")
     evaluation = tracking.evaluate_run_of(train_run_id) if train_run_id else None
@@ -120,8 +126,8 @@ def run(params: Params, paths: Paths) -> str:
     if params.base.task == ner.TASK:
         return run_entities(params, paths)
     model_dir = chosen_model(params, paths.source)
-    records = read_records(params, paths)
-    budget = budget_check(params, records["compression"])  # before any work
+    records = read_records(params, paths)  # checks the source's budget before any work
+    budget = records["budget"]
     fp32_layers = int8_fp32_layers(params, records["compression"])
     train_run_id = records["train"].get("mlflow_run_id", "")
     test = data.read_split(paths.data, "test")
@@ -260,8 +266,8 @@ def run_entities(params: Params, paths: Paths) -> str:
     over sentences), and the card. Served probabilities are the raw softmax (no temperature)."""
     cfg = params.export
     model_dir = chosen_model(params, paths.source)
-    records = read_records(params, paths)
-    budget = budget_check(params, records["compression"])
+    records = read_records(params, paths)  # checks the source's budget before any work
+    budget = records["budget"]
     train_run_id = records["train"].get("mlflow_run_id", "")
     test = data.read_split(paths.data, "test")
     sentences, true = [list(s) for s in test["tokens"]], [list(t) for t in test["tags"]]
