@@ -489,6 +489,20 @@ def register_model_version(model_uri: str, name: str, tags: Mapping[str, Any], d
     return str(version.version)
 
 
+def registered_model_tag(name: str, key: str) -> str | None:
+    """Tag ``key`` of registered model ``name``, or None (no such model, or no such tag)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client().get_registered_model(name).tags.get(key)
+    except MlflowException:
+        return None
+
+
+def set_registered_model_tag(name: str, key: str, value: str) -> None:
+    _client().set_registered_model_tag(name, key, value)
+
+
 def alias_version(name: str, alias: str) -> str | None:
     """The version that ``alias`` points at, or None (no such alias or no such model)."""
     from mlflow.exceptions import MlflowException

@@ -180,6 +180,35 @@ def test_export_serves_entities_with_character_offsets(ner_repo):
     assert found == sum(len(ner.entity_spans(t)) for t in tags)
     example = report["served"]["example"]
     assert example["entities"] == tagger.entities([example["text"]])[0]
+    # the registered model and its version name the task
+    client = MlflowClient(tracking_uri=f"sqlite:///{ner_repo / 'mlflow.db'}")
+    name, version = report["registry"]["name"], report["registry"]["version"]
+    assert client.get_registered_model(name).tags["task"] == "token_classification"
+    assert client.get_model_version(name, version).tags["task"] == "token_classification"
+
+
+def test_export_refuses_a_registered_name_that_holds_another_task(ner_repo, tmp_path):
+    import shlex
+
+    import yaml
+
+    uri = f"sqlite:///{ner_repo / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri, registry_uri=uri).create_registered_model(
+        "news-topics", tags={"task": "classification"}
+    )
+    params = write_params(
+        tmp_path / "params.yaml", {"export.registered_model": "news-topics"}, ner_repo / "params.yaml"
+    )
+    out = {"--out": tmp_path / "export", "--metrics": tmp_path / "m.json", "--report": tmp_path / "r.json"}
+    cmd = shlex.split(yaml.safe_load((ner_repo / "dvc.yaml").read_text())["stages"]["export"]["cmd"])
+    cmd = [str(out.get(cmd[i - 1], arg)) for i, arg in enumerate(cmd)] + ["--params", str(params)]
+    result = run(cmd, ner_repo, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: export.registered_model: 'news-topics' holds classification models, and this is a "
+        "token_classification model; give it a registered model name of its own"
+    ]
+    assert not any(p.exists() for p in out.values())
 
 
 def test_predict_writes_entities(ner_repo, tmp_path):

@@ -99,6 +99,18 @@ def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
     }
 
 
+def registry_task_check(params: Params) -> None:
+    """Refuse to register a model under a name that holds another task's models: the gate could not
+    score one task's champion on the other's test split, and the MLflow UI would mix the two."""
+    name = params.export.registered_model
+    held = tracking.registered_model_tag(name, "task")
+    if held is not None and held != params.base.task:
+        raise UserError(
+            f"export.registered_model: '{name}' holds {held} models, and this is a {params.base.task} model; "
+            "give it a registered model name of its own"
+        )
+
+
 def read_records(params: Params, paths: Paths) -> dict[str, Any]:
     """The earlier stages' reports the card, the gate and the registry tags are written from, and the run
     ids: the evaluate run is the latest finished one of the train run (the scores carry no run id, so that
@@ -108,6 +120,7 @@ def read_records(params: Params, paths: Paths) -> dict[str, Any]:
     opened: a variant outside the budget is refused with that reason, not with a missing file's."""
     compression = io.read_json(paths.compress_report) if paths.compress_report else None
     budget = budget_check(params, compression)
+    registry_task_check(params)
     records = {
         "prepare": io.read_json(paths.prepare_report),
         "split": io.read_json(paths.split_report),
@@ -717,6 +730,7 @@ def register_and_gate(
             "git_commit": git["git_commit"],
             "git_dirty": git["git_dirty"],
             "params_hash": params.digest(),
+            "task": task,
             "source": cfg.source,
             "variant": variant,
             "test_macro_f1": f"{served['macro_f1']:.6f}",
@@ -734,6 +748,7 @@ def register_and_gate(
             f"{len(test)} rows; baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
         ),
     )
+    tracking.set_registered_model_tag(name, "task", task)  # registry_task_check reads it
     for alias in decision.aliases:
         tracking.set_alias(name, alias, version)
     return {
