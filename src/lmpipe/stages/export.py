@@ -371,7 +371,6 @@ def run_entities(params: Params, paths: Paths) -> str:
             records,
             active.info.run_id,
             git,
-            task=ner.TASK,
         )
         sizes = {v: round((tmp / ONNX_FILES[v]).stat().st_size / 2**20, 3) for v in taggers}
         example = test["text"].iloc[0]
@@ -680,13 +679,12 @@ def register_and_gate(
     run_id: str,
     git: dict[str, str],
     subfolders: list[str] = (),
-    task: str = "classification",
 ) -> dict[str, Any]:
     """Log the served ONNX variant (test scores ``served``) as a pyfunc model, decide the promotion gate
     against the baseline (``versus``: the paired difference, ``versus_evaluated_baseline``'s keys) and the
     current champion (``score_champion`` scores a registered model on this test split, or None), register
     the new version with its provenance tags, and set its aliases."""
-    cfg = params.export
+    cfg, task = params.export, params.base.task
     texts = test["text"].tolist()
     train_run_id = records["train"].get("mlflow_run_id", "")
     baseline_f1 = versus["baseline_macro_f1"]
