@@ -30,9 +30,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmpipe.params import load_params
+
+    params = load_params(args.params)  # a typo answers here, before the heavy imports below
     from lmpipe.stages import compress
 
-    print(compress.run(load_params(args.params), paths_of(compress.Paths, args)))
+    print(compress.run(params, paths_of(compress.Paths, args)))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmpipe.params import load_params
+
+    params = load_params(args.params)  # a typo answers here, before the heavy imports below
     from lmpipe.stages import evaluate
 
-    print(evaluate.run(load_params(args.params), paths_of(evaluate.Paths, args)))
+    print(evaluate.run(params, paths_of(evaluate.Paths, args)))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmpipe.params import load_params
+
+    params = load_params(args.params)  # a typo answers here, before the heavy imports below
     from lmpipe.stages import export
 
-    print(export.run(load_params(args.params), paths_of(export.Paths, args)))
+    print(export.run(params, paths_of(export.Paths, args)))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmpipe.params import load_params
+
+    params = load_params(args.params)  # a typo answers here, before the heavy imports below
     from lmpipe.stages import prepare
 
-    print(prepare.run(load_params(args.params), paths_of(prepare.Paths, args)))
+    print(prepare.run(params, paths_of(prepare.Paths, args)))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmpipe.params import load_params
+
+    params = load_params(args.params)  # a typo answers here, before the heavy imports below
     from lmpipe.stages import split
 
-    print(split.run(load_params(args.params), paths_of(split.Paths, args)))
+    print(split.run(params, paths_of(split.Paths, args)))
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ def main() -> None:
     parser.add_argument("--history", required=True, help="per-epoch history (CSV plot)")
     args = parser.parse_args()
 
-    from lmpipe.params import load_params
+    from lmpipe.params import load_params, search_overrides
+
+    params = load_params(args.params, overrides=search_overrides(args.search))  # before the heavy imports
     from lmpipe.stages import train
 
-    params = load_params(args.params, overrides=train.search_overrides(args.search))
     print(train.run(params, paths_of(train.Paths, args)))
 
 

@@ -886,6 +886,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     return _build(Params, raw, "", str(path))
 
 
+def search_overrides(search_file: str | Path) -> dict[str, Any]:
+    """What the search stage hands train: its best values, laid over the ``train`` section by
+    ``load_params(..., overrides=...)``, so that what is checked and logged is what is used. Read here,
+    with the loader, so that the train stage checks its params before it imports torch."""
+    return {"train": json.loads(Path(search_file).read_text(encoding="utf-8")).get("params", {})}
+
+
 def write_params(
     dest: str | Path,
     overrides: Mapping[str, Any],

@@ -1,12 +1,11 @@
 """train: fine-tune a sequence classifier on the pretrained encoder with `train.strategy`, keep the best
-epoch, and log it all to MLflow. The search stage's best params reach here through ``search_overrides``."""
+epoch, and log it all to MLflow. The search stage's best params reach here through ``params.search_overrides``."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
@@ -41,14 +40,8 @@ class Paths:
     history: str  # per-epoch history (CSV plot)
 
 
-def search_overrides(search_file: str) -> dict[str, Any]:
-    """What the search stage hands train: its best values, laid over the ``train`` section by
-    ``load_params(..., overrides=...)``, so that what is checked and logged is what is used."""
-    return {"train": io.read_json(search_file).get("params", {})}
-
-
 def run(params: Params, paths: Paths) -> str:
-    """``params`` already carry the search's best values (``search_overrides``). With
+    """``params`` already carry the search's best values (``params.search_overrides``). With
     ``train.distributed`` asking for several processes this process only launches them (each runs this
     function); rank 0 alone writes the outputs and the MLflow run."""
     base, cfg = params.base, params.train
