@@ -1,12 +1,23 @@
-"""Shared fixtures. ``tiny_repo`` copies this repo into a temporary folder (committed files plus the
-uncommitted work, as git sees it), writes tiny params, and runs the real ``dvc repro`` there once, against
-a real MLflow SQLite store in that folder. Tests only read it; a test that changes the repo (params, a
-re-run, a commit, a new MLflow run) takes ``tiny_repo_copy``, its own copy of that folder."""
+"""Shared fixtures.
+
+``tiny_repo`` is the shared tiny pipeline: a copy of this repo (committed files plus the uncommitted work,
+as git sees it) with tiny params on a tiny random encoder, after one real ``dvc repro`` against a real
+MLflow SQLite store in that folder. It is built once per pytest run, across xdist workers (a file lock in
+pytest's base temp folder), and it captures what its readers would otherwise re-run: the first repro's log,
+a second (no-op) repro, ``dvc metrics show``, ``dvc plots show`` and ``dvc params diff``. Tests only read
+it, which is checked when each worker ends; a test that changes the repo (params, a re-run, a commit, a new
+MLflow run) takes ``tiny_repo_copy``, its own copy of that folder (the DVC cache hard-linked: ~1 s).
+
+``run`` logs every command the tests start, with its seconds, to ``commands.tsv`` in the same folder; the
+slowest are listed at the end of the session (``pytest_terminal_summary``)."""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
+import runpy
 import shutil
 import sqlite3
 import subprocess
@@ -44,7 +55,7 @@ TINY = {
     "analyze": ANALYZE_SMALL,
     "mlflow": {"experiment": "tiny"},
     # a few timed runs at small batches: the export stage's benchmark is not what these runs test
-    "export": {"latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3}},
+    "export": {"latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "batch_repeats": 3}},
 }
 
 
@@ -73,10 +84,125 @@ def pytest_configure(config):
 
 def run(cmd: list[str], cwd: Path, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("env", pipeline_env())
+    start = time.perf_counter()
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kwargs)
+    log_command(cmd, time.perf_counter() - start)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+# ------------------------------------------------------------------ where the time goes
+COMMAND_LOG = "commands.tsv"
+_shared_root: Path | None = None
+
+
+def log_command(cmd: list[str], seconds: float) -> None:
+    """One line per command the tests ran: seconds, the test, the command (``commands.tsv``)."""
+    if _shared_root is None:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    line = " ".join(Path(c).name if os.sep in c and i == 0 else c for i, c in enumerate(cmd))
+    with open(_shared_root / COMMAND_LOG, "a") as out:
+        out.write(f"{seconds:.2f}\t{test}\t{line[:300]}\n")
+
+
+# Seconds each test file takes on 2 cores under `make test-all` (its tests' durations summed, from pytest's
+# --durations; the shared pipeline's build counted in the first file that reads it). Files are handed to
+# the xdist workers costliest first (`--no-loadscope-reorder` keeps this order), so that the long files
+# start early and no worker is left alone with one at the end. A file not listed counts as 5 s.
+FILE_SECONDS = {
+    "tests/e2e/test_pipeline.py": 400,  # builds the shared pipeline
+    "tests/e2e/test_distributed.py": 380,
+    "tests/e2e/test_experiments.py": 330,
+    "tests/e2e/test_strategies.py": 300,
+    "tests/e2e/test_ner_pipeline.py": 280,
+    "tests/e2e/test_tracking_server.py": 200,
+    "tests/e2e/test_search_workers.py": 180,
+    "tests/e2e/test_search.py": 170,
+    "tests/e2e/test_compress_budget.py": 160,
+    "tests/e2e/test_splits.py": 150,
+    "tests/e2e/test_export.py": 60,
+    "tests/e2e/test_source_data.py": 60,
+    "tests/e2e/test_s3_remote.py": 50,
+    "tests/e2e/test_analyze.py": 40,
+    "tests/e2e/test_compress.py": 20,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Costliest file first; a file's own tests keep their order (the sort is stable)."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.nodeid.split("::")[0], 5))
+
+
+def pytest_sessionstart(session):
+    shared_root(session.config._tmp_path_factory)  # where commands.tsv goes, from the first command on
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The slowest commands the tests started, and their total: stage processes are most of the suite."""
+    if hasattr(config, "workerinput"):
+        return
+    log = Path(config._tmp_path_factory.getbasetemp()) / COMMAND_LOG
+    if not log.is_file():
+        return
+    rows = []
+    for line in log.read_text().splitlines():
+        seconds, test, cmd = line.split("\t", 2)
+        rows.append((float(seconds), test, cmd))
+    rows.sort(reverse=True)
+    write = terminalreporter.write_line
+    terminalreporter.section("commands the tests started (tests/conftest.py run)")
+    write(f"{len(rows)} commands, {sum(r[0] for r in rows):.0f} s in all; the slowest (log: {log}):")
+    for seconds, test, cmd in rows[:15]:
+        write(f"{seconds:8.1f} s  {test}  {cmd[:120]}")
+
+
+def run_stage_in_process(repo: Path, script: str, args: list[str]) -> tuple[int, str]:
+    """Run this checkout's ``stages/<script>.py`` in this process (``runpy``, as ``__main__``) with ``repo``
+    as the working folder, and return its exit code and stderr. For tests of a stage's one-line errors: no process start-up, no second import of
+    torch; one real subprocess per kind of failure stays in the suite to show the same from outside."""
+    err = io.StringIO()
+    argv, cwd, environ = sys.argv, os.getcwd(), dict(os.environ)
+    uris = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    saved_uri = getattr(uris, "_tracking_uri", None)
+    code = 0
+    try:
+        os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        os.chdir(repo)
+        path = str(ROOT / "stages" / f"{script}.py")
+        sys.argv = [path, *args]
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        uris = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        if uris is not None:  # the stage's mlflow.set_tracking_uri is process-wide: put back what was set
+            uris._tracking_uri = saved_uri
+    return code, err.getvalue()
+
+
+def stage_args(repo: Path, stage: str, replace: dict[str, str] | None = None) -> list[str]:
+    """The arguments ``dvc.yaml`` gives ``stages/<stage>.py``, with the flags in ``replace`` given other
+    values (or added): point a stage's outputs at a test's own folder, or its ``--params`` at another file."""
+    import shlex
+
+    import yaml
+
+    cmd = shlex.split(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    assert cmd[:2] == ["python", f"stages/{stage}.py"], cmd
+    args, replace = cmd[2:], dict(replace or {})
+    for i, arg in enumerate(args):
+        if arg in replace:
+            args[i + 1] = replace.pop(arg)
+    for flag, value in replace.items():
+        args += [flag, value]
+    return args
 
 
 def copy_repo(dest: Path) -> Path:
@@ -175,25 +301,125 @@ def new_repo(dest: Path, overrides: dict, message: str = "test params") -> Path:
     return repo
 
 
+def shared_root(factory: pytest.TempPathFactory) -> Path:
+    """The folder that every xdist worker of this pytest run shares: pytest's base temp folder (a worker's
+    own is a subfolder of it). Run without xdist, the base temp folder itself."""
+    global _shared_root
+    base = factory.getbasetemp()
+    _shared_root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return _shared_root
+
+
+def built_once(root: Path, name: str, build) -> Path:
+    """``root/name``, built by ``build(path)`` by the first worker that asks, under a file lock; the others
+    wait for it and reuse it. A failed build is recorded, so that the other workers fail at once with it
+    instead of trying again."""
+    from filelock import FileLock
+
+    path, failed = root / name, root / f"{name}.failed"
+    with FileLock(str(root / f"{name}.lock")):
+        if failed.exists():
+            pytest.fail(f"building the shared {name} failed in another worker:\n{failed.read_text()}")
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                build(path)
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {err}"[-5000:])
+                raise
+            (root / f"{name}.done").touch()
+    return path
+
+
+def _build_tiny_encoder(out: Path) -> None:
+    import torch
+    from transformers import BertModel
+
+    from lmpipe.models import load_tokenizer, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
+    config = tiny_bert_config(tokenizer.vocab_size, max_position_embeddings=512)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 @pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory) -> Iterator[Path]:
-    """The repo after one ``dvc repro`` on ``TINY`` params, shared by the session: READ it only, so that no
-    test depends on which tests ran before it. Whether it is left as it was is checked when the session
-    ends (an error in the teardown of the last test to use it)."""
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A real ``save_pretrained`` encoder folder that trains in seconds: ``tiny_bert_config`` with random
+    weights (seeded) and MiniLM's tokenizer, built once per pytest run. Point ``base.model`` at it."""
+    return built_once(shared_root(tmp_path_factory), "tiny-encoder", _build_tiny_encoder)
+
+
+# The shared pipeline's params: what its readers (test_pipeline, test_analyze, test_export, test_compress)
+# need, on the tiny encoder. 80 rows (64/8/8), 32 tokens, two quick epochs.
+REGISTERED = "tiny-clf"
+
+
+def shared_params(encoder: Path) -> dict:
+    return {
+        **TINY,
+        "base": {"model": str(encoder), "max_length": 32},
+        "compress": {
+            # 8 val rows: one error is 12 pt; a budget the tiny model's variants meet, so export may ship one
+            "max_loss": 1.0,
+            "prune": {"sparsity": 0.5, "recovery": "always", "recovery_epochs": 1, "learning_rate": 1.0e-4},
+            "distill": {"epochs": 1, "learning_rate": 1.0e-3},
+            "latency": {"threads": 1, "warmup": 1, "repeats": 5, "batch_size": 4, "batch_repeats": 2},
+        },
+        "export": {
+            "registered_model": REGISTERED,
+            "latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "batch_repeats": 3, "threads": 1},
+            # the tiny encoder learns little: let the gate pass so that the aliases are exercised
+            "gate": {"baseline": "none", "min_macro_f1": None},
+        },
+    }
+
+
+CAPTURED = "captured"  # the shared pipeline's captured command outputs, git-ignored inside it
+
+
+def captured(repo: Path, name: str) -> str:
+    """What the shared pipeline's build captured: ``first_repro.log``, ``noop_repro.log``,
+    ``status.txt``, ``metrics_show.json``, ``plots_show.json``, ``params_diff.json``."""
+    return (repo / CAPTURED / name).read_text()
+
+
+def _build_pipeline(repo: Path, encoder: Path) -> None:
+    repo.mkdir(parents=True)
+    copy_repo(repo)
     run(["git", "init", "-q"], repo)
-    write_params(repo / "params.yaml", TINY, replace={"analyze.robustness.perturbations"})
+    write_params(repo / "params.yaml", shared_params(encoder), replace={"analyze.robustness.perturbations"})
     git_commit(repo, "tiny")
-    result = run(["dvc", "repro"], repo, timeout=900)
-    (repo / "first_repro.log").write_text(result.stdout + result.stderr)
-    before = repo_state(repo)
+    with open(repo / ".git/info/exclude", "a") as exclude:
+        exclude.write(f"/{CAPTURED}/\n")
+    out = repo / CAPTURED
+    out.mkdir()
+    first = run(["dvc", "repro"], repo, timeout=900)
+    (out / "first_repro.log").write_text(first.stdout + first.stderr)
+    second = run(["dvc", "repro"], repo, timeout=300)
+    (out / "noop_repro.log").write_text(second.stdout + second.stderr)
+    (out / "status.txt").write_text(run(["dvc", "status"], repo).stdout)
+    (out / "metrics_show.json").write_text(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    (out / "plots_show.json").write_text(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    (out / "params_diff.json").write_text(run(["dvc", "params", "diff", "--all", "--json"], repo).stdout)
+    (repo.parent / "pipeline.state.json").write_text(json.dumps(repo_state(repo)))
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
+    """The shared tiny pipeline (see the module docstring): READ it only, so that no test depends on which
+    tests ran before it. Whether it is left as it was is checked when each worker ends (an error in the
+    teardown of the last test of that worker to use it)."""
+    root = shared_root(tmp_path_factory)
+    repo = built_once(root, "pipeline", lambda path: _build_pipeline(path, tiny_encoder))
     yield repo
-    after = repo_state(repo)
+    before = json.loads((root / "pipeline.state.json").read_text())
+    after = json.loads(json.dumps(repo_state(repo)))
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, (
         f"a test changed the shared tiny_repo (use tiny_repo_copy to change it): {changed[:20]}"
     )
-    remove(repo)
 
 
 @pytest.fixture
@@ -296,24 +522,6 @@ def tiny_bert_classifier(tokenizer, labels: list[str]):
     )
     torch.manual_seed(0)
     return BertForSequenceClassification(config).eval()
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder(tmp_path_factory) -> Path:
-    """A real ``save_pretrained`` encoder folder that trains in seconds: ``tiny_bert_config`` with random
-    weights (seeded) and MiniLM's tokenizer. Point ``base.model`` at it."""
-    import torch
-    from transformers import BertModel
-
-    from lmpipe.models import load_tokenizer, resolve_model_dir
-
-    tokenizer = load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
-    config = tiny_bert_config(tokenizer.vocab_size, max_position_embeddings=512)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-encoder")
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 # ------------------------------------------------------------------ real services (tests/services.py)

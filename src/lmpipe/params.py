@@ -732,6 +732,7 @@ class ExportLatencyParams(_Section):
     batch_sizes: list
     warmup: int
     repeats: int
+    batch_repeats: int
     threads: int
 
     def problems(self):
@@ -741,8 +742,9 @@ class ExportLatencyParams(_Section):
             yield "batch_sizes", f"must be a non-empty list of integers >= 1, got {self.batch_sizes}"
         if self.warmup < 0:
             yield "warmup", f"must be >= 0, got {self.warmup}"
-        if self.repeats < 2:
-            yield "repeats", f"must be >= 2 (p50/p95 need several timings), got {self.repeats}"
+        for name in ("repeats", "batch_repeats"):
+            if getattr(self, name) < 2:
+                yield name, f"must be >= 2 (p50/p95 need several timings), got {getattr(self, name)}"
         if self.threads < 1:
             yield "threads", f"must be >= 1, got {self.threads}"
 

@@ -4,6 +4,7 @@ saved, reloaded and measured, and the values in the table are checked against th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,35 +14,16 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo as make_repo
-from tests.conftest import remove, run
-
-pytestmark = pytest.mark.slow
+from tests.conftest import captured, run_stage_in_process, stage_args
 
 VARIANTS = ("original", "int8", "pruned", "student")
 
 
-def overrides(encoder) -> dict:
-    return {
-        "base": {"model": str(encoder), "max_length": 32},
-        "prepare": {"max_rows": 100},
-        "train": {"epochs": 1, "batch_size": 8, "logging_steps": 2},
-        "compress": {
-            "prune": {"sparsity": 0.5, "recovery": "always", "recovery_epochs": 1, "learning_rate": 1.0e-4},
-            "distill": {"epochs": 1, "learning_rate": 1.0e-3},
-            "latency": {"threads": 1, "warmup": 1, "repeats": 5, "batch_size": 4, "batch_repeats": 2},
-        },
-        "mlflow": {"experiment": "tiny-compress"},
-    }
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_encoder):
-    repo = make_repo(tmp_path_factory.mktemp("compress-repo"), overrides(tiny_encoder))
-    result = run(["dvc", "repro", "compress"], repo, timeout=900)
-    (repo / "repro.log").write_text(result.stdout + result.stderr)
-    yield repo
-    remove(repo)
+def repo(tiny_repo):
+    """The shared tiny pipeline (tests/conftest.py, ``shared_params``: prune 0.5 with a recovery epoch, a
+    one-epoch student, one thread for the latency figures). Read it only."""
+    return tiny_repo
 
 
 def table(repo) -> dict:
@@ -72,7 +54,6 @@ def test_table_has_every_variant_with_consistent_values(repo):
         assert 0 < row["nonzero_parameters"] <= row["parameters"], name
     assert original["delta_macro_f1"] == 0 and original["speedup_b1"] == 1
     # the original's scores are the evaluate stage's scores for the same model and test split
-    run(["dvc", "repro", "evaluate"], repo, timeout=600)
     evaluated = json.loads((repo / "reports/evaluate/report.json").read_text())["model"]
     assert original["macro_f1"] == pytest.approx(evaluated["macro_f1"])
     assert original["accuracy"] == pytest.approx(evaluated["accuracy"])
@@ -183,43 +164,23 @@ def test_pareto_plot_and_second_repro(repo):
     fastest = points["latency_b1_p50_ms"].idxmin()
     assert points.loc[fastest, "pareto"]
     assert table(repo)["pareto"] == points.loc[points["pareto"], "variant"].tolist()
-    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
+    shown = json.loads(captured(repo, "plots_show.json"))["data"]
     assert "Compression trade-off (macro-F1 vs batch-1 CPU latency)" in shown
-    assert "Running stage" not in run(["dvc", "repro", "compress"], repo).stdout
+    assert "Stage 'compress' didn't change, skipping" in captured(repo, "noop_repro.log")
 
 
 def test_bad_keep_layers_fail_in_one_line_before_any_work(repo, tmp_path):
+    # in this process (the stage script through runpy): the check comes before any model is loaded
     params = write_params(
         tmp_path / "params.yaml", {"compress.distill.keep_layers": [1, 7]}, repo / "params.yaml"
     )
-    result = run(
-        [
-            "python",
-            "stages/compress.py",
-            "--params",
-            str(params),
-            "--data",
-            "data/split",
-            "--model",
-            "models/model",
-            "--out",
-            str(tmp_path / "out"),
-            "--metrics",
-            str(tmp_path / "m.json"),
-            "--report",
-            str(tmp_path / "r.json"),
-            "--plot",
-            str(tmp_path / "p.csv"),
-            "--prune-curve",
-            str(tmp_path / "c.csv"),
-        ],
-        repo,
-        check=False,
+    outputs = {flag: str(tmp_path / name) for flag, name in
+               [("--out", "out"), ("--metrics", "m.json"), ("--report", "r.json"), ("--plot", "p.csv"),
+                ("--prune-curve", "c.csv")]}  # fmt: skip
+    code, stderr = run_stage_in_process(
+        repo, "compress", stage_args(repo, "compress", {"--params": str(params), **outputs})
     )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines == [lines[-1]] and lines[0].startswith("error: compress.distill.keep_layers: [7]"), (
-        result.stderr
-    )
-    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
-    assert not (tmp_path / "r.json").exists()
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("error: compress.distill.keep_layers: [7]"), stderr
+    assert not any(Path(path).exists() for path in outputs.values())

@@ -12,7 +12,7 @@ import pytest
 from lmpipe.params import load_params, write_params
 from tests.conftest import new_repo, remove, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 BUDGET = 0.005  # half a point: on 40 val titles, one more error than the trained model misses it
 

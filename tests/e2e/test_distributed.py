@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from lmpipe.params import write_params
 from tests.conftest import new_repo, remove, run, train_cmd, train_until_checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.extended, pytest.mark.distributed]
 
 ROWS = 64  # 80 rows sampled, 80% to train
 TWO = {"processes": 2, "nnodes": 1, "node_rank": 0, "rdzv_endpoint": "localhost:29500"}

@@ -18,7 +18,7 @@ from lmpipe.reports import MAX_COLUMNS
 from lmpipe.tracking import flatten
 from tests.conftest import BIN, ROOT, TINY, git_commit, new_repo, pipeline_env, remove, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 # none equal to params.yaml's 1e-4: DVC would restore that one from its run cache and log no new run
 LEARNING_RATES = ["5e-05", "0.0003"]
@@ -167,12 +167,18 @@ def test_the_sweep_table_is_headline_metrics_and_its_views_run(queued):
     # (the filter drops the Experiment column too): a value for every experiment and the baseline
     values = [float(row["model.macro_f1"]) for row in rows if row["model.macro_f1"]]
     assert len(values) >= len(exps) + 1 and all(0 <= v <= 1 for v in values), kept
-    # --only-changed: numbers under the metric names, no file hashes
-    changed = run(["dvc", "exp", "show", "--csv", "--only-changed"], repo).stdout
-    for row in csv.DictReader(io.StringIO(changed)):
-        for column, value in row.items():
-            if column in ("model.macro_f1", "best_val_macro_f1") and value:
-                float(value)
+    # --only-changed: the swept param and the headline scores are there, each experiment's a number (the
+    # columns are looked up, not looped over: a loop over missing columns would pass on nothing)
+    changed = list(
+        csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv", "--only-changed"], repo).stdout))
+    )
+    assert {"train.learning_rate", "model.macro_f1", "best_val_macro_f1"} <= set(changed[0]), list(changed[0])
+    for name in exps:
+        (row,) = [r for r in changed if r["Experiment"] == name]
+        assert 0 <= float(row["model.macro_f1"]) <= 1 and 0 <= float(row["best_val_macro_f1"]) <= 1, row
+    assert sorted(float(r["train.learning_rate"]) for r in changed if r["Experiment"] in exps) == sorted(
+        float(lr) for lr in LEARNING_RATES
+    )
 
 
 def test_each_experiment_has_one_finished_train_and_evaluate_run(queued):

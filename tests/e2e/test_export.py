@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,35 +19,16 @@ from lmpipe.metrics import classification_metrics
 from lmpipe.models import load_classifier
 from lmpipe.params import write_params
 from lmpipe.serving import OnnxTextClassifier, softmax
-from tests.conftest import new_repo, pipeline_env, remove, run
+from tests.conftest import REGISTERED as NAME
+from tests.conftest import pipeline_env, run, run_stage_in_process, stage_args
 from tests.services import serve_model
-
-pytestmark = pytest.mark.slow
-
-NAME = "tiny-clf"
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
-    overrides = {
-        "base": {"model": str(tiny_encoder), "max_length": 32},
-        "prepare": {"max_rows": 80},
-        "train": {"epochs": 1, "batch_size": 8, "logging_steps": 4},
-        "mlflow": {"experiment": "tiny-export"},
-        # 8 val rows: one error is 12 pt; a budget this model's variants meet, so export may ship one
-        "compress": {"max_loss": 1.0},
-        "export": {
-            "registered_model": NAME,
-            "latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "threads": 1},
-            # the tiny encoder learns little in one epoch: let the gate pass so aliases are exercised
-            "gate": {"baseline": "none", "min_macro_f1": None},
-        },
-    }
-    repo = new_repo(tmp_path_factory.mktemp("export-repo"), overrides)
-    result = run(["dvc", "repro"], repo, timeout=900)
-    (repo / "repro.log").write_text(result.stdout + result.stderr)
-    yield repo
-    remove(repo)
+def repo(tiny_repo) -> Path:
+    """The shared tiny pipeline (tests/conftest.py): its export registered ``tiny-clf`` version 1 with the
+    gate's baseline off, so that the aliases are exercised. Read it only; changes take ``tiny_repo_copy``."""
+    return tiny_repo
 
 
 def metrics(repo: Path, stage: str = "export") -> dict:
@@ -209,10 +189,11 @@ def test_model_card(repo):
 
 
 @pytest.fixture(scope="module")
-def server(repo):
+def server(repo, tmp_path_factory):
     """``mlflow models serve`` of version 1 on a free loopback port; stopped at the end of the module."""
     env = {**pipeline_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    with serve_model(f"models:/{NAME}/1", repo, env, repo / "serve.log") as url:
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_model(f"models:/{NAME}/1", repo, env, log) as url:
         yield url
 
 
@@ -315,9 +296,10 @@ def test_predict_cli_bad_input_is_one_line(repo, tmp_path):
     assert not (tmp_path / "out.csv").exists()
 
 
-def test_second_export_stays_challenger_on_a_tie(repo):
-    """Run after the server tests (it adds a version): the same model re-exported scores the same as the
+def test_second_export_stays_challenger_on_a_tie(tiny_repo_copy):
+    """On a copy (it adds a version): the same model re-exported scores the same as the
     champion on the same split, so it becomes challenger and the champion stays."""
+    repo = tiny_repo_copy
     first = metrics(repo)
     run(["dvc", "repro", "--force", "--single-item", "export"], repo, timeout=600)
     second = metrics(repo)
@@ -333,73 +315,50 @@ def test_second_export_stays_challenger_on_a_tie(repo):
     assert str(mlflow.get_model_version_by_alias(NAME, "challenger").version) == second["registry"]["version"]
 
 
-def test_failed_parity_fails_the_stage_and_writes_nothing(repo, tmp_path):
-    write_params(tmp_path / "params.yaml", {"export.max_logit_diff": 1e-15}, repo / "params.yaml")
-    out, metrics_file = tmp_path / "export", tmp_path / "metrics.json"
-    result = run(
-        [
-            "python",
-            "stages/export.py",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--source",
-            "model=models/model",
-            "--data",
-            "data/split",
-            "--prepare-report",
-            "reports/prepare/report.json",
-            "--split-report",
-            "reports/split/report.json",
-            "--train-report",
-            "reports/train/report.json",
-            "--eval-scores",
-            "reports/evaluate/scores.json",
-            "--baseline-predictions",
-            "reports/evaluate/baseline_predictions.csv",
-            "--out",
-            str(out),
-            "--metrics",
-            str(metrics_file),
-            "--report",
-            str(tmp_path / "report.json"),
-        ],
-        repo,
-        check=False,
-    )
-    assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+def test_failed_parity_fails_the_stage_and_writes_nothing(tiny_repo_copy, tmp_path):
+    # in this process (the stage script through runpy); on a copy, whose MLflow store gets the failed run
+    repo = tiny_repo_copy
+    params = write_params(tmp_path / "params.yaml", {"export.max_logit_diff": 1e-15}, repo / "params.yaml")
+    out, metrics_file, report = tmp_path / "export", tmp_path / "metrics.json", tmp_path / "report.json"
+    replace = {
+        "--params": str(params),
+        "--out": str(out),
+        "--metrics": str(metrics_file),
+        "--report": str(report),
+    }
+    code, stderr = run_stage_in_process(repo, "export", stage_args(repo, "export", replace))
+    assert code == 2, stderr
+    last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: export.max_logit_diff: the ONNX fp32 export differs from PyTorch by")
-    assert "Traceback" not in result.stderr
-    assert not out.exists() and not metrics_file.exists() and not (tmp_path / "report.json").exists()
+    assert "Traceback" not in stderr
+    assert not out.exists() and not metrics_file.exists() and not report.exists()
 
 
-def test_export_of_a_compress_variant(repo):
+def test_export_of_a_compress_variant(tiny_repo_copy):
     """``export.source: student`` ships the compress stage's distilled student: the ONNX model has the
     student's depth, matches the student (not the trained model) and the card says which it is."""
+    repo = tiny_repo_copy
     write_params(repo / "params.yaml", {"export.source": "student"})
     status = run(["dvc", "status"], repo).stdout
     assert "export:" in status and "compress:" not in status and "train:" not in status
-    try:
-        run(["dvc", "repro", "export"], repo, timeout=600)
-        m = metrics(repo)
-        assert m["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4 and m["onnx_fp32"]["labels_differing"] == 0
-        texts = pd.read_parquet(repo / "data/split/test.parquet")["text"].tolist()[:8]
-        exported = OnnxTextClassifier(repo / "models/export")
-        features = exported.encode(texts)
-        got = exported.logits(features)
-        inputs = {k: torch.from_numpy(v) for k, v in features.items()}
-        student = load_classifier(repo / "models/compress/student").eval()
-        trained = load_classifier(repo / "models/model").eval()
-        assert student.config.num_hidden_layers == 2  # every other layer of the 4-layer encoder
-        with torch.inference_mode():
-            assert np.abs(student(**inputs).logits.numpy() - got).max() <= 1e-4
-            assert np.abs(trained(**inputs).logits.numpy() - got).max() > 1e-3
-        card = (repo / "models/export/MODEL_CARD.md").read_text()
-        assert "compress stage's `student` variant" in card
-        compress = metrics(repo, "compress")
-        f1 = compress["variants"]["student"]["macro_f1"]
-        (row,) = [line for line in card.splitlines() if line.startswith("| student |")]
-        assert f" | yes | {f1:.4f} | " in row  # within the budget, then its test macro-F1
-        assert m["served"]["macro_f1"] == pytest.approx(f1, abs=1e-9)
-    finally:
-        write_params(repo / "params.yaml", {"export.source": "model"})
+    run(["dvc", "repro", "export"], repo, timeout=600)
+    m = metrics(repo)
+    assert m["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4 and m["onnx_fp32"]["labels_differing"] == 0
+    texts = pd.read_parquet(repo / "data/split/test.parquet")["text"].tolist()[:8]
+    exported = OnnxTextClassifier(repo / "models/export")
+    features = exported.encode(texts)
+    got = exported.logits(features)
+    inputs = {k: torch.from_numpy(v) for k, v in features.items()}
+    student = load_classifier(repo / "models/compress/student").eval()
+    trained = load_classifier(repo / "models/model").eval()
+    assert student.config.num_hidden_layers == 2  # every other layer of the 4-layer encoder
+    with torch.inference_mode():
+        assert np.abs(student(**inputs).logits.numpy() - got).max() <= 1e-4
+        assert np.abs(trained(**inputs).logits.numpy() - got).max() > 1e-3
+    card = (repo / "models/export/MODEL_CARD.md").read_text()
+    assert "compress stage's `student` variant" in card
+    compress = metrics(repo, "compress")
+    f1 = compress["variants"]["student"]["macro_f1"]
+    (row,) = [line for line in card.splitlines() if line.startswith("| student |")]
+    assert f" | yes | {f1:.4f} | " in row  # within the budget, then its test macro-F1
+    assert m["served"]["macro_f1"] == pytest.approx(f1, abs=1e-9)

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from lmpipe.params import write_params
 from tests.conftest import git_commit, new_repo, remove, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The real pipeline: ``dvc repro`` on tiny settings in a temporary copy of the repo, a real MLflow store.
 
-The tests that only read what that run left take the shared ``tiny_repo``; those that change the repo
-(re-run a stage, write params, commit, log a run) take ``tiny_repo_copy``, so any order gives the same
-results."""
+The tests that only read what that run left take the shared ``tiny_repo`` (and the DVC commands' output its
+build captured); those that change the repo (re-run a stage, write params, commit, log a run) take
+``tiny_repo_copy``, so any order gives the same results."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from lmpipe import reports, tracking
 from lmpipe.params import write_params
-from tests.conftest import git_commit, run
-
-pytestmark = pytest.mark.slow
+from tests.conftest import captured, git_commit, run
 
 
 def report(repo, stage):
@@ -31,7 +29,7 @@ def client(repo) -> MlflowClient:
 
 
 def test_all_stages_ran(tiny_repo):
-    log = (tiny_repo / "first_repro.log").read_text()
+    log = captured(tiny_repo, "first_repro.log")
     for stage in ("prepare", "split", "search", "train", "evaluate", "analyze", "compress", "export"):
         assert f"Running stage '{stage}'" in log
     assert (tiny_repo / "dvc.lock").is_file()
@@ -127,7 +125,7 @@ def test_mlflow_runs_are_tagged_and_complete(tiny_repo):
 
 
 def test_dvc_metrics_are_the_headline_of_each_report(tiny_repo):
-    shown = json.loads(run(["dvc", "metrics", "show", "--json"], tiny_repo).stdout)
+    shown = json.loads(captured(tiny_repo, "metrics_show.json"))
     (files,) = [entry["data"] for entry in shown.values()]
     stages = ("prepare", "split", "search", "train", "evaluate", "analyze", "compress", "export")
     assert set(files) == {f"reports/{stage}/metrics.json" for stage in stages}
@@ -150,13 +148,12 @@ def test_dvc_metrics_are_the_headline_of_each_report(tiny_repo):
     evaluated = report(tiny_repo, "evaluate")
     assert scores == {k: evaluated[k] for k in ("model", "baseline", "model_minus_baseline", "test_rows")}
     # no file is both a params file and a metrics file (dvc exp show then crashes on its filters)
-    params = json.loads(run(["dvc", "params", "diff", "--all", "--json"], tiny_repo).stdout)
+    params = json.loads(captured(tiny_repo, "params_diff.json"))
     assert set(params) == {"params.yaml"}
 
 
 def test_dvc_plots_render(tiny_repo):
-    out = run(["dvc", "plots", "show", "--json"], tiny_repo).stdout
-    shown = json.loads(out)["data"]
+    shown = json.loads(captured(tiny_repo, "plots_show.json"))["data"]
     assert {"Training history", "Test confusion matrix"} <= set(shown)
     classes = json.loads((tiny_repo / "data/prepared/labels.json").read_text())
     for kind in ("roc", "pr"):
@@ -165,11 +162,11 @@ def test_dvc_plots_render(tiny_repo):
     assert len(confusion) == 8 and {"actual", "predicted"} <= set(confusion[0])
 
 
-def test_second_repro_is_a_noop(tiny_repo_copy):
-    # on a copy: a repro that found something to run would change the repo (a copy is as up to date)
-    result = run(["dvc", "repro"], tiny_repo_copy)
-    assert "Running stage" not in result.stdout
-    assert run(["dvc", "status"], tiny_repo_copy).stdout.strip().endswith("up to date.")
+def test_second_repro_is_a_noop(tiny_repo):
+    # run by the shared pipeline's build, right after the first
+    log = captured(tiny_repo, "noop_repro.log")
+    assert "Running stage" not in log and "didn't change, skipping" in log
+    assert captured(tiny_repo, "status.txt").strip().endswith("up to date.")
 
 
 def test_evaluate_param_reruns_only_evaluate(tiny_repo_copy):

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import git_commit, new_repo, pipeline_env, run
 from tests.services import S3_ENV
 
-pytestmark = [pytest.mark.slow, pytest.mark.services]
+pytestmark = [pytest.mark.extended, pytest.mark.services]
 
 
 def test_push_to_s3_then_pull_into_a_fresh_clone(tmp_path, s3):

@@ -19,7 +19,7 @@ from lmpipe.params import write_params
 from tests.conftest import TINY, copy_repo, git_commit, remove, run
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.extended,
     pytest.mark.skipif(torch.cuda.is_available(), reason="the failing trials rely on fp16 failing on CPU"),
 ]
 

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from lmpipe.params import write_params
 from tests.conftest import BIN, TINY, new_repo, pipeline_env, remove, run
 
-pytestmark = [pytest.mark.slow, pytest.mark.services]
+pytestmark = [pytest.mark.extended, pytest.mark.services]
 
 N_TRIALS = 10  # a worker process takes ~30 s to start on a busy 2-core CPU: trials enough for it to join
 SEARCH = {

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import git_commit, new_repo, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 TOPICS = {
     "sport": "the team won the match after a late goal in the second half",

@@ -10,7 +10,7 @@ import pytest
 from lmpipe.experiments import experiment_refs
 from tests.conftest import BIN, new_repo, run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 SEEDS = [1, 2]
 

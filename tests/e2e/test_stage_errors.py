@@ -1,4 +1,7 @@
-"""Bad input through the real stage scripts: one line on stderr, no traceback, non-zero exit, no outputs."""
+"""Bad input through the real stage scripts: one line on stderr, no traceback, non-zero exit, no outputs.
+
+Each kind of bad input runs the prepare script in this process (``run_stage_in_process``: no start-up of
+its own); a misspelt key and a good user file run it as a real process, as DVC does."""
 
 from __future__ import annotations
 
@@ -6,9 +9,9 @@ import pandas as pd
 import pytest
 
 from lmpipe.params import write_params
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, run, run_stage_in_process
 
-pytestmark = pytest.mark.slow
+OUTPUTS = ["--out", "out/prepared", "--metrics", "out/metrics.json", "--report", "out/report.json"]
 
 
 @pytest.fixture
@@ -25,20 +28,7 @@ def workdir(tmp_path):
 
 
 def prepare(workdir):
-    return run(
-        [
-            "python",
-            str(ROOT / "stages/prepare.py"),
-            "--out",
-            "out/prepared",
-            "--metrics",
-            "out/metrics.json",
-            "--report",
-            "out/report.json",
-        ],
-        workdir,
-        check=False,
-    )
+    return run(["python", str(ROOT / "stages/prepare.py"), *OUTPUTS], workdir, check=False)
 
 
 @pytest.mark.parametrize(
@@ -58,12 +48,11 @@ def prepare(workdir):
 )
 def test_bad_input_gets_one_line(workdir, overrides, expected):
     write_params(workdir / "params.yaml", overrides)
-    result = prepare(workdir)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    code, stderr = run_stage_in_process(workdir, "prepare", OUTPUTS)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("error: ") and expected in lines[0]
-    assert "Traceback" not in result.stderr
     assert not (workdir / "out").exists()
 
 
@@ -72,7 +61,9 @@ def test_unknown_key_is_named(workdir):
     (workdir / "params.yaml").write_text(text)
     result = prepare(workdir)
     assert result.returncode == 2
-    assert "train.patiance: unknown key" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: params.yaml: train.patiance: unknown key"), lines
+    assert "Traceback" not in result.stderr and not (workdir / "out").exists()
 
 
 def test_user_file_runs_through_prepare(workdir):

@@ -19,9 +19,19 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from lmpipe.params import write_params
-from tests.conftest import BIN, TINY, new_repo, remove, run, train_cmd, train_until_checkpoint
+from tests.conftest import (
+    BIN,
+    copy_pipeline_repo,
+    git_commit,
+    new_repo,
+    remove,
+    run,
+    run_stage_in_process,
+    train_cmd,
+    train_until_checkpoint,
+)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 PHASES = [
     {"layers": 0, "epochs": 1, "learning_rate": 1.0e-3, "layer_lr_decay": 1.0},
@@ -279,22 +289,15 @@ def test_killed_training_resumes_from_its_checkpoint(repo):
 
 
 @pytest.fixture(scope="module")
-def prompt_repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
-    """The whole pipeline (``dvc repro``: evaluate, analyze, compress, export) on a prompt-tuned model."""
-    repo = new_repo(
-        tmp_path_factory.mktemp("prompt"),
-        {
-            **TINY,
-            "base": {"model": str(tiny_encoder), "max_length": 32},
-            "train": {
-                **TINY["train"],
-                "strategy": "prompt_tuning",
-                "prompt_tuning": {"virtual_tokens": 4, "learning_rate": 1.0e-2, "init": "vocab"},
-            },
-            "mlflow": {"experiment": "prompt"},
-        },
-    )
-    run(["dvc", "repro"], repo, timeout=900)
+def prompt_repo(tiny_repo, tmp_path_factory) -> Iterator[Path]:
+    """The whole pipeline (``dvc repro``: evaluate, analyze, compress, export) on a prompt-tuned model: a
+    copy of the shared tiny pipeline with the train params changed, so prepare and split are not re-run."""
+    repo = copy_pipeline_repo(tiny_repo, tmp_path_factory.mktemp("prompt") / "repo")
+    prompt = {"virtual_tokens": 4, "learning_rate": 1.0e-2, "init": "vocab"}
+    write_params(repo / "params.yaml", {"train": {"strategy": "prompt_tuning", "prompt_tuning": prompt}})
+    git_commit(repo, "prompt tuning")
+    log = run(["dvc", "repro"], repo, timeout=900).stdout
+    assert "Running stage 'prepare'" not in log and "Running stage 'train'" in log
     yield repo
     remove(repo)
 
@@ -315,8 +318,14 @@ def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder)
     assert type(model).__name__ == "SoftPromptBertForSequenceClassification"
     assert json.loads((repo / "models/model/config.json").read_text())["soft_prompt_tokens"] == 4
 
-    assert 0 <= json.loads((repo / "reports/evaluate/report.json").read_text())["model"]["macro_f1"] <= 1
-    assert json.loads((repo / "reports/analyze/report.json").read_text())
+    evaluated = json.loads((repo / "reports/evaluate/report.json").read_text())["model"]["macro_f1"]
+    assert 0 <= evaluated <= 1
+    # analyze reads the soft-prompted model as evaluate does: its clean row is evaluate's score
+    robustness = pd.read_csv(repo / "reports/analyze/robustness.csv")
+    clean = robustness[(robustness["strength"] == 0) & (robustness["predictor"] == "model")]
+    assert clean["macro_f1"].iloc[0] == pytest.approx(evaluated)
+    analyzed = json.loads((repo / "reports/analyze/report.json").read_text())
+    assert analyzed["calibration"]["temperature"] > 0 and analyzed["explain"]["samples"] == 3
     variants = json.loads((repo / "reports/compress/report.json").read_text())["variants"]
     assert {"original", "int8", "pruned", "student"} <= set(variants)
     student = load_file(repo / "models/compress/student/model.safetensors")
@@ -366,13 +375,15 @@ def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder)
     ],
 )
 def test_bad_strategy_settings_get_one_line(repo, train_params, expected):
+    # in this process (the stage script through runpy): each is checked before a run or a checkpoint
     before = set((repo / "checkpoints/train").iterdir())
-    result, out = train(repo, "bad", check=False, **train_params)
-    assert result.returncode == 2
+    write_params(repo / "params-bad.yaml", {"train": train_params}, repo / "params.yaml")
+    code, stderr = run_stage_in_process(repo, "train", train_cmd("bad")[2:])
+    out = repo / "runs/bad"
+    assert code == 2
     # one error line, the last one (a model-loading report from transformers may come before it)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and expected in errors[0], result.stderr
-    assert result.stderr.strip().splitlines()[-1] == errors[0]
-    assert "Traceback" not in result.stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], stderr
+    assert stderr.strip().splitlines()[-1] == errors[0]
     assert not out.exists()
     assert set((repo / "checkpoints/train").iterdir()) == before

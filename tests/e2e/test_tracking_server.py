@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import BIN, new_repo, pipeline_env, remove, run
 from tests.services import serve_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.services]
+pytestmark = [pytest.mark.extended, pytest.mark.services]
 
 NAME = "team-clf"
 
@@ -37,7 +37,7 @@ def repo(tmp_path_factory, tiny_encoder, mlflow_server) -> Iterator[Path]:
         "mlflow": {"experiment": "team"},
         "export": {
             "registered_model": NAME,
-            "latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "threads": 1},
+            "latency": {"batch_sizes": [1, 8], "warmup": 1, "repeats": 3, "batch_repeats": 3, "threads": 1},
             "gate": {"baseline": "none", "min_macro_f1": None},  # a tiny model: exercise aliases
         },
     }

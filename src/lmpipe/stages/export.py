@@ -346,7 +346,7 @@ def run_entities(params: Params, paths: Paths) -> str:
         runners |= {f"onnx_{v}": tagger.logits for v, tagger in taggers.items()}
         latency = lib.latency_benchmark(
             runners, taggers["fp32"], test["text"].tolist(), cfg.latency.batch_sizes, cfg.latency.warmup,
-            cfg.latency.repeats,
+            cfg.latency.repeats, cfg.latency.batch_repeats,
         )  # fmt: skip
         speedup = {
             f"{name}_vs_pytorch_b{n}": round(
@@ -610,7 +610,9 @@ def benchmark(
     runners |= {f"onnx_{v}": checked.sessions[v].logits for v in ONNX_FILES if v in checked.sessions}
     for name, other in (others or {}).items():
         runners[f"{name}_onnx_int8"] = other.sessions[other.int8_variant].logits
-    latency = lib.latency_benchmark(runners, checked.fp32, texts, cfg.batch_sizes, cfg.warmup, cfg.repeats)
+    latency = lib.latency_benchmark(
+        runners, checked.fp32, texts, cfg.batch_sizes, cfg.warmup, cfg.repeats, cfg.batch_repeats
+    )
 
     def ratio(slow: str, fast: str, n: int) -> float | None:
         key = f"latency_b{n}_p50_ms"
