@@ -224,6 +224,9 @@ class MlflowServer:
         self.log = Path(tempfile.mkdtemp(prefix="lmpipe-mlflow-")) / "server.log"
         env = {**os.environ, **self.s3.env()}
         env.pop("MLFLOW_TRACKING_URI", None)
+        # no job runner: MLflow 3 otherwise starts four huey consumers that poll, ~10% of a core each, for
+        # jobs (trace roll-ups, ...) these tests never submit, on a 2-core machine that trains beside it
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         cmd = [
             str(Path(sys.executable).parent / "mlflow"),
             "server",

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import BIN, TINY, new_repo, pipeline_env, remove, run
+from tests.conftest import BIN, TINY, copy_pipeline_repo, new_repo, pipeline_env, remove, run
 
 pytestmark = [pytest.mark.extended, pytest.mark.services]
 
@@ -107,11 +107,13 @@ def test_worker_with_other_params_does_not_join(searched, tmp_path):
     assert f"search.n_trials 9 here, {N_TRIALS} there" in lines[0]
 
 
-def test_killed_worker_leaves_a_failed_trial_and_the_study_finishes(searched, postgres):
+def test_killed_worker_leaves_a_failed_trial_and_the_study_finishes(searched, postgres, tmp_path):
     """The stage runs one worker, a second one joins from outside and is killed mid-trial. The second
     starts together with the stage (``--wait``), so that it is up before the stage's worker has run
     all the trials."""
-    repo, _ = searched
+    repo = copy_pipeline_repo(
+        searched[0], tmp_path / "repo"
+    )  # its params change: the others read the original
     storage = postgres.create_database("killed_worker")
     write_params(
         repo / "params.yaml",
