@@ -103,7 +103,8 @@ def test_timed_onnx_sessions_leave_no_work_behind(backends):
     (cases, previous), (spinning, _) = calls(backends, ["onnx_int8"]), calls(backends, ["onnx_int8"], True)
     try:
         assert busy_after(cases["onnx_int8"]) < 0.1  # spinning off: the threads sleep at once
-        # the measurement sees the old default: spinning threads burn about a core after every call
-        assert busy_after(spinning["onnx_int8"]) > 0.5
+        # the measurement sees the old default: spinning threads burn about half a core to a core after
+        # every call (0.48 on a quiet 2-core machine once: the bound is 3x the one above, not "a core")
+        assert busy_after(spinning["onnx_int8"]) > 0.3
     finally:
         torch.set_num_threads(previous)
