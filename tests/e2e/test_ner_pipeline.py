@@ -92,8 +92,8 @@ def test_evaluate_scores_entities_against_the_crf_baseline(ner_repo):
     assert len(predictions) == sum(len(t) for t in test["tokens"])  # one row per word
     wrong = pd.read_csv(ner_repo / "reports/evaluate/misclassified.csv")
     assert list(wrong.columns) == ["id", "errors", "actual", "predicted", "baseline", "text"]
-    if len(wrong):  # the misclassified sentences come first in the predictions
-        assert str(predictions["id"].iloc[0]) == str(wrong["id"].iloc[0])
+    # the tiny tagger gets some of the 50 test sentences wrong; those come first in the predictions
+    assert len(wrong) > 0 and str(predictions["id"].iloc[0]) == str(wrong["id"].iloc[0])
     client = MlflowClient(tracking_uri=f"sqlite:///{ner_repo / 'mlflow.db'}")
     run_data = client.get_run(report["mlflow_run_id"]).data
     assert "test_f1" in run_data.metrics and "baseline_test_f1" in run_data.metrics
