@@ -165,8 +165,10 @@ def pytest_sessionstart(session):
     shared_root(session.config._tmp_path_factory)  # where commands.tsv goes, from the first command on
 
 
-def pytest_terminal_summary(terminalreporter, config):
-    """The slowest commands the tests started, and their total: stage processes are most of the suite."""
+@pytest.hookimpl(tryfirst=True)  # before pytest deletes the base temp folder of a run that passed
+def pytest_sessionfinish(session):
+    """Keep the command log: read it into the config, and copy it to pytest's cache folder."""
+    config = session.config
     if hasattr(config, "workerinput"):
         return
     log = Path(config._tmp_path_factory.getbasetemp()) / COMMAND_LOG
@@ -176,10 +178,26 @@ def pytest_terminal_summary(terminalreporter, config):
     for line in log.read_text().splitlines():
         seconds, test, cmd = line.split("\t", 2)
         rows.append((float(seconds), test, cmd))
-    rows.sort(reverse=True)
+    kept = None
+    if getattr(config, "cache", None) is not None:
+        kept = config.cache.mkdir("lmpipe") / COMMAND_LOG
+        shutil.copyfile(log, kept)
+    config.stash[_COMMANDS] = (sorted(rows, reverse=True), kept)
+
+
+_COMMANDS = pytest.StashKey[tuple]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The slowest commands the tests started, and their total: stage processes are most of the suite."""
+    if _COMMANDS not in config.stash:
+        return
+    rows, kept = config.stash[_COMMANDS]
     write = terminalreporter.write_line
     terminalreporter.section("commands the tests started (tests/conftest.py run)")
-    write(f"{len(rows)} commands, {sum(r[0] for r in rows):.0f} s in all; the slowest (log: {log}):")
+    write(
+        f"{len(rows)} commands, {sum(r[0] for r in rows):.0f} s in all; the slowest (log: {kept or 'not kept'}):"
+    )
     for seconds, test, cmd in rows[:15]:
         write(f"{seconds:8.1f} s  {test}  {cmd[:120]}")
 
