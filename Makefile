@@ -42,12 +42,12 @@ PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-load
 TIMING := $(BIN)/python -m pytest tests/code/test_latency.py -m timing
 
 # The quick tier (the README's test command): unit and data tests, the shared tiny pipeline's e2e tests,
-# the service smoke tests, one forward pass of the embedded MiniLM. About 7 minutes on 2 cores.
+# the service smoke tests, one forward pass of the embedded MiniLM. About 5 minutes on 2 cores.
 test: setup
 	$(PYTEST) -m "not extended and not timing"
 	$(TIMING)
 
-# Both tiers in one pytest session (the shared pipeline built once): what CI runs. About 20 minutes.
+# Both tiers in one pytest session (the shared pipeline built once): what CI runs. About 13 minutes.
 test-all: setup
 	$(PYTEST) -m "not timing"
 	$(TIMING)
