@@ -39,7 +39,9 @@ def timed(cmd: list[str], cwd: Path, expect: int) -> float:
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if result.returncode != expect:
-        raise SystemExit(f"{' '.join(cmd)} exited {result.returncode}, not {expect}:\n{result.stderr[-2000:]}")
+        raise SystemExit(
+            f"{' '.join(cmd)} exited {result.returncode}, not {expect}:\n{result.stderr[-2000:]}"
+        )
     if expect == 2 and "unknown key" not in result.stderr:
         raise SystemExit(f"{' '.join(cmd)}: no one-line error for the typo:\n{result.stderr[-2000:]}")
     return elapsed
@@ -74,7 +76,9 @@ def main() -> None:
 
         print(f"{'stage':<10} {'import (s)':>10} {'typo (s)':>9}")
         for name in STAGES:
-            imp = median_of(args.repeats, lambda n=name: timed([py, "-c", f"import lmpipe.stages.{n}"], ROOT, 0))
+            imp = median_of(
+                args.repeats, lambda n=name: timed([py, "-c", f"import lmpipe.stages.{n}"], ROOT, 0)
+            )
             cmd = [py, f"stages/{name}.py", "--params", str(bad), *stage_args(name)]
             typo = median_of(args.repeats, lambda c=cmd: timed(c, ROOT, 2))
             print(f"{name:<10} {imp:>10.2f} {typo:>9.2f}")
@@ -100,10 +104,14 @@ def main() -> None:
             )
             elapsed = time.perf_counter() - start
             if result.returncode == 0 or "unknown key" not in result.stdout + result.stderr:
-                raise SystemExit(f"dvc repro did not stop at the typo:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+                raise SystemExit(
+                    f"dvc repro did not stop at the typo:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+                )
             return elapsed
 
-        print(f"dvc repro to the one-line error (DVC's start-up included): {median_of(args.repeats, repro):.2f} s")
+        print(
+            f"dvc repro to the one-line error (DVC's start-up included): {median_of(args.repeats, repro):.2f} s"
+        )
 
 
 if __name__ == "__main__":
