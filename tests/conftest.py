@@ -204,8 +204,9 @@ def pytest_terminal_summary(terminalreporter, config):
 
 def run_stage_in_process(repo: Path, script: str, args: list[str]) -> tuple[int, str]:
     """Run this checkout's ``stages/<script>.py`` in this process (``runpy``, as ``__main__``) with ``repo``
-    as the working folder, and return its exit code and stderr. For tests of a stage's one-line errors: no process start-up, no second import of
-    torch; one real subprocess per kind of failure stays in the suite to show the same from outside."""
+    as the working folder, and return its exit code and stderr. For tests of a stage's one-line errors: no
+    process start-up, no second import of torch; one real subprocess per kind of failure stays in the suite
+    to show the same from outside."""
     err = io.StringIO()
     argv, cwd, environ = sys.argv, os.getcwd(), dict(os.environ)
     uris = sys.modules.get("mlflow.tracking._tracking_service.utils")

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import git_commit, new_repo, remove, run
+from tests.conftest import git_commit, new_repo, remove, run, stage_args
 
 pytestmark = pytest.mark.extended
 
@@ -200,10 +200,6 @@ def test_export_serves_entities_with_character_offsets(ner_repo):
 
 
 def test_export_refuses_a_registered_name_that_holds_another_task(ner_repo, tmp_path):
-    import shlex
-
-    import yaml
-
     uri = f"sqlite:///{ner_repo / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri, registry_uri=uri).create_registered_model(
         "news-topics", tags={"task": "classification"}
@@ -212,8 +208,8 @@ def test_export_refuses_a_registered_name_that_holds_another_task(ner_repo, tmp_
         tmp_path / "params.yaml", {"export.registered_model": "news-topics"}, ner_repo / "params.yaml"
     )
     out = {"--out": tmp_path / "export", "--metrics": tmp_path / "m.json", "--report": tmp_path / "r.json"}
-    cmd = shlex.split(yaml.safe_load((ner_repo / "dvc.yaml").read_text())["stages"]["export"]["cmd"])
-    cmd = [str(out.get(cmd[i - 1], arg)) for i, arg in enumerate(cmd)] + ["--params", str(params)]
+    replace = {"--params": str(params), **{flag: str(path) for flag, path in out.items()}}
+    cmd = ["python", "stages/export.py", *stage_args(ner_repo, "export", replace)]  # a real process
     result = run(cmd, ner_repo, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
