@@ -295,18 +295,18 @@ def latency_benchmark(
     batch_sizes: Sequence[int],
     warmup: int,
     repeats: int,
-    batch_repeats: int | None = None,
+    batch_repeats: int,
 ) -> dict[str, dict[str, float]]:
     """``{backend: {latency_b<n>_p50_ms, latency_b<n>_p95_ms, throughput_b<n>_per_s, ...}}`` (the shape of
     ``latency.summary``, as in compress) for each batch size ``n``. Each batch is the first ``n`` test texts
     (cycled if the split is smaller), tokenised once at ``max_length`` and padded to its longest text;
     the backends are timed in rotating rounds on it (``latency.time_interleaved``): ``repeats`` rounds at
-    batch 1, ``batch_repeats`` (default: ``repeats``) at larger batches, whose every call costs ~n times more."""
+    batch 1, ``batch_repeats`` at larger batches, whose every call costs ~n times more."""
     out: dict[str, dict[str, float]] = {name: {} for name in runners}
     for n in batch_sizes:
         features = classifier.encode([texts[i % len(texts)] for i in range(n)])
         calls = {name: (lambda r=run, f=features: r(f)) for name, run in runners.items()}
-        rounds = repeats if n == 1 or batch_repeats is None else batch_repeats
+        rounds = repeats if n == 1 else batch_repeats
         for name, seconds in latency.time_interleaved(calls, warmup, rounds, f"latency batch {n}").items():
             out[name].update(latency.summary(seconds, n))
     return out
