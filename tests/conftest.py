@@ -602,3 +602,51 @@ def mlflow_server(postgres, s3) -> Iterator:
     server = MlflowServer(postgres.create_database("mlflow"), s3, s3.create_bucket("mlflow")).start()
     yield server
     server.stop()
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def report_shape(repo: Path) -> dict[str, list[str]]:
+    """The keys of every JSON file and the columns of every CSV file under ``reports/`` and ``models/``
+    (the reports, the metrics, the model folders' records), as dotted paths: what a refactor must keep.
+    Lists are not entered (their length is data); dict keys are, to any depth."""
+
+    def paths(value, prefix: str) -> Iterator[str]:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                yield f"{prefix}{key}"
+                yield from paths(inner, f"{prefix}{key}.")
+
+    shape = {}
+    for folder in ("reports", "models"):
+        for file in sorted((repo / folder).rglob("*")):
+            name = str(file.relative_to(repo))
+            if "checkpoint-" in name or file.name.startswith(
+                ("tokenizer", "special_tokens", "vocab", "added")
+            ):
+                continue  # the tokenizer's files are its vocabulary, not the pipeline's records
+            if file.suffix == ".json":
+                shape[name] = sorted(paths(json.loads(file.read_text()), ""))
+            elif file.suffix == ".csv":
+                shape[name] = file.read_text().splitlines()[0].split(",")
+    return shape
+
+
+def check_report_shape(repo: Path, golden: str) -> None:
+    """Compare ``report_shape(repo)`` with ``tests/golden/<golden>``; LMPIPE_UPDATE_GOLDEN=1 rewrites it."""
+    path = GOLDEN / golden
+    shape = report_shape(repo)
+    if os.environ.get("LMPIPE_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(shape, indent=1, sort_keys=True) + "\n")
+    expected = json.loads(path.read_text())
+    assert shape.keys() == expected.keys(), (
+        f"files: new {sorted(shape.keys() - expected.keys())}, gone {sorted(expected.keys() - shape.keys())}"
+    )
+    for name in expected:
+        new, gone = (
+            sorted(set(shape[name]) - set(expected[name])),
+            sorted(set(expected[name]) - set(shape[name])),
+        )
+        assert not new and not gone, f"{name}: new keys {new}, gone keys {gone}"

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import git_commit, new_repo, remove, run, stage_args
+from tests.conftest import check_report_shape, git_commit, new_repo, remove, run, stage_args
 
 pytestmark = pytest.mark.extended
 
@@ -240,3 +240,8 @@ def test_predict_writes_entities(ner_repo, tmp_path):
     assert [
         [{k: e[k] for k in ("type", "start", "end", "text")} for e in row["entities"]] for row in rows
     ] == [[{k: e[k] for k in ("type", "start", "end", "text")} for e in found] for found in expected]
+
+
+def test_report_keys_are_pinned(ner_repo):
+    """Every report, metrics and record file keeps its keys and columns (tests/golden/token_classification.json)."""
+    check_report_shape(ner_repo, "token_classification.json")

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from lmpipe import reports, tracking
 from lmpipe.params import write_params
-from tests.conftest import captured, git_commit, run
+from tests.conftest import captured, check_report_shape, git_commit, run
 
 
 def report(repo, stage):
@@ -243,3 +243,9 @@ def test_runs_of_a_clean_checkout_are_not_dirty(tiny_repo):
     assert train.data.tags["git_dirty"] == "false" and "git_changed" not in train.data.tags
     changed = run(["git", "status", "--porcelain"], tiny_repo).stdout
     assert "reports/" in changed or "dvc.lock" in changed  # outputs did change, and were not counted
+
+
+def test_report_keys_are_pinned(tiny_repo):
+    """Every report, metrics and record file keeps its keys and columns (tests/golden/classification.json):
+    a refactor that drops or renames one fails here, naming the file and the key."""
+    check_report_shape(tiny_repo, "classification.json")
