@@ -644,9 +644,12 @@ def check_report_shape(repo: Path, golden: str) -> None:
     assert shape.keys() == expected.keys(), (
         f"files: new {sorted(shape.keys() - expected.keys())}, gone {sorted(expected.keys() - shape.keys())}"
     )
+    problems = []
     for name in expected:
         new, gone = (
             sorted(set(shape[name]) - set(expected[name])),
             sorted(set(expected[name]) - set(shape[name])),
         )
-        assert not new and not gone, f"{name}: new keys {new}, gone keys {gone}"
+        if new or gone:
+            problems.append(f"{name}: new keys {new}, gone keys {gone}")
+    assert not problems, "; ".join(problems)

@@ -19,12 +19,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from lmpipe import tasks
 from lmpipe.errors import UserError
+
+if TYPE_CHECKING:
+    from lmpipe.tasks.base import Task
 
 METRICS = ("accuracy", "macro_f1")
 SEED_KEY = "base.seed"
@@ -43,16 +47,19 @@ class Candidate:
     predictions: pd.DataFrame  # reports/evaluate/predictions.csv: id, actual, predicted, ...
     params: dict[str, str] = field(default_factory=dict)  # flattened, values as strings; {} = unknown
     run_id: str = ""  # the evaluate MLflow run, when known
+    task: str = tasks.CLASSIFICATION  # what its evaluate report records (lmpipe.tasks): how rows are scored
 
 
 def aligned(
-    candidates: Sequence[Candidate], unpaired: bool = False
+    candidates: Sequence[Candidate], unpaired: bool = False, task: Task | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], bool]:
     """Encode the candidates' predictions (true labels, predicted labels; rows ordered by example id).
 
     Returns ``(truths, predictions, classes, paired)``. ``paired`` is True when all were made on the
     same examples with the same true labels. Otherwise it raises ``UserError``, unless ``unpaired``.
+    An example is what ``task.paired_rows`` makes a row of (a text, or a sentence from its words).
     """
+    task = task or candidates_task(candidates)
     if len(candidates) < 2:
         raise UserError(f"compare needs at least two experiments or runs, got {len(candidates)}")
     labels = [c.label for c in candidates]
@@ -64,7 +71,7 @@ def aligned(
         missing = {"id", "actual", "predicted"} - set(c.predictions.columns)
         if missing:
             raise UserError(f"{c.label}: predictions lack column(s) {', '.join(sorted(missing))}")
-        frame = sentence_rows(c.predictions) if is_word_level(c.predictions) else c.predictions
+        frame = task.paired_rows(c.predictions)
         frame = frame[["id", "actual", "predicted"]].astype(str)
         if frame["id"].duplicated().any():
             raise UserError(f"{c.label}: predictions repeat example ids")
@@ -101,47 +108,12 @@ def aligned(
     return truths, preds, classes, not mismatch
 
 
-def is_word_level(predictions: pd.DataFrame) -> bool:
-    """Token classification's predictions: one row per word (``id`` the sentence, ``position`` the word)."""
-    return "position" in predictions.columns
-
-
-def sentence_rows(predictions: pd.DataFrame) -> pd.DataFrame:
-    """Word-level predictions as one row per sentence, its true and predicted tags joined by spaces: a
-    sentence is the example that is resampled, and it is right when every one of its tags is."""
-    words = predictions.astype({"id": str, "actual": str, "predicted": str})
-    words = words.sort_values(["id", "position"], kind="stable")
-    joined = words.groupby("id", sort=True).agg(
-        actual=("actual", " ".join), predicted=("predicted", " ".join)
-    )
-    return joined.reset_index()
-
-
-def _scorer(truths: list[np.ndarray], preds: list[np.ndarray], classes: list[str], token_task: bool):
-    """``score(i, weights)``: candidate ``i``'s ``METRICS`` for each row of ``weights``, and the classes to
-    report. Text classification: accuracy and macro-F1 over the texts (``weighted_scores``). Token
-    classification (``classes`` are sentences' tag strings): token accuracy and entity macro-F1, seqeval's
-    strict spans (``lmpipe.ner``), from per-sentence counts."""
-    if not token_task:
-        k = len(classes)
-        return (lambda i, w: weighted_scores(w, truths[i], preds[i], k)), classes
-    from lmpipe import ner
-
-    def tags(codes: np.ndarray) -> list[list[str]]:
-        return [classes[c].split(" ") for c in codes]
-
-    truth_tags = [tags(y) for y in truths]
-    pred_tags = [tags(p) for p in preds]
-    types = sorted(
-        {kind for seqs in truth_tags + pred_tags for seq in seqs for kind, _, _ in ner.entity_spans(seq)}
-    )
-    counts = [ner.sentence_counts(y, p, types) for y, p in zip(truth_tags, pred_tags, strict=True)]
-
-    def score(i: int, weights: np.ndarray) -> dict[str, np.ndarray]:
-        scores = ner.scores_from_counts(counts[i], np.atleast_2d(weights).astype(np.float64))
-        return {m: scores[m] for m in METRICS}
-
-    return score, sorted({tag for seqs in truth_tags for seq in seqs for tag in seq})
+def candidates_task(candidates: Sequence[Candidate]) -> Task:
+    """The one task all ``candidates`` were evaluated on (a one-line error if they differ)."""
+    names = {c.task for c in candidates}
+    if len(names) > 1:
+        raise UserError(f"compare: the runs are of different tasks ({', '.join(sorted(names))})")
+    return tasks.get(names.pop() if names else tasks.CLASSIFICATION)
 
 
 def weighted_scores(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict:
@@ -274,9 +246,9 @@ def compare(
         raise UserError(f"--resamples must be >= 100, got {resamples}")
     if not 0 < alpha < 0.5:
         raise UserError(f"--alpha must be between 0 and 0.5, got {alpha}")
-    truths, preds, classes, paired = aligned(candidates, unpaired)
-    token_task = all(is_word_level(c.predictions) for c in candidates)
-    score, classes = _scorer(truths, preds, classes, token_task)
+    task = candidates_task(candidates)
+    truths, preds, classes, paired = aligned(candidates, unpaired, task)
+    score, classes = task.bootstrap_scorer(truths, preds, classes, METRICS)
     point = [{m: float(v[0]) for m, v in score(i, np.ones(len(y))).items()} for i, y in enumerate(truths)]
 
     # paired: one set of resamples for every candidate, so single CIs and differences share them;
@@ -347,7 +319,7 @@ def compare(
         del g["_values"]
 
     return {
-        "task": "token_classification" if token_task else "classification",
+        "task": task.name,
         "paired": paired,
         "test_examples": len(y) if paired else [len(t) for t in truths],
         "classes": classes,
@@ -423,45 +395,6 @@ def versus_baseline(model: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> d
     return out
 
 
-def versus_baseline_entities(
-    true: Sequence[Sequence[str]],
-    model: Sequence[Sequence[str]],
-    baseline: Sequence[Sequence[str]],
-    seed: int,
-    resamples: int = 2000,
-) -> dict:
-    """Model minus baseline in entity micro-F1 (``f1``), macro-F1 and token accuracy, each with a paired
-    bootstrap 95% CI over sentences (the same resamples for both), and McNemar's test on the sentences
-    exactly one of the two tags wholly right (token classification: ``lmpipe.ner``'s entity scores).
-    Keys as ``versus_baseline``'s, plus ``f1``'s."""
-    from lmpipe import ner
-
-    types = sorted(
-        {t for seqs in (true, model, baseline) for tags in seqs for t, _, _ in ner.entity_spans(tags)}
-    )
-    ours, theirs = ner.sentence_counts(true, model, types), ner.sentence_counts(true, baseline, types)
-    point = {
-        k: ner.scores_from_counts(ours)[k] - ner.scores_from_counts(theirs)[k]
-        for k in ("f1", "macro_f1", "accuracy")
-    }
-    diffs: dict[str, list] = {k: [] for k in point}
-    for weights in bootstrap_weights(len(true), resamples, seed):
-        a, b = ner.scores_from_counts(ours, weights), ner.scores_from_counts(theirs, weights)
-        for k in diffs:
-            diffs[k].append(a[k] - b[k])
-    out: dict[str, Any] = {}
-    for k, value in point.items():
-        low, high = np.percentile(np.concatenate(diffs[k]), [2.5, 97.5])
-        out.update({k: float(value), f"{k}_ci95_low": float(low), f"{k}_ci95_high": float(high)})
-    out["macro_f1_significant"] = bool(out["macro_f1_ci95_low"] > 0 or out["macro_f1_ci95_high"] < 0)
-    out["f1_significant"] = bool(out["f1_ci95_low"] > 0 or out["f1_ci95_high"] < 0)
-    right_model = np.array([list(t) == list(p) for t, p in zip(true, model, strict=True)])
-    right_base = np.array([list(t) == list(p) for t, p in zip(true, baseline, strict=True)])
-    test = mcnemar(right_base, right_model)
-    out.update(model_only_right=test["b_only"], baseline_only_right=test["a_only"], mcnemar_p=test["p_value"])
-    return out
-
-
 # ------------------------------------------------------------- one setting over several seeded splits
 def across_splits(
     models: Sequence[Candidate],
@@ -500,7 +433,7 @@ def across_splits(
 
     def marked(c: Candidate, who: str) -> Candidate:  # one label and setting per predictor
         return Candidate(
-            f"{c.label} ({who})", c.source, c.predictions, {**c.params, "predictor": who}, c.run_id
+            f"{c.label} ({who})", c.source, c.predictions, {**c.params, "predictor": who}, c.run_id, c.task
         )
 
     splits = []

@@ -98,12 +98,7 @@ def frame_dataset(
     seed: int = 0,
 ) -> TextDataset:
     """A split frame (``text``, ``label``) as a dataset; a label outside ``label2id`` is an error.
-    ``train=True``: one sampled window per text per visit (``TextDataset``). A token-classification
-    frame (``tokens``, ``tags``) becomes an ``ner.TokenDataset``, which reads each sentence's head."""
-    if "tags" in frame.columns:
-        from lmpipe import ner
-
-        return ner.frame_dataset(tokenizer, frame, label2id, max_length)
+    ``train=True``: one sampled window per text per visit (``TextDataset``)."""
     labels = encode_labels(frame["label"], label2id, "the label map of the prepared data")
     return TextDataset(
         tokenizer,

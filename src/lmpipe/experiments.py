@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lmpipe import tasks
 from lmpipe.compare import Candidate
 from lmpipe.errors import ParamsError, UserError
 
@@ -122,6 +123,7 @@ def from_git(ref: str, root: Path, predictions: str = PREDICTIONS) -> Candidate 
         predictions=_read_predictions(text, ref),
         params=_params_from_text(params_text, search, ref) if params_text else {},
         run_id=str(metrics.get("mlflow_run_id", "")),
+        task=metrics.get("task", tasks.CLASSIFICATION),
     )
 
 
@@ -139,6 +141,7 @@ def from_workspace(root: Path, predictions: str = PREDICTIONS) -> Candidate:
         predictions=_read_predictions(path.read_text(encoding="utf-8"), WORKSPACE),
         params=_params_from_text(params_path.read_text(), search, WORKSPACE) if params_path.is_file() else {},
         run_id=str(metrics.get("mlflow_run_id", "")),
+        task=metrics.get("task", tasks.CLASSIFICATION),
     )
 
 
@@ -172,6 +175,7 @@ def from_mlflow(run_id: str) -> Candidate | None:
         predictions=frame,
         params=dict(train.data.params),  # the resolved params the model was trained with
         run_id=evaluation.info.run_id,
+        task=train.data.params.get("base.task", tasks.CLASSIFICATION),
     )
 
 

@@ -22,11 +22,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lmpipe import latency
+from lmpipe import latency, tasks
 from lmpipe.encoding import model_reading
 from lmpipe.inference import batches_logits
 from lmpipe.metrics import classification_metrics
-from lmpipe.models import SOFT_PROMPT_KEY, TOKEN_TASK, load_classifier, load_tokenizer, model_task
+from lmpipe.models import SOFT_PROMPT_KEY, load_classifier, load_tokenizer, model_task
 from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OPT_FILE, OnnxTextClassifier, pool_logits
 
 
@@ -61,8 +61,8 @@ def write_classifier_folder(
         # how the model reads a text longer than max_length (serving.read_texts), as it was trained to
         "reading": model_reading(model),
     }
-    if model_task(model.config) == TOKEN_TASK:  # served by serving.OnnxEntityTagger
-        info["task"] = TOKEN_TASK
+    if model_task(model.config) == tasks.TOKEN_CLASSIFICATION:  # served by serving.OnnxEntityTagger
+        info["task"] = tasks.TOKEN_CLASSIFICATION
     (out_dir / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
@@ -344,20 +344,3 @@ def score_registered(uri: str, texts: Sequence[str], y_true: np.ndarray, labels:
             return None
         proba = classifier.predict_proba(list(texts))
     return classification_metrics(y_true, proba.argmax(axis=1))["macro_f1"]
-
-
-def score_registered_entities(uri: str, frame: pd.DataFrame, labels: list[str]) -> float | None:
-    """Entity macro-F1 of a registered token classifier's own ONNX model on a split's sentences; None when
-    its tags differ from ``labels`` or it is not a token classifier (another task or other data)."""
-    from lmpipe import ner, tracking
-    from lmpipe.serving import OnnxEntityTagger
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = tracking.download_model(uri, tmp) / "artifacts" / "classifier"
-        if json.loads((folder / CLASSIFIER_FILE).read_text(encoding="utf-8")).get("task") != TOKEN_TASK:
-            return None
-        tagger = OnnxEntityTagger(folder)
-        if tagger.labels != labels:
-            return None
-        pred, _ = tagger.tag_words([list(s) for s in frame["tokens"]])
-    return ner.entity_scores([list(t) for t in frame["tags"]], pred)["metrics"]["macro_f1"]

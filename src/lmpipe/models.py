@@ -8,20 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-)
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
-    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING,
-)
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from lmpipe import distributed
+from lmpipe import distributed, tasks
 from lmpipe.errors import UserError
 from lmpipe.params import EMBEDDED_MODEL
 
@@ -50,11 +39,11 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
 SOFT_PROMPT_KEY = "soft_prompt_tokens"
 # config.json key of the task a model was trained for (base.task); a model without one classifies texts
 TASK_KEY = "lmpipe_task"
-TOKEN_TASK = "token_classification"
 
 
 def model_task(config: PretrainedConfig) -> str:
-    return getattr(config, TASK_KEY, None) or "classification"
+    """The task (``lmpipe.tasks``) a model's config records; text classification where it records none."""
+    return getattr(config, TASK_KEY, None) or tasks.CLASSIFICATION
 
 
 class SoftPromptMixin:
@@ -103,11 +92,9 @@ _PROMPTED: dict[type, type] = {}
 
 
 def classifier_class(config: PretrainedConfig) -> type:
-    """The transformers classifier class of ``config`` (a token classifier for ``lmpipe_task:
-    token_classification``), with ``SoftPromptMixin`` if it has a soft prompt."""
-    if model_task(config) == TOKEN_TASK:
-        return MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING[type(config)]
-    cls = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)]
+    """The transformers model class of ``config`` for the head of its task (``Task.head``), with
+    ``SoftPromptMixin`` if it has a soft prompt."""
+    cls = tasks.get(model_task(config)).head()._model_mapping[type(config)]
     if not getattr(config, SOFT_PROMPT_KEY, None):
         return cls
     if cls not in _PROMPTED:
@@ -116,35 +103,29 @@ def classifier_class(config: PretrainedConfig) -> type:
 
 
 def load_classifier(
-    model_dir: str | Path, label2id: dict[str, int] | None = None, task: str = "classification"
+    model_dir: str | Path, label2id: dict[str, int] | None = None, task: str = tasks.CLASSIFICATION
 ) -> torch.nn.Module:
-    """Load a sequence classifier (or a token classifier, ``task``) from a local folder.
+    """Load a model with the head of its task (``Task.head``) from a local folder.
 
-    With ``label2id`` a fresh head is sized for those labels (fine-tuning a pretrained encoder), and the
-    config records ``task`` (``lmpipe_task``), so that every later load builds the same head;
-    without it, the folder must already be a classifier whose config carries its labels, and a
-    classifier trained with a soft prompt comes back as a ``SoftPromptMixin`` model that prepends it.
-    Weights come from safetensors only.
+    With ``label2id`` a fresh head is sized for those labels (fine-tuning a pretrained encoder) for
+    ``task``, which a non-default task records in the config (``lmpipe_task``), so that every later load
+    builds the same head; without it, the folder must already be a model whose config carries its
+    labels, and a classifier trained with a soft prompt comes back as a ``SoftPromptMixin`` model that
+    prepends it. Weights come from safetensors only.
     """
     kwargs: dict = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True}
     if label2id is not None:
-        kwargs.update(
-            num_labels=len(label2id),
-            label2id=dict(label2id),
-            id2label={i: label for label, i in label2id.items()},
-        )
-        if task != TOKEN_TASK:
-            return AutoModelForSequenceClassification.from_pretrained(str(model_dir), **kwargs)
+        labels = {
+            "num_labels": len(label2id),
+            "label2id": dict(label2id),
+            "id2label": {i: label for label, i in label2id.items()},
+        }
         config = AutoConfig.from_pretrained(
-            str(model_dir),
-            local_files_only=True,
-            trust_remote_code=False,
-            **{k: kwargs[k] for k in ("num_labels", "label2id", "id2label")},
+            str(model_dir), local_files_only=True, trust_remote_code=False, **labels
         )
-        setattr(config, TASK_KEY, task)
-        return AutoModelForTokenClassification.from_pretrained(
-            str(model_dir), config=config, **{k: kwargs[k] for k in ("local_files_only", "use_safetensors")}
-        )
+        if task != model_task(config):  # the default is left unwritten: config.json as transformers writes it
+            setattr(config, TASK_KEY, task)
+        return tasks.get(task).head().from_pretrained(str(model_dir), config=config, **kwargs)
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     return classifier_class(config).from_pretrained(str(model_dir), config=config, **kwargs)
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from lmpipe import tasks
 from lmpipe.errors import ParamsError
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
@@ -55,18 +56,19 @@ class ReadingParams(_Section):
         return dataclasses.asdict(self)
 
 
-TASKS = ("classification", "token_classification")
-
-
 @dataclass(frozen=True)
 class BaseParams(_Section):
-    task: Literal["classification", "token_classification"]
+    task: str  # a name of lmpipe.tasks.SUPPORTED
     seed: int
     model: str
     max_length: int
     reading: ReadingParams
 
     def problems(self):
+        if self.task not in tasks.SUPPORTED:
+            alias = tasks.ALIASES.get(self.task)
+            hint = f" ({self.task!r} is another name for {alias}: write that)" if alias else ""
+            yield "task", f"must be one of {', '.join(tasks.SUPPORTED)}; got {self.task!r}{hint}"
         # a window must move forward: the shared tokens leave room for new ones (specials take ~2)
         if self.reading.mode == "windows" and self.reading.stride > self.max_length // 2:
             yield (
@@ -822,8 +824,8 @@ class Params(_Section):
     export: ExportParams
 
     def problems(self):
-        if self.base.task == "token_classification":
-            yield from self.token_classification_problems()
+        if self.base.task in tasks.SUPPORTED:
+            yield from tasks.get(self.base.task).param_problems(self)
         # every value a search may hand to train must be a valid train value
         hints = typing.get_type_hints(TrainParams)
         for name, spec in self.search.space.items():
@@ -838,33 +840,6 @@ class Params(_Section):
                 for field_name, message in candidate.problems():
                     if field_name == name:
                         yield key, f"value {value!r}: {message}"
-
-    def token_classification_problems(self) -> Iterator[tuple[str, str]]:
-        """Params that make no sense for token classification (``base.task``), each by its key."""
-        if self.base.reading.mode != "head":
-            yield (
-                "base.reading.mode",
-                "token_classification reads each sentence's first max_length tokens: use head",
-            )
-        if self.train.augment.copies > 0:
-            yield (
-                "train.augment.copies",
-                "token-level augmentation would move words off their tags: use 0 with token_classification",
-            )
-        if (
-            self.train.strategy == "prompt_tuning"
-            or "strategy" in self.search.space
-            and "prompt_tuning" in (self.search.space["strategy"].choices or ())
-        ):
-            yield (
-                "train.strategy",
-                "prompt_tuning prepends tokens a token-classification head would tag: not with token_classification",
-            )
-        if self.search.folds > 1:
-            yield (
-                "search.folds",
-                "k-fold search stratifies by class label: use 1 (the val split) with token_classification",
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

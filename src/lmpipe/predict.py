@@ -230,14 +230,14 @@ def tag_file(
             raise UserError(
                 "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
             )
-        from lmpipe.models import device, load_classifier, load_tokenizer
-        from lmpipe.ner import predict_words
+        from lmpipe import tasks
+        from lmpipe.models import load_tokenizer
 
         tokenizer, limit = load_tokenizer(model), max_length
-        loaded = load_classifier(model).to(device())
-        tags, scores = predict_words(
-            loaded, tokenizer, sentences, max_length, batch_size, "predict (pytorch)"
+        tagged = tasks.get(tasks.TOKEN_CLASSIFICATION).predict(
+            str(model), pd.DataFrame({"tokens": sentences}), max_length, batch_size, "predict (pytorch)"
         )
+        tags, scores = tagged.predicted, tagged.confidence
     entities = [entities_of(*row) for row in zip(texts, words, tags, scores, strict=True)]
     lengths = [len(ids) for ids in tokenizer(sentences, is_split_into_words=True, verbose=False)["input_ids"]]
     truncated = [n > limit for n in lengths]

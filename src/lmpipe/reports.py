@@ -12,7 +12,7 @@ being added here, and ``tests/code/test_reports.py`` keeps the whole table under
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +47,6 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "export": ("served.macro_f1", "served.latency_b1_p50_ms", "served.size_mb", "gate.passed"),
 }
 
-# a task's own headline for a stage, where it differs (a report with ``"task": <name>`` uses it): for
-# token classification, evaluate's entity micro-F1 (the figure NER papers report) beside macro-F1
-TASK_HEADLINE: dict[str, dict[str, tuple[str, ...]]] = {
-    "token_classification": {
-        "evaluate": (
-            "model.f1",
-            "model.macro_f1",
-            "baseline.f1",
-            "baseline.macro_f1",
-            "model_minus_baseline.f1",
-            "model_minus_baseline.f1_ci95_low",
-            "model_minus_baseline.f1_ci95_high",
-        ),
-    },
-}
-
 # the most metric columns `dvc exp show` may have for the default pipeline (compress: 4 variants)
 MAX_COLUMNS = 40
 
@@ -91,18 +75,24 @@ def _merge(into: dict[str, Any], other: Mapping[str, Any]) -> None:
             into[key] = value  # _select builds fresh dicts: nothing to copy
 
 
-def headline(stage: str, report: Mapping[str, Any]) -> dict[str, Any]:
-    """The headline scalars of ``stage`` in ``report``, nested as in the report, in HEADLINE's order.
-    Keys the report lacks (a disabled search, a skipped variant) are left out, and so are non-scalars."""
+def headline(stage: str, report: Mapping[str, Any], paths: Sequence[str] | None = None) -> dict[str, Any]:
+    """The headline scalars of ``stage`` in ``report``, nested as in the report, in HEADLINE's order (or
+    ``paths``'s: a task's own headline, ``Task.headline``). Keys the report lacks (a disabled search, a
+    skipped variant) are left out, and so are non-scalars."""
     out: dict[str, Any] = {}
-    paths = TASK_HEADLINE.get(str(report.get("task")), {}).get(stage, HEADLINE[stage])
-    for path in paths:
+    for path in HEADLINE[stage] if paths is None else paths:
         _merge(out, _select(report, path.split(".")))
     return out
 
 
-def write(stage: str, report: Mapping[str, Any], metrics_path: str | Path, report_path: str | Path) -> None:
-    """Write the full report and its headline metrics, each atomically; the report first, so that a
-    metrics file never describes a report that is not there."""
+def write(
+    stage: str,
+    report: Mapping[str, Any],
+    metrics_path: str | Path,
+    report_path: str | Path,
+    paths: Sequence[str] | None = None,
+) -> None:
+    """Write the full report and its headline metrics (``headline``), each atomically; the report first,
+    so that a metrics file never describes a report that is not there."""
     io.write_json(report_path, report)
-    io.write_json(metrics_path, headline(stage, report))
+    io.write_json(metrics_path, headline(stage, report, paths))

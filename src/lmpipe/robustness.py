@@ -232,3 +232,20 @@ def words_read(tokenizer, max_length: int) -> Callable[[str], int]:
         return (max(ids) + 1) if ids else 0
 
     return count
+
+
+def summary(table: pd.DataFrame) -> dict:
+    """Per perturbation and strength: both predictors' macro-F1, drop from clean and flip rate; and the
+    mean drop over them all (a headline metric)."""
+    out: dict = {"perturbations": {}}
+    perturbed = table[table["strength"] > 0]
+    for (kind, strength), part in perturbed.groupby(["perturbation", "strength"], sort=False):
+        entry = {}
+        for r in part.itertuples():
+            entry.update({f"{r.predictor}_{k}": getattr(r, k) for k in ("macro_f1", "drop", "flip_rate")})
+        out["perturbations"][f"{kind}@{strength:g}"] = entry
+    for who in ("model", "baseline"):
+        rows = perturbed[perturbed["predictor"] == who]
+        out[f"{who}_mean_drop"] = float(rows["drop"].mean()) if len(rows) else 0.0
+        out[f"{who}_mean_flip_rate"] = float(rows["flip_rate"].mean()) if len(rows) else 0.0
+    return out

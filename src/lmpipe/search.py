@@ -28,8 +28,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 from transformers import TrainerCallback
 
-from lmpipe import data, models, tracking
-from lmpipe.encoding import frame_dataset
+from lmpipe import data, models, tasks, tracking
 from lmpipe.errors import UserError, unreachable
 from lmpipe.params import Params, SearchParams, SpaceParam, TrainParams
 from lmpipe.training import SELECTION_METRIC, train_model
@@ -481,6 +480,7 @@ class Objective:
         tokenizer = models.load_tokenizer(self.model_dir)
         scores, epochs = [], cfg.planned_epochs
         reading = self.params.base.reading.as_dict()
+        task = tasks.get(self.params.base.task)
         for fold, (fold_train, fold_val) in enumerate(
             folds_of(sample, self.val, self.params.search.folds, seed)
         ):
@@ -490,8 +490,8 @@ class Objective:
             result = train_model(
                 model,
                 tokenizer,
-                frame_dataset(tokenizer, fold_train, self.label2id, budget.max_length, reading, True, seed),
-                frame_dataset(tokenizer, fold_val, self.label2id, budget.max_length, reading),
+                task.dataset(tokenizer, fold_train, self.label2id, budget.max_length, reading, True, seed),
+                task.dataset(tokenizer, fold_val, self.label2id, budget.max_length, reading),
                 cfg,
                 seed,
                 callbacks=[

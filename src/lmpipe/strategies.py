@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmpipe import tasks
 from lmpipe.errors import UserError
-from lmpipe.models import SOFT_PROMPT_KEY, TOKEN_TASK, classifier_class, model_task
+from lmpipe.models import SOFT_PROMPT_KEY, classifier_class, model_task
 from lmpipe.params import PhaseParams, TrainParams
 
 DROPOUT_CONFIG_KEYS = (
@@ -142,9 +143,8 @@ def wrap_lora(model: nn.Module, cfg: TrainParams) -> nn.Module:
     problem = lora_targets_problem(model, cfg.lora.target_modules)
     if problem:
         raise UserError(problem)
-    token = model_task(model.config) == TOKEN_TASK
     config = LoraConfig(
-        task_type=TaskType.TOKEN_CLS if token else TaskType.SEQ_CLS,
+        task_type=TaskType[tasks.get(model_task(model.config)).peft_task_type],
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,

@@ -49,13 +49,12 @@ SELECTION_METRIC = "macro_f1"
 
 
 def eval_metrics(prediction, val_set: Any = None) -> dict[str, float]:
-    """``compute_metrics`` for the Trainer: accuracy and macro-F1 from logits. When ``val_set`` holds
-    windows (``base.reading.mode: windows``), its windows' logits are pooled into its texts' first.
-    Token classification (an ``ner.TokenDataset``): entity-level scores, macro entity-F1 as macro_f1."""
-    if getattr(val_set, "task", None) == "token_classification":
-        from lmpipe import ner
-
-        return ner.eval_metrics(prediction, val_set)
+    """``compute_metrics`` for the Trainer: the val set's own (``compute_metrics(prediction)``, which a
+    task's dataset may define: ``Task.dataset``), else accuracy and macro-F1 from one label per row. When
+    ``val_set`` holds windows (``base.reading.mode: windows``), its windows' logits are pooled into its
+    texts' first. Either way ``macro_f1`` is the selection metric."""
+    if hasattr(val_set, "compute_metrics"):
+        return val_set.compute_metrics(prediction)
     logits = np.asarray(
         prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     )

@@ -288,7 +288,7 @@ def test_across_splits_needs_one_setting_on_distinct_seeds():
 
 
 def test_token_classification_compares_entities_over_sentences():
-    from lmpipe import ner
+    from lmpipe.tasks import token_classification as ner
 
     rng = np.random.default_rng(1)
     vocabulary = ["O", "O", "O", "B-per", "I-per", "B-loc"]
@@ -307,7 +307,10 @@ def test_token_classification_compares_entities_over_sentences():
         return pd.DataFrame(rows).sample(frac=1, random_state=0)  # the file's order is not the sentences'
 
     result = compare(
-        [Candidate("worse", "synthetic", words(worse)), Candidate("better", "synthetic", words(better))],
+        [
+            Candidate("worse", "synthetic", words(worse), task="token_classification"),
+            Candidate("better", "synthetic", words(better), task="token_classification"),
+        ],
         resamples=500,
     )
     assert result["task"] == "token_classification" and result["test_examples"] == 60

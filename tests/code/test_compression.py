@@ -8,10 +8,10 @@ import torch
 
 from lmpipe import compression as lib
 from lmpipe import latency
-from lmpipe.data import load_bbc_news
 from lmpipe.errors import ParamsError, UserError
 from lmpipe.inference import predict_proba_model
 from lmpipe.models import load_tokenizer, resolve_model_dir
+from lmpipe.tasks.classification.data import load_bbc_news
 from tests.conftest import tiny_bert_classifier
 
 LABELS = ["business", "entertainment", "politics", "sport", "tech"]

@@ -1,5 +1,7 @@
 """dvc.yaml's deps are honest: every stage depends on each lmpipe module its script imports, directly or
-through other lmpipe modules. A missing one means editing that module would not re-run the stage."""
+through other lmpipe modules, and on the module of the task it runs (``src/lmpipe/tasks/${base.task}.py``,
+which DVC resolves from params.yaml), with that module's own imports. A missing one means editing that
+module would not re-run the stage; a task module named outright would re-run another task's pipeline."""
 
 from __future__ import annotations
 
@@ -57,18 +59,71 @@ def closure(script: Path) -> set[str]:
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+TASKS = sorted(p.parent.name for p in (PACKAGE / "tasks").glob("*/__init__.py"))
+TASK_DIR = "src/lmpipe/tasks/${base.task}"  # the package of the task a stage runs, resolved by DVC
+
+
+def task_parts(stage: str) -> tuple[str, ...]:
+    """The task parts ``lmpipe/stages/<stage>.py`` declares it uses (``TASK_PARTS``), read from its source."""
+    tree = ast.parse((PACKAGE / "stages" / f"{stage}.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "TASK_PARTS":
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError(f"lmpipe/stages/{stage}.py declares no TASK_PARTS")
+
+
+def deps_for(stage: str, task: str) -> set[str]:
+    """The stage's deps as DVC resolves them when params.yaml says ``base.task: <task>``."""
+    return {d.split("  #")[0].replace("${base.task}", task) for d in STAGES[stage]["deps"]}
+
+
+@pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_stage_depends_on_every_module_it_imports(stage):
-    deps = set(STAGES[stage]["deps"])
+def test_stage_depends_on_every_module_it_imports(stage, task):
+    deps = deps_for(stage, task)
     script = f"stages/{stage}.py"
     assert script in deps
-    missing = sorted(m for m in closure(ROOT / script) if m not in deps)
-    assert not missing, f"{stage}: dvc.yaml deps lack {missing}"
+    package = PACKAGE / "tasks" / task
+    declared = [f"{TASK_DIR}/__init__.py"] + [f"{TASK_DIR}/{p}.py" for p in task_parts(stage)]
+    assert not set(declared) - set(STAGES[stage]["deps"]), (
+        f"{stage}: dvc.yaml deps lack {sorted(set(declared) - set(STAGES[stage]['deps']))}"
+    )
+    needed = closure(ROOT / script) | closure(package / "__init__.py")
+    for part in task_parts(stage):
+        needed |= closure(package / f"{part}.py") | {(package / f"{part}.py").relative_to(ROOT).as_posix()}
+    missing = sorted(m for m in needed if m not in deps)
+    assert not missing, f"{stage} (base.task {task}): dvc.yaml deps lack {missing}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_no_stage_depends_on_a_task_it_does_not_run(stage):
+    """Editing the tagger's code re-runs nothing of a text-classification pipeline, and the reverse."""
+    for task in TASKS:
+        others = {
+            d
+            for d in deps_for(stage, task)
+            for t in TASKS
+            if t != task and d.startswith(f"src/lmpipe/tasks/{t}/")
+        }
+        assert not others, f"{stage} (base.task {task}) depends on {sorted(others)}"
+
+
+def test_every_task_has_every_part_and_the_registry_names_it():
+    from lmpipe import tasks
+    from lmpipe.tasks.base import Task
+
+    assert sorted(tasks.SUPPORTED) == TASKS
+    for name in TASKS:
+        assert tasks.get(name).name == name
+        for part in Task.PARTS:  # dvc.yaml names tasks/${base.task}/<part>.py: it must exist for each
+            assert (PACKAGE / "tasks" / name / f"{part}.py").is_file(), (name, part)
+    for stage in STAGES:
+        assert set(task_parts(stage)) <= set(Task.PARTS), stage
 
 
 def test_the_check_sees_lazy_imports():
     # the stages import lmpipe inside main(): the walk must find those, or the test above proves nothing
-    found = closure(ROOT / "stages/evaluate.py")
+    found = closure(ROOT / "stages/evaluate.py") | closure(PACKAGE / "tasks/classification/evaluation.py")
     assert {f"src/lmpipe/{m}.py" for m in ("stages/evaluate", "evaluation", "compare", "tracking")} <= found
 
 
@@ -78,12 +133,16 @@ def test_the_check_sees_lazy_imports():
         # scoring a model needs neither the training loop nor the compare report's wording
         ("evaluate", {"training", "strategies", "checkpoints", "compare_report", "cli"}),
         ("compress", {"compare_report", "cli", "search"}),
-        ("export", {"training", "strategies", "checkpoints", "compare_report", "cli", "evaluation"}),
+        ("export", {"training", "strategies", "checkpoints", "compare_report", "cli"}),
         ("prepare", {"training", "tracking", "cli"}),
     ],
 )
 def test_stages_do_not_depend_on_what_they_do_not_use(stage, unused):
     found = closure(ROOT / f"stages/{stage}.py")
+    for task in TASKS:
+        found |= closure(PACKAGE / "tasks" / task / "__init__.py")
+        for part in task_parts(stage):
+            found |= closure(PACKAGE / "tasks" / task / f"{part}.py")
     assert not {f"src/lmpipe/{m}.py" for m in unused} & found
     deps = set(STAGES[stage]["deps"])
     assert not {f"src/lmpipe/{m}.py" for m in unused} & deps, f"{stage}: needless deps in dvc.yaml"

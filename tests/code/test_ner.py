@@ -13,11 +13,14 @@ import pytest
 from seqeval.metrics import classification_report, f1_score
 from seqeval.scheme import IOB2
 
-from lmpipe import ner, serving
-from lmpipe.compare import versus_baseline_entities
+from lmpipe import serving
 from lmpipe.errors import UserError
 from lmpipe.models import load_tokenizer, resolve_model_dir
 from lmpipe.params import load_params
+from lmpipe.tasks import token_classification as ner
+from lmpipe.tasks.token_classification import data as ner_data
+from lmpipe.tasks.token_classification import evaluation as ner_eval
+from lmpipe.tasks.token_classification import export as ner_export
 from tests.conftest import ROOT
 
 PARAMS = load_params(ROOT / "params.yaml")
@@ -37,34 +40,34 @@ def test_conll_layouts_blank_lines_and_docstart(tmp_path):
         "Peter NNP B-NP B-PER",
         "Blackburn NNP I-NP I-PER",
     ]
-    frame = ner.parse_conll(lines, "f.conll")
+    frame = ner_data.parse_conll(lines, "f.conll")
     assert frame["tokens"].tolist() == [["EU", "rejects"], ["Peter", "Blackburn"]]
     assert frame["tags"].tolist() == [["B-ORG", "O"], ["B-PER", "I-PER"]]
     assert frame["id"].tolist() == ["3", "6"]
-    tabbed = ner.parse_conll(["New\tB-loc", "York\tI-loc", "", "hi\tO"], "t.tsv")
+    tabbed = ner_data.parse_conll(["New\tB-loc", "York\tI-loc", "", "hi\tO"], "t.tsv")
     assert tabbed["tags"].tolist() == [["B-loc", "I-loc"], ["O"]]
 
 
 def test_a_bad_conll_line_is_one_error_naming_file_and_line():
     with pytest.raises(UserError, match=r"^f.conll:3: 3 columns, but the file's first token line has 2$"):
-        ner.parse_conll(["a O", "b O", "c X O"], "f.conll")
+        ner_data.parse_conll(["a O", "b O", "c X O"], "f.conll")
     with pytest.raises(UserError, match=r"^f.conll:2: 1 column"):
-        ner.parse_conll(["a O", "lonely"], "f.conll")
+        ner_data.parse_conll(["a O", "lonely"], "f.conll")
 
 
 def test_bio_policy_repairs_or_rejects_naming_the_line(tmp_path):
     source = tmp_path / "d.conll"
     source.write_text("I\tO\nlove\tO\nNew\tI-loc\nYork\tI-loc\n\nParis\tB-loc\nHilton\tI-person\n")
-    raw, _ = ner.load_source(prep(source))
-    frame, report = ner.prepare_frame(raw, prep(source), 0)
+    raw, _ = ner_data.load_source(prep(source))
+    frame, report = ner_data.prepare_frame(raw, prep(source), 0)
     assert frame["tags"].tolist() == [["O", "O", "B-loc", "I-loc"], ["B-loc", "B-person"]]
     assert report["bio_repaired"] == 2
     with pytest.raises(UserError, match=rf"^{source}:3: I-loc follows O, but an entity starts with B-"):
-        ner.prepare_frame(raw, prep(source, on_bad_bio="reject"), 0)
+        ner_data.prepare_frame(raw, prep(source, on_bad_bio="reject"), 0)
     source.write_text("a\tB-loc\nb\tX-loc\n")
-    raw, _ = ner.load_source(prep(source))
+    raw, _ = ner_data.load_source(prep(source))
     with pytest.raises(UserError, match=rf"^{source}:2: tag 'X-loc' is not BIO"):
-        ner.prepare_frame(raw, prep(source), 0)
+        ner_data.prepare_frame(raw, prep(source), 0)
 
 
 def test_cleaning_drops_empty_tokens_sentences_and_duplicates(tmp_path):
@@ -76,8 +79,8 @@ def test_cleaning_drops_empty_tokens_sentences_and_duplicates(tmp_path):
         {"tokens": ["Ann", "sings"], "tags": ["B-per", "O"]},
     ]
     source.write_text("\n".join(json.dumps(r) for r in rows))
-    raw, _ = ner.load_source(prep(source))
-    frame, report = ner.prepare_frame(raw, prep(source), 0)
+    raw, _ = ner_data.load_source(prep(source))
+    frame, report = ner_data.prepare_frame(raw, prep(source), 0)
     assert frame["text"].tolist() == ["Hi Bob", "Ann sings"]
     assert (report["empty_tokens_dropped"], report["empty_dropped"], report["duplicates_removed"]) == (
         2,
@@ -91,13 +94,13 @@ def test_jsonl_rows_with_unequal_lists_are_named(tmp_path):
     source = tmp_path / "d.jsonl"
     source.write_text('{"tokens": ["a", "b"], "tags": ["O", "O"]}\n{"tokens": ["a", "b"], "tags": ["O"]}\n')
     with pytest.raises(UserError, match=rf"^{source}:2: tokens has 2 items but tags has 1$"):
-        ner.load_source(prep(source))
+        ner_data.load_source(prep(source))
 
 
 def test_builtin_wnut16_reads_and_cleans():
-    raw, description = ner.load_source(prep(ROOT / "data/builtin/wnut16.yaml"))
+    raw, description = ner_data.load_source(prep(ROOT / "data/builtin/wnut16.yaml"))
     assert len(raw) == 2394 and "WNUT 2016" in description
-    frame, report = ner.prepare_frame(raw, prep(ROOT / "data/builtin/wnut16.yaml"), 0)
+    frame, report = ner_data.prepare_frame(raw, prep(ROOT / "data/builtin/wnut16.yaml"), 0)
     assert report["classes"] == 10 and report["rows_out"] == len(frame) > 2200
     assert set(ner.tag_map(frame["tags"])) >= {"O", "B-person", "I-person", "B-tvshow"}
 
@@ -122,11 +125,11 @@ def test_split_by_sentence_reports_entities_and_refuses_unseen_tags():
     with pytest.raises(
         UserError, match=r"^split: (val|test) sentence 0 has tag\(s\) \['B-per'\] that no train"
     ):
-        ner.split_frame(frame, split, seed)
+        ner_data.split_frame(frame, split, seed)
     frame.loc[0, "tags"] = ["B-loc", "O"]
-    parts = ner.split_frame(frame, split, seed)
+    parts = ner_data.split_frame(frame, split, seed)
     assert {k: len(v) for k, v in parts.items()} == {"train": 16, "val": 2, "test": 2}
-    assert ner.split_report(parts)["entities_per_type"]["train"] == {"loc": 16}
+    assert ner_data.split_report(parts)["entities_per_type"]["train"] == {"loc": 16}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +167,7 @@ def random_tags(rng, n, types=("per", "loc", "org")):
 
 def test_entity_scores_are_seqevals_strict_iob2():
     rng = np.random.default_rng(0)
-    true = [ner.check_bio(random_tags(rng, 12), ["x"] * 12, "repair")[0] for _ in range(60)]
+    true = [ner_data.check_bio(random_tags(rng, 12), ["x"] * 12, "repair")[0] for _ in range(60)]
     pred = [random_tags(rng, 12) for _ in range(60)]  # stray I- tags too: strict mode ignores them
     scores = ner.entity_scores(true, pred)
     assert scores["metrics"]["f1"] == pytest.approx(f1_score(true, pred, mode="strict", scheme=IOB2))
@@ -179,20 +182,20 @@ def test_entity_scores_are_seqevals_strict_iob2():
 
 def test_paired_comparison_over_sentences():
     rng = np.random.default_rng(1)
-    true = [ner.check_bio(random_tags(rng, 10), ["x"] * 10, "repair")[0] for _ in range(40)]
-    same = versus_baseline_entities(true, true, true, seed=0, resamples=200)
+    true = [ner_data.check_bio(random_tags(rng, 10), ["x"] * 10, "repair")[0] for _ in range(40)]
+    same = ner_eval.versus_baseline(true, true, true, seed=0, resamples=200)
     assert same["f1"] == same["f1_ci95_low"] == same["f1_ci95_high"] == 0.0 and same["mcnemar_p"] == 1.0
     blank = [["O"] * len(t) for t in true]
-    ahead = versus_baseline_entities(true, true, blank, seed=0, resamples=200)
+    ahead = ner_eval.versus_baseline(true, true, blank, seed=0, resamples=200)
     assert ahead["f1"] == 1.0 and ahead["f1_ci95_low"] > 0.9 and ahead["f1_significant"]
     assert ahead["model_only_right"] > 0 and ahead["baseline_only_right"] == 0
 
 
 def test_crf_baseline_learns_the_training_sentences():
-    raw, _ = ner.load_source(prep(ROOT / "data/builtin/wnut16.yaml"))
-    frame, _ = ner.prepare_frame(raw, prep(ROOT / "data/builtin/wnut16.yaml", max_rows=300), 0)
-    crf = ner.fit_crf(frame, PARAMS.evaluate.crf)
-    tags, proba = ner.crf_tags(crf, frame)
+    raw, _ = ner_data.load_source(prep(ROOT / "data/builtin/wnut16.yaml"))
+    frame, _ = ner_data.prepare_frame(raw, prep(ROOT / "data/builtin/wnut16.yaml", max_rows=300), 0)
+    crf = ner_eval.fit_crf(frame, PARAMS.evaluate.crf)
+    tags, proba = ner_eval.crf_tags(crf, frame)
     assert ner.entity_scores(list(frame["tags"]), tags)["metrics"]["f1"] > 0.5  # its own training data
     assert all(((p > 0) & (p <= 1)).all() for p in proba)
 
@@ -257,18 +260,18 @@ def test_word_parity_and_predictions_back_to_sentences():
     names = ["B-x", "I-x", "O"]
     ref = [np.array([[3.0, 0.0, 1.0], [0.0, 0.0, 2.0]]), np.array([[np.nan] * 3])]
     close = [ref[0] + 1e-6, ref[1]]
-    assert ner.word_parity(ref, close, names) == {
+    assert ner_export.word_parity(ref, close, names) == {
         "max_abs_logit_diff": pytest.approx(1e-6),
         "label_agreement": 1.0,
         "labels_differing": 0,
         "words": 2,  # the word not read (nan) is not compared
     }
     flipped = [np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0]]), ref[1]]
-    assert ner.word_parity(ref, flipped, names)["labels_differing"] == 1
+    assert ner_export.word_parity(ref, flipped, names)["labels_differing"] == 1
     frame = pd.DataFrame({"id": ["a", "b"], "tokens": [["x", "y"], ["z"]]})
     predictions = pd.DataFrame(
         {"id": ["b", "a", "a"], "position": [0, 1, 0], "predicted": ["O", "I-x", "B-x"]}
     )
-    assert ner.tags_from_predictions(predictions, frame) == [["B-x", "I-x"], ["O"]]
+    assert ner_eval.tags_from_predictions(predictions, frame) == [["B-x", "I-x"], ["O"]]
     with pytest.raises(UserError, match="no rows for sentence id c"):
-        ner.tags_from_predictions(predictions, pd.DataFrame({"id": ["c"], "tokens": [["q"]]}))
+        ner_eval.tags_from_predictions(predictions, pd.DataFrame({"id": ["c"], "tokens": [["q"]]}))

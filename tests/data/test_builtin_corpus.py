@@ -2,13 +2,13 @@
 
 import pytest
 
-from lmpipe import data
 from lmpipe.params import PrepareParams
+from lmpipe.tasks.classification import data as text_data
 
 
 @pytest.fixture(scope="module")
 def bbc():
-    return data.load_bbc_news()
+    return text_data.load_bbc_news()
 
 
 def test_corpus_shape(bbc):
@@ -20,7 +20,7 @@ def test_corpus_shape(bbc):
 def test_corpus_duplicates_are_removed(bbc):
     assert bbc["text"].duplicated().sum() == 98  # exact duplicates as shipped
     prep = PrepareParams("data/builtin/bbc_news.yaml", "utf-8", "text", "label", "drop", "repair", None)
-    out, report = data.prepare_frame(bbc, prep, seed=0)
+    out, report = text_data.prepare_frame(bbc, prep, seed=0)
     # two more pairs differ only in whitespace, so cleaning finds 100
     assert report["duplicates_removed"] == 100
     assert report["conflicting_texts"] == 0

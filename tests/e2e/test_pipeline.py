@@ -146,7 +146,9 @@ def test_dvc_metrics_are_the_headline_of_each_report(tiny_repo):
     # export reads the scores alone, without the run ids that change on every evaluate run
     scores = json.loads((tiny_repo / "reports/evaluate/scores.json").read_text())
     evaluated = report(tiny_repo, "evaluate")
-    assert scores == {k: evaluated[k] for k in ("model", "baseline", "model_minus_baseline", "test_rows")}
+    assert scores == {
+        k: evaluated[k] for k in ("task", "model", "baseline", "model_minus_baseline", "test_rows")
+    }
     # no file is both a params file and a metrics file (dvc exp show then crashes on its filters)
     params = json.loads(captured(tiny_repo, "params_diff.json"))
     assert set(params) == {"params.yaml"}

@@ -24,12 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmpipe import compression as lib
-from lmpipe import data, distributed, io, latency, models, ner, plots, reports, tracking
-from lmpipe.encoding import frame_dataset
-from lmpipe.inference import predict_logits_model
-from lmpipe.metrics import classification_metrics
+from lmpipe import data, distributed, io, latency, models, plots, reports, tasks, tracking
 from lmpipe.params import Params, TrainParams
 from lmpipe.training import TrainResult, train_model
+
+# the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
+TASK_PARTS = ("model",)
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class Inputs:
     source: dict[str, str]  # the original's path and weights hash, recorded with the int8 recipe
     reference: float | None = None  # the original's val macro-F1, the budgets' reference (computed once)
 
+    @property
+    def task(self):
+        return tasks.get(self.params.base.task)
+
     def reference_val_macro_f1(self) -> float:
         if self.reference is None:
             model = models.load_classifier(self.model_dir).to(models.device())
@@ -68,8 +72,10 @@ class Inputs:
         train = data.stratified_sample(self.train, max_train_samples, base.seed)
         reading = base.reading.as_dict()
         return (
-            frame_dataset(self.tokenizer, train, self.label2id, base.max_length, reading, True, base.seed),
-            frame_dataset(self.tokenizer, self.val, self.label2id, base.max_length, reading),
+            self.task.dataset(
+                self.tokenizer, train, self.label2id, base.max_length, reading, True, base.seed
+            ),
+            self.task.dataset(self.tokenizer, self.val, self.label2id, base.max_length, reading),
         )
 
     def outputs(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, dict[str, float]]:
@@ -77,18 +83,9 @@ class Inputs:
         word read, for token classification) and its scores there, ``macro_f1`` the task's headline."""
         frame = {"val": self.val, "test": self.test}[split]
         base, batch_size = self.params.base, self.params.train.eval_batch_size
-        if "tags" in frame.columns:
-            return ner.split_outputs(
-                model, self.tokenizer, frame, base.max_length, batch_size, desc=f"{desc} ({split})"
-            )
-        logits, names = predict_logits_model(
-            model, self.tokenizer, frame["text"].tolist(), base.max_length, batch_size,
-            desc=f"{desc} ({split})",
-        )  # fmt: skip
-        y_true = data.encode_labels(
-            frame["label"], data.model_label2id(names), f"the model in {self.model_dir}"
+        return self.task.val_outputs(
+            model, self.tokenizer, frame, base.max_length, batch_size, desc=f"{desc} ({split})"
         )
-        return logits, classification_metrics(y_true, logits.argmax(axis=1))
 
     def val_macro_f1(self, model: nn.Module, desc: str) -> float:
         """What every budget decision is made on: macro-F1 on the val split (entity macro-F1, for token
@@ -108,6 +105,7 @@ class Variant:
 
 def run(params: Params, paths: Paths) -> str:
     cfg = params.compress
+    tasks.for_stage(params.base.task, "compress", TASK_PARTS)  # val budgets: the task's datasets and scores
     launched = distributed.launch(params.train.distributed)
     if launched is not None:
         return f"compress: {launched.message}"

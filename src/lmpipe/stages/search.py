@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmpipe import io, reports
+from lmpipe import io, reports, tasks
 from lmpipe.errors import UserError
 from lmpipe.params import Params
+
+# the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
+TASK_PARTS = ("model",)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class WorkerPaths:
 
 def run(params: Params, paths: Paths) -> str:
     cfg = params.search
+    tasks.for_stage(params.base.task, "search", TASK_PARTS)  # the trials build the task's datasets
     if not cfg.enabled:
         with io.staged_outputs(paths.out) as out:
             io.write_json(out / "best_params.json", {"enabled": False, "params": {}})

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lmpipe import data, io, ner, reports
+from lmpipe import io, reports, tasks
 from lmpipe.params import Params
+
+# the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
+TASK_PARTS = ("data",)
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,8 @@ class Paths:
 
 
 def run(params: Params, paths: Paths) -> str:
-    task = ner if params.base.task == ner.TASK else data
-    parts = task.split_frame(pd.read_parquet(paths.data), params.split, params.base.seed)
+    task = tasks.for_stage(params.base.task, "split", TASK_PARTS)
+    parts = task.split(pd.read_parquet(paths.data), params.split, params.base.seed)
     with io.atomic_dir(paths.out) as tmp:
         for name, part in parts.items():
             part.to_parquet(tmp / f"{name}.parquet", index=False)

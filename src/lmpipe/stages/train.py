@@ -16,15 +16,17 @@ from lmpipe import (
     distributed,
     io,
     models,
-    ner,
     plots,
     reports,
     strategies,
+    tasks,
     tracking,
 )
-from lmpipe.encoding import frame_dataset
 from lmpipe.params import Params
 from lmpipe.training import train_model
+
+# the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
+TASK_PARTS = ("model",)
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,15 @@ def run(params: Params, paths: Paths) -> str:
     model = models.load_classifier(model_dir, label2id, task=base.task)
     # a bad strategy setting fails here, before a run or a checkpoint
     strategies.validate(model, cfg, base.max_length)
-    if base.task == ner.TASK and (warning := ner.epochs_warning(cfg.epochs, cfg.strategy)):
+    task = tasks.for_stage(base.task, "train", TASK_PARTS)
+    for warning in task.warnings(params):
         print(warning)
     train_frame, augmented = augment.augment_frame(
         data.read_split(paths.data, "train"), cfg.augment, base.seed
     )
     reading = base.reading.as_dict()
-    train_set = frame_dataset(tokenizer, train_frame, label2id, base.max_length, reading, True, base.seed)
-    val_set = frame_dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length, reading)
+    train_set = task.dataset(tokenizer, train_frame, label2id, base.max_length, reading, True, base.seed)
+    val_set = task.dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length, reading)
 
     inputs = [Path(paths.data) / "train.parquet", Path(paths.data) / "val.parquet", Path(paths.labels)]
     # where the processes meet does not shape training; how many there are does (the global batch)

@@ -1,0 +1,22 @@
+"""Text classification's model side (search, train, compress): text datasets and a split's scores."""
+
+from __future__ import annotations
+
+from lmpipe import data
+
+
+def dataset(tokenizer, frame, label2id, max_length, reading=None, train=False, seed=0):
+    from lmpipe.encoding import frame_dataset
+
+    return frame_dataset(tokenizer, frame, dict(label2id), max_length, reading, train, seed)
+
+
+def val_outputs(model, tokenizer, frame, max_length, batch_size, desc=None):
+    from lmpipe.inference import predict_logits_model
+    from lmpipe.metrics import classification_metrics
+
+    logits, names = predict_logits_model(
+        model, tokenizer, frame["text"].tolist(), max_length, batch_size, desc=desc
+    )
+    y_true = data.encode_labels(frame["label"], data.model_label2id(names), "the model's labels")
+    return logits, classification_metrics(y_true, logits.argmax(axis=1))

@@ -1,0 +1,21 @@
+"""Token classification's model side (search, train, compress): a split's word logits and entity scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lmpipe.tasks.token_classification import entity_scores, token_logits, word_tags
+
+
+def split_outputs(
+    model: torch.nn.Module, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None
+) -> tuple[np.ndarray, dict[str, float]]:
+    """A token classifier on a split frame (``tokens``, ``tags``): the logits of every word it read (each
+    word's first subword, stacked ``[words, tags]``) and its entity scores (``entity_scores``)."""
+    dataset, rows, names = token_logits(model, tokenizer, list(frame["tokens"]), max_length, batch_size, desc)
+    words = np.concatenate([dataset.word_logits(r, i) for i, r in enumerate(rows)])
+    pred, _ = word_tags(dataset, rows, names)
+    scores = entity_scores(list(frame["tags"]), pred)["metrics"]
+    return words[~np.isnan(words[:, 0])], scores
