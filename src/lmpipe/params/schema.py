@@ -1,32 +1,24 @@
-"""The one loader of ``params.yaml``: typed, frozen, checked.
-
-No other module reads ``params.yaml``. Every key must be present in the file (it is the single place
-where defaults are written), unknown keys are rejected by name, and each section checks its ranges.
-``write_params`` writes a changed copy of a params file (for tests and benchmarks).
-"""
+"""The params schema: one typed, frozen dataclass per ``params.yaml`` section, each checking its own
+ranges (``problems``), and ``Params``, which checks what spans sections."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import math
-import re
-import shutil
-import types
 import typing
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from lmpipe import tasks
 from lmpipe.errors import ParamsError
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+
+
 SHIPPABLE_VARIANTS = ("pruned", "student")  # compress variants export.source may name
 
 
@@ -827,6 +819,8 @@ class Params(_Section):
         if self.base.task in tasks.SUPPORTED:
             yield from tasks.get(self.base.task).param_problems(self)
         # every value a search may hand to train must be a valid train value
+        from lmpipe.params.load import _coerce  # the loader's own coercion (load imports this module)
+
         hints = typing.get_type_hints(TrainParams)
         for name, spec in self.search.space.items():
             for value in spec.bounds():
@@ -848,244 +842,3 @@ class Params(_Section):
         """A short, stable hash of the resolved params, used to tag MLflow runs."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read, type-check and range-check ``params.yaml``.
-
-    ``overrides`` maps section names to dicts laid over that section before checking (the search
-    stage's best params are applied this way), so that what is checked is what gets used.
-    """
-    path = Path(path)
-    raw = _read(path)
-    for section, values in (overrides or {}).items():
-        raw[section] = {**(raw.get(section) or {}), **values}
-    return _build(Params, raw, "", str(path))
-
-
-def search_overrides(search_file: str | Path) -> dict[str, Any]:
-    """What the search stage hands train: its best values, laid over the ``train`` section by
-    ``load_params(..., overrides=...)``, so that what is checked and logged is what is used. Read here,
-    with the loader, so that the train stage checks its params before it imports torch."""
-    return {"train": json.loads(Path(search_file).read_text(encoding="utf-8")).get("params", {})}
-
-
-def write_params(
-    dest: str | Path,
-    overrides: Mapping[str, Any],
-    source: str | Path | None = None,
-    *,
-    allow_new: bool = False,
-    replace: Collection[str] = (),
-    remove: Collection[str] = (),
-) -> Path:
-    """Write ``source`` (default: ``dest`` itself) with ``overrides`` laid over it to ``dest``; return ``dest``.
-
-    ``overrides`` is nested like the file, ``{"train": {"epochs": 1, "lora": {"rank": 4}}}``, and its
-    keys may be dotted paths spelled as the loader's errors spell them: ``{"train.lora.rank": 4}``,
-    ``{"train.phases[1].epochs": 0}``. A mapping is merged key by key into the mapping it overrides;
-    any other value (a list included) replaces what is there, and so does a mapping whose dotted path
-    is in ``replace`` (``replace={"search.space"}`` swaps the whole search space). ``remove`` lists
-    dotted paths to delete once the overrides are in.
-
-    Every key must already be in ``source``: one that is not (a typo) raises ``ParamsError`` naming its
-    dotted path, unless ``allow_new``. Values are not checked, so that a bad value can be written on
-    purpose: ``load_params`` checks them. Key order is kept (new keys go last), comments are not. The
-    write is atomic; ``source`` is left as it is unless it is ``dest``.
-    """
-    from lmpipe.io import atomic_path  # imported here: lmpipe.io brings pandas, the loader needs none
-
-    dest = Path(dest)
-    source = dest if source is None else Path(source)
-    if dest.is_dir():
-        raise ValueError(f"write_params: {dest} is a folder; pass the file, e.g. {dest / 'params.yaml'}")
-    data = _read(source)
-    replace, replaced = set(replace), set()
-    _merge(data, overrides, "", str(source), allow_new, replace, replaced)
-    if replace - replaced:
-        raise ValueError(f"write_params: nothing in overrides sets {', '.join(sorted(replace - replaced))}")
-    for dotted in remove:
-        *parents, last = _steps(dotted)
-        parent, where = _walk(data, parents, "", str(source), create=False)
-        _child(parent, last, _join(where, last), str(source), create=False)  # must be there
-        del parent[last]
-    with atomic_path(dest) as tmp:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-        shutil.copymode(dest if dest.exists() else source, tmp)  # not the temporary file's 0600
-    return dest
-
-
-_KEY_PATH = re.compile(r"[^.\[\]]+(\[\d+\])*(\.[^.\[\]]+(\[\d+\])*)*")
-_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _steps(dotted: str) -> list[str | int]:
-    """``"train.phases[1].epochs"`` -> ``["train", "phases", 1, "epochs"]``."""
-    if not _KEY_PATH.fullmatch(dotted):
-        raise ValueError(f"write_params: {dotted!r} is not a key path such as 'train.phases[1].epochs'")
-    return [int(index) if index else name for name, index in _STEP.findall(dotted)]
-
-
-def _join(prefix: str, step: str | int) -> str:
-    if isinstance(step, int):
-        return f"{prefix}[{step}]"
-    return f"{prefix}.{step}" if prefix else step
-
-
-def _child(node: Any, step: str | int, where: str, source: str, *, create: bool) -> Any:
-    """``node[step]``, or a ``ParamsError`` naming ``where`` (the dotted path of the step) if there is none;
-    with ``create``, a missing key of a mapping becomes an empty mapping."""
-    if isinstance(step, int):
-        if not isinstance(node, list) or step >= len(node):
-            size = f"a list of {len(node)} items" if isinstance(node, list) else "not a list"
-            raise ParamsError(where, f"not in the source file (its parent is {size})", source)
-        return node[step]
-    if not isinstance(node, dict):
-        raise ParamsError(where, "not in the source file (its parent is not a mapping)", source)
-    if step not in node:
-        if not create:
-            known = ", ".join(map(str, node)) or "none"
-            raise ParamsError(
-                where, f"not in the source file (known here: {known}); allow_new=True adds keys", source
-            )
-        node[step] = {}
-    return node[step]
-
-
-def _walk(node: Any, steps: list[str | int], prefix: str, source: str, *, create: bool) -> tuple[Any, str]:
-    """The node at ``steps`` below ``node`` (whose dotted path is ``prefix``), and its dotted path."""
-    for step in steps:
-        prefix = _join(prefix, step)
-        node = _child(node, step, prefix, source, create=create)
-    return node, prefix
-
-
-def _merge(
-    node: dict,
-    overrides: Mapping[str, Any],
-    prefix: str,
-    source: str,
-    allow_new: bool,
-    replace: set[str],
-    replaced: set[str],
-) -> None:
-    """Lay ``overrides`` over ``node`` (whose dotted path is ``prefix``) in place; see ``write_params``."""
-    for key, value in overrides.items():
-        *parents, last = _steps(str(key))
-        parent, at = _walk(node, parents, prefix, source, create=allow_new)
-        where = _join(at, last)
-        if allow_new and isinstance(last, str) and isinstance(parent, dict) and last not in parent:
-            parent[last] = {} if isinstance(value, Mapping) else None
-        current = _child(parent, last, where, source, create=False)
-        if where in replace:
-            replaced.add(where)
-        elif isinstance(value, Mapping) and isinstance(current, dict):
-            _merge(current, value, where, source, allow_new, replace, replaced)
-            continue
-        parent[last] = _plain(value)
-
-
-def _plain(value: Any) -> Any:
-    """A deep copy made of dicts and lists, so that YAML writes neither tags nor anchors."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return copy.deepcopy(value)
-
-
-def _read(path: Path) -> dict[str, Any]:
-    """The parsed params file; a one-line ``ParamsError`` if it is missing, not YAML or not a mapping."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ParamsError("(file)", "not found", source=str(path)) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(file)"
-        raise ParamsError(
-            where, f"not valid YAML: {getattr(err, 'problem', err)}", source=str(path)
-        ) from None
-    if not isinstance(raw, dict):
-        raise ParamsError("(file)", "must be a mapping of sections", source=str(path))
-    return raw
-
-
-def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
-    where = prefix.rstrip(".") or "(top level)"
-    if not isinstance(data, dict):
-        raise ParamsError(where, f"must be a mapping, got {type(data).__name__}", source)
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls)]
-    optional = {f.name for f in fields(cls) if f.default is not dataclasses.MISSING}
-    for key in data:
-        if key not in names:
-            raise ParamsError(f"{prefix}{key}", f"unknown key (known: {', '.join(names)})", source)
-    values = {}
-    for name in names:
-        key = f"{prefix}{name}"
-        if name not in data:
-            if name in optional:
-                continue
-            raise ParamsError(key, "missing", source)
-        values[name] = _coerce(hints[name], data[name], key, source)
-    obj = cls(**values)
-    for name, message in obj.problems():
-        raise ParamsError(f"{prefix}{name}", message, source)
-    return obj
-
-
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, source)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ParamsError(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}", source)
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.", source)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(key, f"must be a mapping, got {value!r}", source)
-        inner = typing.get_args(tp)[1]
-        return {str(k): _coerce(inner, v, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is list or origin is list:
-        if not isinstance(value, list):
-            raise ParamsError(key, f"must be a list, got {value!r}", source)
-        inner = typing.get_args(tp)
-        if not inner:
-            return list(value)
-        if dataclasses.is_dataclass(inner[0]):  # e.g. train.phases[1].epochs
-            return [_build(inner[0], v, f"{key}[{i}].", source) for i, v in enumerate(value)]
-        return [_coerce(inner[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(key, f"must be true or false, got {value!r}", source)
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(key, f"must be an integer, got {value!r}", source)
-        return value
-    if tp is float:
-        # YAML reads 1e-4 (no dot) as a string: accept numeric strings, reject everything else.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ParamsError(key, f"must be a number, got {value!r}", source) from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            raise ParamsError(key, f"must be a number, got {value!r}", source)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ParamsError(key, f"must be a string, got {value!r}", source)
-        return value
-    raise TypeError(f"params loader: unsupported type {tp} for {key}")  # a bug here, not in params.yaml
