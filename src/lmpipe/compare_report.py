@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmpipe import tasks
 from lmpipe.compare import METRICS
 
 
@@ -40,13 +41,9 @@ def markdown(result: dict[str, Any], figure_name: str | None = "comparison.png")
             "by their mean over seeds (Welch's t-test). Scores in percentage points."
         )
     lines = ["# Experiment comparison", "", intro, ""]
-    if result.get("task") == "token_classification":
-        lines += [
-            "Token classification: an example is a test sentence (resampled whole), accuracy is token "
-            "accuracy, macro-F1 is entity macro-F1 (seqeval's strict IOB2 spans), and McNemar's test counts "
-            "the sentences each model tags wholly right.",
-            "",
-        ]
+    note = tasks.get(result.get("task", tasks.CLASSIFICATION)).comparison_note
+    if note:
+        lines += [note, ""]
     if result["differing_params"]:
         lines += [f"Params that differ: {', '.join(f'`{k}`' for k in result['differing_params'])}.", ""]
     lines += [

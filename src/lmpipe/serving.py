@@ -46,7 +46,10 @@ TEXT_COLUMN = "text"
 # as ``lmpipe_reading`` and in classifier.json as ``reading``): a model without one reads the head
 READING_KEY = "lmpipe_reading"
 HEAD_READING = {"mode": "head", "head_share": 0.5, "stride": 32, "pooling": "mean"}
-TOKEN_TASK = "token_classification"  # classifier.json ``task``; absent = text classification
+# classifier.json ``task`` (absent = text classification): lmpipe.tasks' names, written again here since
+# this file is logged with the MLflow model and imports nothing of lmpipe (tests/code/test_reading.py)
+TEXT_TASK = "classification"
+TOKEN_TASK = "token_classification"
 OUTSIDE = "O"
 WORD = re.compile(r"\S+")
 
@@ -194,7 +197,7 @@ class OnnxFolder:
 
     @property
     def task(self) -> str:
-        return self.info.get("task", "classification")
+        return self.info.get("task", TEXT_TASK)
 
     def logits(self, features: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(None, features)[0]
@@ -424,5 +427,5 @@ class EntityTaggerModel(mlflow.pyfunc.PythonModel):
 # only then is the model object set, the one its ``model_config`` ``task`` names (logged by export).
 # Importing lmpipe.serving has no side effect.
 if __name__.startswith("code_model_"):
-    _task = mlflow.models.ModelConfig(development_config={"task": "classification"}).get("task")
+    _task = mlflow.models.ModelConfig(development_config={"task": TEXT_TASK}).get("task")
     mlflow.models.set_model(EntityTaggerModel() if _task == TOKEN_TASK else TextClassifierModel())

@@ -160,3 +160,11 @@ def test_bad_reading_params_are_named():
         load(max_length=32, mode="windows", stride=20)
     with pytest.raises(ParamsError, match=r"base\.reading\.head_share"):
         load(mode="head_tail", head_share=1.5)
+
+
+def test_the_served_model_spells_the_task_names_as_the_registry():
+    """serving.py is logged with the MLflow model and imports nothing of lmpipe: its copy of the task
+    names must be lmpipe.tasks' own, or a served tagger would be loaded as a classifier."""
+    from lmpipe import serving, tasks
+
+    assert (serving.TEXT_TASK, serving.TOKEN_TASK) == (tasks.CLASSIFICATION, tasks.TOKEN_CLASSIFICATION)

@@ -135,6 +135,8 @@ class Task:
     # a stage's headline metrics (reports.HEADLINE's dotted paths), where this task's differ
     headline: ClassVar[dict[str, tuple[str, ...]]] = {}
     peft_task_type: ClassVar[str]  # peft's TaskType for LoRA and prompt tuning (strategies)
+    # lmpipe compare's report: what an example, accuracy and macro-F1 are, where not a text and its label
+    comparison_note: ClassVar[str | None] = None
     # the modules of a task's package (tasks/<name>/<part>.py) beside its __init__, one per group of
     # stages; a stage names those it uses (TASK_PARTS), and dvc.yaml lists them as its deps
     PARTS: ClassVar[tuple[str, ...]] = ("data", "model", "evaluation", "analysis", "export")

@@ -336,6 +336,11 @@ class TokenClassification(Task):
         frozenset()
     )  # reads each sentence's head; no augmentation, prompt tuning, folds, attack, explain
     peft_task_type = "TOKEN_CLS"
+    comparison_note = (
+        "Token classification: an example is a test sentence (resampled whole), accuracy is token "
+        "accuracy, macro-F1 is entity macro-F1 (seqeval's strict IOB2 spans), and McNemar's test counts "
+        "the sentences each model tags wholly right."
+    )
     # evaluate's headline: entity micro-F1 (the figure NER papers report) beside macro-F1
     headline = {
         "evaluate": (
