@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from lmpipe import data, latency
-from lmpipe import export as lib
 from lmpipe.params import load_params
-from lmpipe.serving import FP32_FILE, INT8_FILE, OnnxTextClassifier
+from lmpipe.serve import onnx_export
+from lmpipe.serve.serving import FP32_FILE, INT8_FILE, OnnxTextClassifier
 
 TOLERANCE = 1.5  # the stated agreement: interleaved / alone p50 within [1/1.5, 1.5], as in the test
 
@@ -61,9 +61,9 @@ def main() -> None:
     torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        lib.write_classifier_folder(args.model, folder, params.base.max_length, params.export.opset)
-        lib.quantize_onnx_int8(folder)
-        pytorch = lib.torch_runner(args.model)
+        onnx_export.write_classifier_folder(args.model, folder, params.base.max_length, params.export.opset)
+        onnx_export.quantize_onnx_int8(folder)
+        pytorch = onnx_export.torch_runner(args.model)
 
         def backends(spinning: bool):
             fp32 = OnnxTextClassifier(folder, FP32_FILE, threads=cfg.threads, allow_spinning=spinning)

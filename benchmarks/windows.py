@@ -13,9 +13,10 @@ import argparse
 
 import numpy as np
 
-from lmpipe import data, models
-from lmpipe.inference import batches_proba
+from lmpipe import data
 from lmpipe.metrics import classification_metrics
+from lmpipe.modeling import models
+from lmpipe.modeling.inference import batches_proba
 from lmpipe.params import load_params
 
 

@@ -4,7 +4,7 @@ against the original with the evaluate stage's code.
 Reads:  params.yaml (base, train, compress, mlflow), <data>/{train,val,test}.parquet,
         <model>/ (the trained model: the original and the teacher)
 Writes: <out>/int8/ (int8.safetensors + quantization.json recipe, config, tokenizer; load with
-        lmpipe.compression.load_int8), <out>/pruned/ and <out>/student/ (save_pretrained folders),
+        lmpipe.compress.compression.load_int8), <out>/pruned/ and <out>/student/ (save_pretrained folders),
         <report> (one row per variant and the original: val loss against compress.max_loss and the
         within_budget flag, test scores and their change, size, parameters, CPU latency, throughput), <metrics> (each variant's macro-F1 change and batch-1 speed-up, the DVC
         metrics), <plot> (macro-F1 against batch-1 latency, a DVC plot), <prune-curve> (val macro-F1

@@ -380,7 +380,7 @@ def _build_tiny_encoder(out: Path) -> None:
     import torch
     from transformers import BertModel
 
-    from lmpipe.models import load_tokenizer, resolve_model_dir
+    from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
 
     tokenizer = load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
     config = tiny_bert_config(tokenizer.vocab_size, max_position_embeddings=512)

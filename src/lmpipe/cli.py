@@ -78,7 +78,7 @@ def add_predict_parser(sub) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    from lmpipe.predict import predict_file
+    from lmpipe.serve.predict import predict_file
 
     max_length = args.max_length
     if args.backend == "pytorch" and max_length is None:
@@ -164,21 +164,22 @@ def _add_experiment_commands(sub) -> None:
 
 def splits(args: argparse.Namespace) -> None:
     """Each run's model and baseline test predictions (evaluate's), then report.md and splits.json."""
-    from lmpipe import experiments, io, tracking
-    from lmpipe.compare import across_splits
-    from lmpipe.compare_report import splits_markdown
+    from lmpipe import io, tracking
     from lmpipe.errors import UserError
+    from lmpipe.experiments import runs
+    from lmpipe.experiments.compare import across_splits
+    from lmpipe.experiments.report import splits_markdown
 
     root = tracking.repo_root()
     models, baselines = [], []
     for ref in args.refs:
-        model = experiments.resolve(ref, root)
+        model = runs.resolve(ref, root)
         if model.source.startswith("MLflow"):
             raise UserError(
                 f"{ref}: splits takes DVC experiments or git revisions (they hold both predictions)"
             )
         models.append(model)
-        baselines.append(experiments.resolve(ref, root, experiments.BASELINE_PREDICTIONS))
+        baselines.append(runs.resolve(ref, root, runs.BASELINE_PREDICTIONS))
     result = across_splits(models, baselines, resamples=args.resamples, seed=args.seed, alpha=args.alpha)
     report = splits_markdown(result)
     with io.staged_outputs(args.out) as out:
@@ -191,15 +192,16 @@ def splits(args: argparse.Namespace) -> None:
 def compare(args: argparse.Namespace) -> None:
     """Resolve every input first (so bad input writes nothing), then write report.md, comparison.json
     and comparison.png into ``--out``."""
-    from lmpipe import experiments, io, plots, tracking
-    from lmpipe.compare import compare as run_compare
-    from lmpipe.compare_report import markdown
+    from lmpipe import io, plots, tracking
     from lmpipe.errors import UserError
+    from lmpipe.experiments import runs
+    from lmpipe.experiments.compare import compare as run_compare
+    from lmpipe.experiments.report import markdown
 
     if len(args.refs) < 2:
         raise UserError(f"compare needs at least two experiments or runs, got {len(args.refs)}")
     root = tracking.repo_root()
-    candidates = [experiments.resolve(ref, root, args.predictions) for ref in args.refs]
+    candidates = [runs.resolve(ref, root, args.predictions) for ref in args.refs]
     result = run_compare(
         candidates, resamples=args.resamples, seed=args.seed, alpha=args.alpha, unpaired=args.unpaired
     )
@@ -228,11 +230,12 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def queue_check() -> None:
-    from lmpipe import experiments, tracking
+    from lmpipe import tracking
     from lmpipe.errors import UserError
+    from lmpipe.experiments import runs
 
     root = tracking.repo_root()
-    errors, warnings = experiments.queue_problems(root)
+    errors, warnings = runs.queue_problems(root)
     for message in warnings:
         print(f"warning: {message}", file=sys.stderr)
     if errors:

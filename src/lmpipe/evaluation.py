@@ -1,5 +1,5 @@
 """Scoring predictions against the truth, the TF-IDF baseline, and the evaluation tables (the model's own
-predictions come from ``lmpipe.inference``)."""
+predictions come from ``lmpipe.modeling.inference``)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmpipe import calibration, robustness, slices
+from lmpipe.analysis import calibration, robustness, slices
 from lmpipe.errors import ParamsError
 from lmpipe.params import load_params, write_params
 from tests.conftest import ROOT

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from lmpipe.compare import Candidate, compare, holm, mcnemar, seed_groups, weighted_scores
-from lmpipe.compare_report import markdown
 from lmpipe.errors import UserError
+from lmpipe.experiments.compare import Candidate, compare, holm, mcnemar, seed_groups, weighted_scores
+from lmpipe.experiments.report import markdown
 from tests.conftest import BIN, ROOT, git_commit, run
 
 CLASSES = ["business", "sport", "tech", "politics"]
@@ -243,8 +243,8 @@ def test_different_splits_per_seed_need_unpaired_and_get_means_over_seeds():
 def test_across_splits_pairs_each_model_with_its_own_baseline():
     """Three seeded splits: the model is 2-6 pt ahead on each, so the t-interval over splits sits
     above 0; per split, the paired CI comes from compare on that split alone."""
-    from lmpipe.compare import across_splits
-    from lmpipe.compare_report import splits_markdown
+    from lmpipe.experiments.compare import across_splits
+    from lmpipe.experiments.report import splits_markdown
 
     models, baselines = [], []
     for seed, (acc_model, acc_base) in zip(
@@ -277,7 +277,7 @@ def test_across_splits_pairs_each_model_with_its_own_baseline():
 
 
 def test_across_splits_needs_one_setting_on_distinct_seeds():
-    from lmpipe.compare import across_splits
+    from lmpipe.experiments.compare import across_splits
 
     y = truth(50)
     a = candidate("a", y, y, seed=1)

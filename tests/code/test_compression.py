@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import compression as lib
 from lmpipe import latency
+from lmpipe.compress import compression
 from lmpipe.errors import ParamsError, UserError
-from lmpipe.inference import predict_proba_model
-from lmpipe.models import load_tokenizer, resolve_model_dir
+from lmpipe.modeling.inference import predict_proba_model
+from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
 from lmpipe.tasks.classification.data import load_bbc_news
 from tests.conftest import tiny_bert_classifier
 
@@ -34,9 +34,9 @@ def model(tokenizer):
 
 
 def test_int8_round_trip_is_exact_and_agrees_with_fp32(model, tokenizer, texts, tmp_path):
-    quantized = lib.quantize_dynamic_int8(model)
-    lib.save_int8(quantized, tokenizer, tmp_path, {"path": "in-memory"})
-    reloaded = lib.load_int8(tmp_path)
+    quantized = compression.quantize_dynamic_int8(model)
+    compression.save_int8(quantized, tokenizer, tmp_path, {"path": "in-memory"})
+    reloaded = compression.load_int8(tmp_path)
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     original, _ = predict_proba_model(model, tokenizer, texts, 32, 16)
     in_memory, _ = predict_proba_model(quantized, tokenizer, texts, 32, 16)
@@ -49,8 +49,8 @@ def test_int8_round_trip_is_exact_and_agrees_with_fp32(model, tokenizer, texts, 
     # every Linear weight is stored in 1 byte instead of 4 (this tiny model is mostly embeddings)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert fp32_bytes - 3 * linear < lib.weights_bytes(tmp_path) < fp32_bytes - 3 * linear + 20_000
-    counts = lib.parameter_counts(reloaded)
+    assert fp32_bytes - 3 * linear < compression.weights_bytes(tmp_path) < fp32_bytes - 3 * linear + 20_000
+    counts = compression.parameter_counts(reloaded)
     assert counts["parameters"] == sum(p.numel() for p in model.parameters())
 
 
@@ -59,29 +59,29 @@ def test_int8_keeps_the_named_layers_fp32_on_disk_and_in_onnx(model, tokenizer, 
     and become the ONNX Runtime int8 model's ``nodes_to_exclude``."""
     import onnx
 
-    from lmpipe import export
+    from lmpipe.serve import onnx_export
 
     keep = ["bert.encoder.layer.3.output.dense", "classifier"]
-    quantized = lib.quantize_dynamic_int8(model, keep)
+    quantized = compression.quantize_dynamic_int8(model, keep)
     assert isinstance(quantized.classifier, torch.nn.Linear)
     assert not isinstance(quantized.bert.encoder.layer[0].output.dense, torch.nn.Linear)
-    lib.save_int8(quantized, tokenizer, tmp_path / "int8", {"path": "in-memory"})
-    reloaded = lib.load_int8(tmp_path / "int8")
-    assert lib.linear_names(reloaded) == keep
+    compression.save_int8(quantized, tokenizer, tmp_path / "int8", {"path": "in-memory"})
+    reloaded = compression.load_int8(tmp_path / "int8")
+    assert compression.linear_names(reloaded) == keep
     in_memory, _ = predict_proba_model(quantized, tokenizer, texts, 32, 16)
     from_disk, _ = predict_proba_model(reloaded, tokenizer, texts, 32, 16)
     np.testing.assert_array_equal(in_memory, from_disk)
     torch.testing.assert_close(reloaded.classifier.weight, model.classifier.weight)  # not quantized
     with pytest.raises(ValueError, match="not Linear layers"):
-        lib.quantize_dynamic_int8(model, ["bert.embeddings"])
+        compression.quantize_dynamic_int8(model, ["bert.embeddings"])
 
     folder = tmp_path / "onnx"
     model.save_pretrained(tmp_path / "fp32")
     tokenizer.save_pretrained(tmp_path / "fp32")
-    export.write_classifier_folder(tmp_path / "fp32", folder, 32, 18)
-    nodes = export.nodes_of_modules(folder / "model.onnx", keep)
+    onnx_export.write_classifier_folder(tmp_path / "fp32", folder, 32, 18)
+    nodes = onnx_export.nodes_of_modules(folder / "model.onnx", keep)
     assert len(nodes) == 3  # a MatMul, and the classifier's Gemm under both names the quantizer uses
-    export.quantize_onnx_int8(folder, keep)
+    onnx_export.quantize_onnx_int8(folder, keep)
     graph = onnx.load(str(folder / "model.int8.onnx")).graph
     floats = {n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")}
     quantized = [n.name for n in graph.node if n.op_type == "MatMulInteger"]
@@ -90,33 +90,35 @@ def test_int8_keeps_the_named_layers_fp32_on_disk_and_in_onnx(model, tokenizer, 
         q.startswith(tuple(nodes)) for q in quantized
     )  # ... which stay float
     with pytest.raises(ValueError, match="no MatMul/Gemm node"):
-        export.nodes_of_modules(folder / "model.onnx", ["bert.nothing"])
+        onnx_export.nodes_of_modules(folder / "model.onnx", ["bert.nothing"])
 
 
 def test_budget_helpers():
-    assert lib.fits(0.01, 0.01) and lib.fits(-0.02, 0.0) and not lib.fits(0.0101, 0.01)
+    assert (
+        compression.fits(0.01, 0.01) and compression.fits(-0.02, 0.0) and not compression.fits(0.0101, 0.01)
+    )
     curve = [
         {"sparsity": 0.3, "within_budget": True},
         {"sparsity": 0.5, "within_budget": False},
         {"sparsity": 0.6, "within_budget": True},  # noisy: a larger sparsity that fits is still the largest
         {"sparsity": 0.8, "within_budget": False},
     ]
-    assert lib.largest_fitting(curve)["sparsity"] == 0.6
-    assert lib.largest_fitting([c for c in curve if not c["within_budget"]]) is None
-    assert lib.next_up([0.3, 0.5, 0.8], 0.3) == 0.5 and lib.next_up([0.5, 0.3], None) == 0.3
-    assert lib.next_up([0.3, 0.5], 0.5) is None
-    assert lib.fp32_steps(8, 38) == [1, 2, 4, 8] and lib.fp32_steps(6, 38) == [1, 2, 4, 6]
-    assert lib.fp32_steps(8, 3) == [1, 2, 3] and lib.fp32_steps(0, 38) == []
+    assert compression.largest_fitting(curve)["sparsity"] == 0.6
+    assert compression.largest_fitting([c for c in curve if not c["within_budget"]]) is None
+    assert compression.next_up([0.3, 0.5, 0.8], 0.3) == 0.5 and compression.next_up([0.5, 0.3], None) == 0.3
+    assert compression.next_up([0.3, 0.5], 0.5) is None
+    assert compression.fp32_steps(8, 38) == [1, 2, 4, 8] and compression.fp32_steps(6, 38) == [1, 2, 4, 6]
+    assert compression.fp32_steps(8, 3) == [1, 2, 3] and compression.fp32_steps(0, 38) == []
     same = np.array([[1.0, 2.0, 0.5]])
-    assert lib.mean_kl(same, same) == pytest.approx(0.0, abs=1e-12)
-    assert lib.mean_kl(same, same[:, ::-1].copy()) > 0.01
+    assert compression.mean_kl(same, same) == pytest.approx(0.0, abs=1e-12)
+    assert compression.mean_kl(same, same[:, ::-1].copy()) > 0.01
 
 
 def test_global_pruning_hits_the_target_and_spares_the_head(model):
     head = model.classifier.weight.detach().clone()
     embeddings = model.bert.embeddings.word_embeddings.weight.detach().clone()
-    keep = lib.magnitude_prune(model, 0.3)
-    assert lib.sparsity_of(model) == pytest.approx(0.3, abs=1e-4)
+    keep = compression.magnitude_prune(model, 0.3)
+    assert compression.sparsity_of(model) == pytest.approx(0.3, abs=1e-4)
     assert (
         len(keep) == 4 * 6
     )  # every Linear of the encoder's layers; not the pooler (head), see prunable_linears
@@ -125,18 +127,18 @@ def test_global_pruning_hits_the_target_and_spares_the_head(model):
     assert torch.equal(model.classifier.weight, head)
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, embeddings)
     # global, not per layer: the layers end up with different sparsities
-    per_layer = [float((m.weight == 0).float().mean()) for m in lib.prunable_linears(model).values()]
+    per_layer = [float((m.weight == 0).float().mean()) for m in compression.prunable_linears(model).values()]
     assert max(per_layer) - min(per_layer) > 0.01
     # a recovery step moves every weight; KeepPruned puts the pruned ones back to zero
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
-    lib.KeepPruned(model, keep).apply()
-    assert lib.sparsity_of(model) == pytest.approx(0.3, abs=1e-4)
+    compression.KeepPruned(model, keep).apply()
+    assert compression.sparsity_of(model) == pytest.approx(0.3, abs=1e-4)
 
 
 def test_student_keeps_chosen_layers_with_teacher_weights(model, tokenizer, texts):
-    student = lib.make_student(model)
+    student = compression.make_student(model)
     assert student.config.num_hidden_layers == 2 and len(student.bert.encoder.layer) == 2
     assert student.config.distilled_from_layers == [1, 3]
     for new, old in ((0, 1), (1, 3)):
@@ -146,12 +148,12 @@ def test_student_keeps_chosen_layers_with_teacher_weights(model, tokenizer, text
     assert len(model.bert.encoder.layer) == 4
     proba, _ = predict_proba_model(student, tokenizer, texts[:4], 32, 4)
     assert proba.shape == (4, len(LABELS))
-    assert lib.default_keep_layers(6) == [1, 3, 5] and lib.default_keep_layers(5) == [0, 2, 4]
-    assert lib.make_student(model, [0]).config.num_hidden_layers == 1
+    assert compression.default_keep_layers(6) == [1, 3, 5] and compression.default_keep_layers(5) == [0, 2, 4]
+    assert compression.make_student(model, [0]).config.num_hidden_layers == 1
     with pytest.raises(UserError, match=r"compress.distill.keep_layers: \[4\] not layers"):
-        lib.make_student(model, [0, 4])
+        compression.make_student(model, [0, 4])
     with pytest.raises(UserError, match="keep fewer"):
-        lib.make_student(model, [0, 1, 2, 3])
+        compression.make_student(model, [0, 1, 2, 3])
 
 
 def test_distillation_loss_values():
@@ -159,25 +161,27 @@ def test_distillation_loss_values():
     student, teacher = torch.randn(6, 5), torch.randn(6, 5)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     ce = torch.nn.functional.cross_entropy(student, labels)
-    assert lib.distillation_loss(student, teacher, labels, 2.0, 0.0) == pytest.approx(float(ce))
-    assert lib.distillation_loss(teacher, teacher, labels, 3.0, 1.0) == pytest.approx(0.0, abs=1e-6)
+    assert compression.distillation_loss(student, teacher, labels, 2.0, 0.0) == pytest.approx(float(ce))
+    assert compression.distillation_loss(teacher, teacher, labels, 3.0, 1.0) == pytest.approx(0.0, abs=1e-6)
     t = 2.0
     p_t = torch.softmax(teacher / t, -1)
     kl = (p_t * (p_t.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
-    mixed = lib.distillation_loss(student, teacher, labels, t, 0.25)
+    mixed = compression.distillation_loss(student, teacher, labels, t, 0.25)
     assert mixed == pytest.approx(float(0.25 * kl + 0.75 * ce), rel=1e-5)
     # normalised by the examples of the whole accumulated batch when the Trainer says how many
-    assert lib.distillation_loss(student, teacher, labels, t, 0.25, 12) == pytest.approx(float(mixed) / 2)
+    assert compression.distillation_loss(student, teacher, labels, t, 0.25, 12) == pytest.approx(
+        float(mixed) / 2
+    )
 
 
 def test_distillation_hook_runs_the_teacher_on_the_student_inputs(model, tokenizer, texts):
-    student = lib.make_student(model)
-    hook = lib.DistillationLoss(model, student, 2.0, 1.0)
-    batch = lib.fixed_batch(tokenizer, texts, 3, 16)
+    student = compression.make_student(model)
+    hook = compression.DistillationLoss(model, student, 2.0, 1.0)
+    batch = compression.fixed_batch(tokenizer, texts, 3, 16)
     labels = torch.tensor([0, 1, 2])
     outputs = student(**batch)
     loss = hook(outputs, labels)
-    expected = lib.distillation_loss(outputs.logits, model(**batch).logits, labels, 2.0, 1.0)
+    expected = compression.distillation_loss(outputs.logits, model(**batch).logits, labels, 2.0, 1.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.requires_grad
     assert hook.teacher_passes == 1
     # the next epoch: the same examples in another order come from the cache, with the same loss
@@ -187,7 +191,7 @@ def test_distillation_hook_runs_the_teacher_on_the_student_inputs(model, tokeniz
     assert hook.teacher_passes == 1
     assert again.item() == pytest.approx(loss.item(), rel=1e-5)
     # a new example makes the teacher run again
-    hook(student(**lib.fixed_batch(tokenizer, texts[3:], 3, 16)), labels)
+    hook(student(**compression.fixed_batch(tokenizer, texts[3:], 3, 16)), labels)
     assert hook.teacher_passes == 2
     hook.close()
     assert not student._forward_pre_hooks
@@ -198,12 +202,12 @@ def test_token_distillation_counts_only_labelled_positions():
     student, teacher = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     labels = torch.tensor([[-100, 0, 2, -100], [-100, 1, -100, -100]])  # [CLS], words, subwords, padding
     kept = labels != -100
-    flat = lib.distillation_loss(student[kept], teacher[kept], labels[kept], 2.0, 0.3)
-    assert lib.distillation_loss(student, teacher, labels, 2.0, 0.3) == pytest.approx(float(flat))
+    flat = compression.distillation_loss(student[kept], teacher[kept], labels[kept], 2.0, 0.3)
+    assert compression.distillation_loss(student, teacher, labels, 2.0, 0.3) == pytest.approx(float(flat))
     # what sits at an unlabelled position never matters
     noisy = student.clone()
     noisy[~kept] = 100.0
-    assert lib.distillation_loss(noisy, teacher, labels, 2.0, 0.3) == pytest.approx(float(flat))
+    assert compression.distillation_loss(noisy, teacher, labels, 2.0, 0.3) == pytest.approx(float(flat))
 
 
 def test_token_teacher_logits_are_cached_unpadded_and_padded_again(tokenizer, texts):
@@ -213,7 +217,7 @@ def test_token_teacher_logits_are_cached_unpadded_and_padded_again(tokenizer, te
 
     torch.manual_seed(0)
     teacher = BertForTokenClassification(tiny_bert_config(tokenizer.vocab_size, num_labels=3)).eval()
-    hook = lib.DistillationLoss(teacher, lib.make_student(teacher), 2.0, 1.0)
+    hook = compression.DistillationLoss(teacher, compression.make_student(teacher), 2.0, 1.0)
     first = tokenizer(texts[:2], truncation=True, max_length=12, padding="max_length", return_tensors="pt")
     logits = hook.teacher_logits(dict(first))
     # the same two sentences padded to another length, in another order: from the cache, re-padded
@@ -228,7 +232,7 @@ def test_token_teacher_logits_are_cached_unpadded_and_padded_again(tokenizer, te
 
 
 def test_fixed_batch_and_latency_summary(tokenizer):
-    batch = lib.fixed_batch(tokenizer, ["short", "a longer text here"], 5, 24)
+    batch = compression.fixed_batch(tokenizer, ["short", "a longer text here"], 5, 24)
     assert batch["input_ids"].shape == (5, 24)
     summary = latency.summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 4)
     assert summary == {
@@ -241,7 +245,7 @@ def test_fixed_batch_and_latency_summary(tokenizer):
 def test_pareto_front():
     # (latency, score): b is faster and better than a; c is the fastest; d is the best
     points = [(10, 0.90), (8, 0.92), (3, 0.80), (12, 0.95), (9, 0.80)]
-    assert lib.pareto_front(points) == [False, True, True, True, False]
+    assert compression.pareto_front(points) == [False, True, True, True, False]
 
 
 def test_compress_params_are_checked(tmp_path):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpipe import checkpoints, distributed, tracking
+from lmpipe import distributed, tracking
 from lmpipe.errors import UserError
+from lmpipe.modeling import checkpoints
 from lmpipe.params import DistributedParams, load_params
 
 ROOT = Path(__file__).resolve().parents[2]

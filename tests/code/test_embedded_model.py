@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lmpipe.models import EMBEDDED_MODEL, load_classifier, load_tokenizer, resolve_model_dir
+from lmpipe.modeling.models import EMBEDDED_MODEL, load_classifier, load_tokenizer, resolve_model_dir
 from lmpipe.params import load_params
 from tests.conftest import ROOT
 

@@ -1,4 +1,4 @@
-"""Token attributions and their checks (lmpipe.explain), on a tiny random BERT and on a hand-built model whose
+"""Token attributions and their checks (lmpipe.analysis.explain), on a tiny random BERT and on a hand-built model whose
 prediction depends on one word only, so that the right answers are known exactly."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from lmpipe import explain, plots
+from lmpipe import plots
+from lmpipe.analysis import explain
 from lmpipe.evaluation import fit_baseline
-from lmpipe.models import load_tokenizer, resolve_model_dir
+from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
 from lmpipe.params import BaselineParams
 from tests.conftest import tiny_bert_config
 

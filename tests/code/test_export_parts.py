@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from lmpipe.errors import ParamsError, UserError
-from lmpipe.export import parity_report
 from lmpipe.latency import BLOCK, summary, time_interleaved
 from lmpipe.params import GateParams, load_params, write_params
-from lmpipe.predict import read_texts
-from lmpipe.promotion import decide
-from lmpipe.serving import InputError, softmax, texts_from_input
+from lmpipe.serve.onnx_export import parity_report
+from lmpipe.serve.predict import read_texts
+from lmpipe.serve.promotion import decide
+from lmpipe.serve.serving import InputError, softmax, texts_from_input
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -224,7 +224,7 @@ def tiny_classifier(tmp_path_factory) -> Path:
     import torch
     from transformers import BertForSequenceClassification
 
-    from lmpipe.models import load_tokenizer, resolve_model_dir
+    from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
     from tests.conftest import tiny_bert_config
 
     tokenizer = load_tokenizer(resolve_model_dir("all-MiniLM-L6-v2"))
@@ -241,9 +241,9 @@ def tiny_classifier(tmp_path_factory) -> Path:
 def test_optimized_graph_is_fused_and_holds_parity(tiny_classifier, tmp_path):
     import torch
 
-    from lmpipe.export import fused_ops, optimize_onnx, quantize_onnx_int8, write_classifier_folder
-    from lmpipe.models import load_classifier
-    from lmpipe.serving import FP32_FILE, OPT_FILE, OPT_INT8_FILE, OnnxTextClassifier
+    from lmpipe.modeling.models import load_classifier
+    from lmpipe.serve.onnx_export import fused_ops, optimize_onnx, quantize_onnx_int8, write_classifier_folder
+    from lmpipe.serve.serving import FP32_FILE, OPT_FILE, OPT_INT8_FILE, OnnxTextClassifier
 
     write_classifier_folder(tiny_classifier, tmp_path, max_length=32, opset=18)
     stats = optimize_onnx(tiny_classifier, tmp_path, max_length=32, opset=18)
@@ -270,7 +270,7 @@ def test_optimized_graph_is_fused_and_holds_parity(tiny_classifier, tmp_path):
 def test_optimize_skips_other_model_types(tmp_path):
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from lmpipe.export import optimize_onnx
+    from lmpipe.serve.onnx_export import optimize_onnx
 
     config = DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
     DistilBertForSequenceClassification(config).save_pretrained(tmp_path)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import export as lib
 from lmpipe import latency
-from lmpipe.models import load_tokenizer, resolve_model_dir, write_model
-from lmpipe.serving import INT8_FILE, OnnxTextClassifier
+from lmpipe.modeling.models import load_tokenizer, resolve_model_dir, write_model
+from lmpipe.serve import onnx_export
+from lmpipe.serve.serving import INT8_FILE, OnnxTextClassifier
 from tests.conftest import tiny_bert_config
 
 TOLERANCE = 1.5  # interleaved / alone medians, either way; the bug this guards against was 2.4-3x
@@ -29,8 +29,8 @@ def backends(tmp_path_factory):
     from transformers import BertForSequenceClassification
 
     write_model(BertForSequenceClassification(config), tokenizer, folder / "model")
-    lib.write_classifier_folder(folder / "model", folder / "onnx", 64, 18)
-    lib.quantize_onnx_int8(folder / "onnx")
+    onnx_export.write_classifier_folder(folder / "model", folder / "onnx", 64, 18)
+    onnx_export.quantize_onnx_int8(folder / "onnx")
     return folder
 
 
@@ -39,7 +39,7 @@ def calls(folder, order, allow_spinning=False):
     torch.set_num_threads(2)
     int8 = OnnxTextClassifier(folder / "onnx", INT8_FILE, threads=2, allow_spinning=allow_spinning)
     features = int8.encode(["the quick brown fox jumps over the lazy dog " * 6])
-    pytorch = lib.torch_runner(folder / "model")
+    pytorch = onnx_export.torch_runner(folder / "model")
     runners = {"pytorch_fp32": lambda: pytorch(features), "onnx_int8": lambda: int8.logits(features)}
     return {name: runners[name] for name in order}, previous
 

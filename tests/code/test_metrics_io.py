@@ -53,7 +53,7 @@ def _onehot(pred: np.ndarray, k: int) -> np.ndarray:
 def test_versus_baseline_tells_a_real_gap_from_noise():
     import pandas as pd
 
-    from lmpipe.compare import predictions_frame, versus_baseline
+    from lmpipe.experiments.compare import predictions_frame, versus_baseline
 
     def gap_of(model, baseline):
         frames = [predictions_frame(test, _onehot(pred, 3), names) for pred in (model, baseline)]

@@ -13,10 +13,10 @@ import pytest
 from seqeval.metrics import classification_report, f1_score
 from seqeval.scheme import IOB2
 
-from lmpipe import serving
 from lmpipe.errors import UserError
-from lmpipe.models import load_tokenizer, resolve_model_dir
+from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
 from lmpipe.params import load_params
+from lmpipe.serve import serving
 from lmpipe.tasks import token_classification as ner
 from lmpipe.tasks.token_classification import data as ner_data
 from lmpipe.tasks.token_classification import evaluation as ner_eval
@@ -245,7 +245,7 @@ def test_params_that_make_no_sense_for_the_task_are_named(tmp_path, changes, key
 
 
 def test_word_perturbations_keep_one_word_per_tag():
-    from lmpipe import robustness
+    from lmpipe.analysis import robustness
 
     sentences = [["Barack", "Obama", "visits", "New", "York"], ["ok"], ["@user", "#tag", "http://t.co/x"]]
     for name in robustness.WORD_PERTURBATIONS:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lmpipe.encoding import TextDataset, model_reading, set_model_reading
 from lmpipe.errors import ParamsError
-from lmpipe.export import write_classifier_folder
-from lmpipe.inference import predict_logits_model
-from lmpipe.models import load_classifier, load_tokenizer, resolve_model_dir, write_model
+from lmpipe.modeling.encoding import TextDataset, model_reading, set_model_reading
+from lmpipe.modeling.inference import predict_logits_model
+from lmpipe.modeling.models import load_classifier, load_tokenizer, resolve_model_dir, write_model
+from lmpipe.modeling.training import eval_metrics
 from lmpipe.params import load_params
-from lmpipe.serving import OnnxTextClassifier, pool_logits, read_texts
-from lmpipe.training import eval_metrics
+from lmpipe.serve.onnx_export import write_classifier_folder
+from lmpipe.serve.serving import OnnxTextClassifier, pool_logits, read_texts
 from tests.conftest import ROOT, tiny_bert_classifier
 
 LABELS = ["a", "b", "c"]
@@ -165,6 +165,7 @@ def test_bad_reading_params_are_named():
 def test_the_served_model_spells_the_task_names_as_the_registry():
     """serving.py is logged with the MLflow model and imports nothing of lmpipe: its copy of the task
     names must be lmpipe.tasks' own, or a served tagger would be loaded as a classifier."""
-    from lmpipe import serving, tasks
+    from lmpipe import tasks
+    from lmpipe.serve import serving
 
     assert (serving.TEXT_TASK, serving.TOKEN_TASK) == (tasks.CLASSIFICATION, tasks.TOKEN_CLASSIFICATION)

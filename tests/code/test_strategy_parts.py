@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from lmpipe import checkpoints, models, strategies
-from lmpipe.augment import augment_frame
 from lmpipe.errors import ParamsError, UserError
+from lmpipe.modeling import checkpoints, models, strategies
+from lmpipe.modeling.augment import augment_frame
 from lmpipe.params import AugmentParams, PhaseParams, PromptTuningParams, load_params, write_params
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmpipe import calibration
+from lmpipe.analysis import calibration
 from lmpipe.params import write_params
 from tests.conftest import BIN, captured, git_commit, run, run_stage_in_process, stage_args
 
@@ -99,8 +99,8 @@ def test_the_fitted_temperature_is_served_by_onnx_pyfunc_and_pytorch(tiny_repo, 
         out[backend] = pd.read_csv(tmp_path / f"{backend}.csv").filter(like="p_").to_numpy()
     assert np.abs(out["onnx"] - out["pytorch"]).max() <= 1e-4
     # and they are the calibrated probabilities, not the raw softmax (unless T came out as 1)
-    from lmpipe.inference import predict_logits_model
-    from lmpipe.models import load_classifier, load_tokenizer
+    from lmpipe.modeling.inference import predict_logits_model
+    from lmpipe.modeling.models import load_classifier, load_tokenizer
 
     model = tiny_repo / "models/model"
     logits, _ = predict_logits_model(

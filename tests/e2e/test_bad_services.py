@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from lmpipe import search, tracking
+from lmpipe import tracking
 from lmpipe.errors import ServiceError
+from lmpipe.tuning import optuna_study
 from tests.conftest import BIN, ROOT, run
 from tests.services import free_port
 
@@ -64,26 +65,26 @@ def fails_fast(call, *needles, within: float):
 def test_storage_refused_silent_wrong_user_missing_db(postgres, silent_port):
     port = free_port()
     with contextlib.suppress(ServiceError):  # the first call imports SQLAlchemy's dialect: not timed
-        search.open_storage(f"postgresql://u@127.0.0.1:{port}/db", 10)
+        optuna_study.open_storage(f"postgresql://u@127.0.0.1:{port}/db", 10)
     fails_fast(
-        lambda: search.open_storage(f"postgresql://u:secret@127.0.0.1:{port}/db", 10),
-        "search.storage: cannot use postgresql://u:***@127.0.0.1",
+        lambda: optuna_study.open_storage(f"postgresql://u:secret@127.0.0.1:{port}/db", 10),
+        "optuna_study.storage: cannot use postgresql://u:***@127.0.0.1",
         "Connection refused",
         within=5,
     )
     assert "secret" not in fails_fast(
-        lambda: search.open_storage(f"postgresql://u:secret@127.0.0.1:{silent_port}/db", 10),
+        lambda: optuna_study.open_storage(f"postgresql://u:secret@127.0.0.1:{silent_port}/db", 10),
         f"127.0.0.1:{silent_port}",
         "timeout expired",
-        within=search.CONNECT_TIMEOUT + 5,
+        within=optuna_study.CONNECT_TIMEOUT + 5,
     )
     fails_fast(
-        lambda: search.open_storage(f"postgresql://nobody@127.0.0.1:{postgres.port}/postgres", 10),
+        lambda: optuna_study.open_storage(f"postgresql://nobody@127.0.0.1:{postgres.port}/postgres", 10),
         'role "nobody" does not exist',
         within=5,
     )
     fails_fast(
-        lambda: search.open_storage(postgres.url("no_such_db"), 10),
+        lambda: optuna_study.open_storage(postgres.url("no_such_db"), 10),
         'database "no_such_db" does not exist',
         within=5,
     )
@@ -113,5 +114,5 @@ def test_the_command_line_says_it_in_one_line(tmp_path):
         timeout=600,  # the imports (torch, transformers): minutes on a loaded 2-core CPU
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("error: search.storage: cannot use postgresql://u@127.0.0.1")
+    assert result.stderr.startswith("error: optuna_study.storage: cannot use postgresql://u@127.0.0.1")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -62,9 +62,9 @@ def test_table_has_every_variant_with_consistent_values(repo):
 
 
 def test_int8_is_stored_without_pickles_and_agrees_with_the_original(repo):
-    from lmpipe.compression import load_int8
-    from lmpipe.inference import predict_proba, predict_proba_model
-    from lmpipe.models import load_tokenizer
+    from lmpipe.compress.compression import load_int8
+    from lmpipe.modeling.inference import predict_proba, predict_proba_model
+    from lmpipe.modeling.models import load_tokenizer
 
     folder = repo / "models/compress/int8"
     assert {p.name for p in folder.iterdir()} >= {"int8.safetensors", "quantization.json", "config.json"}

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmpipe.experiments import experiment_refs
+from lmpipe.experiments.runs import experiment_refs
 from lmpipe.reports import MAX_COLUMNS
 from lmpipe.tracking import flatten
 from tests.conftest import BIN, ROOT, TINY, git_commit, new_repo, pipeline_env, remove, run

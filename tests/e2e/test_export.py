@@ -16,9 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lmpipe.metrics import classification_metrics
-from lmpipe.models import load_classifier
+from lmpipe.modeling.models import load_classifier
 from lmpipe.params import write_params
-from lmpipe.serving import OnnxTextClassifier, softmax
+from lmpipe.serve.serving import OnnxTextClassifier, softmax
 from tests.conftest import REGISTERED as NAME
 from tests.conftest import pipeline_env, run, run_stage_in_process, stage_args
 from tests.services import serve_model

@@ -163,7 +163,7 @@ def test_export_serves_entities_with_character_offsets(ner_repo):
     output = served.predict(texts)
     assert len(output) == len(texts)
     # what the served model finds is, entity for entity, what the exported folder's tagger finds
-    from lmpipe.serving import OnnxEntityTagger
+    from lmpipe.serve.serving import OnnxEntityTagger
 
     tagger = OnnxEntityTagger(ner_repo / "models/export")
     fields = ("type", "start", "end", "text")
@@ -234,7 +234,7 @@ def test_predict_writes_entities(ner_repo, tmp_path):
     lines = texts.read_text().splitlines()
     assert all(set(row) == {"row", "entities", "truncated"} for row in rows)
     # the exported folder's own tagging, entity for entity (offsets: test_export_serves_entities_...)
-    from lmpipe.serving import OnnxEntityTagger
+    from lmpipe.serve.serving import OnnxEntityTagger
 
     expected = OnnxEntityTagger(ner_repo / "models/export").entities(lines)
     assert [

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lmpipe.experiments import experiment_refs
+from lmpipe.experiments.runs import experiment_refs
 from tests.conftest import BIN, new_repo, run
 
 pytestmark = pytest.mark.extended

@@ -303,7 +303,7 @@ def prompt_repo(tiny_repo, tmp_path_factory) -> Iterator[Path]:
 
 
 def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder):
-    from lmpipe.models import load_classifier
+    from lmpipe.modeling.models import load_classifier
 
     repo = prompt_repo
     m = json.loads((repo / "reports/train/report.json").read_text())

@@ -366,7 +366,7 @@ class EvaluateParams(_Section):
             yield "batch_size", f"must be >= 1, got {self.batch_size}"
 
 
-# the perturbations analyze knows (lmpipe.robustness.PERTURBATIONS), each strength a share in [0, 1]
+# the perturbations analyze knows (lmpipe.analysis.robustness.PERTURBATIONS), each strength a share in [0, 1]
 PERTURBATION_NAMES = (
     "char_noise",
     "word_dropout",

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lmpipe import calibration, data, io, plots, reports, tasks, tracking
+from lmpipe import data, io, plots, reports, tasks, tracking
+from lmpipe.analysis import calibration
 from lmpipe.errors import ParamsError
-from lmpipe.models import device, load_classifier, load_tokenizer
+from lmpipe.modeling.models import device, load_classifier, load_tokenizer
 from lmpipe.params import Params
 from lmpipe.tasks.base import Analysis, Part
 

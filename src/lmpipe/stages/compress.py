@@ -23,10 +23,11 @@ import pandas as pd
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmpipe import compression as lib
-from lmpipe import data, distributed, io, latency, models, plots, reports, tasks, tracking
+from lmpipe import data, distributed, io, latency, plots, reports, tasks, tracking
+from lmpipe.compress import compression
+from lmpipe.modeling import models
+from lmpipe.modeling.training import TrainResult, train_model
 from lmpipe.params import Params, TrainParams
-from lmpipe.training import TrainResult, train_model
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
 TASK_PARTS = ("model",)
@@ -110,9 +111,9 @@ def run(params: Params, paths: Paths) -> str:
     if launched is not None:
         return f"compress: {launched.message}"
     model_dir = Path(paths.model)
-    config = lib.load_config(model_dir)
+    config = compression.load_config(model_dir)
     if cfg.distill.enabled:  # a wrong layer list fails now, not after the other variants
-        lib.student_layers(cfg.distill.keep_layers, config.num_hidden_layers)
+        compression.student_layers(cfg.distill.keep_layers, config.num_hidden_layers)
     source_hash = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
     inputs = Inputs(
         params,
@@ -144,7 +145,7 @@ def run(params: Params, paths: Paths) -> str:
             tracking.log_metrics_to(variant.run_id, rows[name])
         names = list(rows)
         b1 = "latency_b1_p50_ms"
-        front = lib.pareto_front([(rows[n][b1], rows[n]["macro_f1"]) for n in names])
+        front = compression.pareto_front([(rows[n][b1], rows[n]["macro_f1"]) for n in names])
         points = pd.DataFrame(
             {
                 "variant": names,
@@ -210,14 +211,16 @@ CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_f1_loss", "within
 def curve_point(sparsity: float, recovered: bool, f1: float, reference: float, budget: float) -> dict:
     """One point of the pruning curve (a row of ``CURVE_COLUMNS``)."""
     loss = reference - f1
-    return dict(zip(CURVE_COLUMNS, (sparsity, recovered, f1, loss, lib.fits(loss, budget)), strict=True))
+    return dict(
+        zip(CURVE_COLUMNS, (sparsity, recovered, f1, loss, compression.fits(loss, budget)), strict=True)
+    )
 
 
 def judge(params: Params, original: Variant, name: str, variant: Variant) -> None:
     """The variant's val loss against the original, its budget and the flag, in its row; a miss warns."""
     budget = params.compress.budget(name)
     loss = original.row["val_f1"] - variant.row["val_f1"]
-    ok = lib.fits(loss, budget)
+    ok = compression.fits(loss, budget)
     variant.row.update(val_f1_loss=loss, max_loss=budget, within_budget=ok)
     tracking.log_metrics({"within_budget": int(ok)})  # a bool; the row's numbers reach the run with the row
     tracking.set_tags({"within_budget": str(ok).lower()})
@@ -277,9 +280,9 @@ def measure(inputs: Inputs, model: nn.Module, folder: Path, desc: str, val_macro
         "accuracy": m["accuracy"],
         "macro_f1": m["macro_f1"],
         "val_f1": val_macro_f1,  # val macro-F1 (not val_macro_f1: a fine-tune logs that per epoch)
-        "size_mb": lib.weights_bytes(folder) / 2**20,
+        "size_mb": compression.weights_bytes(folder) / 2**20,
         "layers": model.config.num_hidden_layers,
-        **lib.parameter_counts(model),
+        **compression.parameter_counts(model),
     }
 
 
@@ -308,24 +311,24 @@ def quantized(inputs: Inputs, folder: Path) -> Variant:
     reference = inputs.reference_val_macro_f1()
     budget = cfg.budget("int8")
     fp32_layers: list[str] = []
-    chosen = lib.quantize_dynamic_int8(fp32)
+    chosen = compression.quantize_dynamic_int8(fp32)
     val_f1 = inputs.val_macro_f1(chosen, "int8")
     trials = [{"fp32_layers": 0, "val_macro_f1": val_f1}]
     sensitivity: list[dict[str, Any]] = []
-    steps = lib.fp32_steps(cfg.quantize.max_fp32_layers, len(lib.linear_names(fp32)))
-    if not lib.fits(reference - val_f1, budget) and steps:
+    steps = compression.fp32_steps(cfg.quantize.max_fp32_layers, len(compression.linear_names(fp32)))
+    if not compression.fits(reference - val_f1, budget) and steps:
         sensitivity = int8_sensitivity(inputs, fp32)
         ranked = [s["layer"] for s in sensitivity]
         for k in steps:
             fp32_layers = ranked[:k]
-            chosen = lib.quantize_dynamic_int8(fp32, fp32_layers)
+            chosen = compression.quantize_dynamic_int8(fp32, fp32_layers)
             val_f1 = inputs.val_macro_f1(chosen, f"int8, {k} fp32")
             trials.append({"fp32_layers": k, "val_macro_f1": val_f1})
-            if lib.fits(reference - val_f1, budget):
+            if compression.fits(reference - val_f1, budget):
                 break
-    lib.save_int8(chosen, inputs.tokenizer, folder, inputs.source)
-    model = lib.load_int8(folder)
-    tracking.log_artifact(folder / lib.INT8_RECIPE)
+    compression.save_int8(chosen, inputs.tokenizer, folder, inputs.source)
+    model = compression.load_int8(folder)
+    tracking.log_artifact(folder / compression.INT8_RECIPE)
     row = measure(inputs, model, folder, "int8", val_f1)
     row.update(fp32_layer_count=len(fp32_layers), fp32_layers=fp32_layers, fp32_trials=trials)
     if sensitivity:
@@ -338,12 +341,12 @@ def int8_sensitivity(inputs: Inputs, fp32: nn.Module) -> list[dict[str, Any]]:
     """Each Linear layer quantized alone, ranked by how far it moves the val outputs (mean KL of the
     softmax against fp32's): the most sensitive first."""
     reference, _ = inputs.outputs(fp32, "val", "sensitivity: fp32")
-    scores, layers = [], lib.linear_names(fp32)
+    scores, layers = [], compression.linear_names(fp32)
     for name in tqdm(layers, desc="int8 sensitivity", unit="layer"):
         others = [n for n in layers if n != name]
-        alone = lib.quantize_dynamic_int8(fp32, others)
+        alone = compression.quantize_dynamic_int8(fp32, others)
         logits, _ = inputs.outputs(alone, "val", name)
-        scores.append({"layer": name, "val_kl": lib.mean_kl(reference, logits)})
+        scores.append({"layer": name, "val_kl": compression.mean_kl(reference, logits)})
     return sorted(scores, key=lambda s: -s["val_kl"])
 
 
@@ -390,7 +393,7 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
 
     def score(sparsity: float) -> None:
         pruned_copy = copy.deepcopy(model)
-        lib.magnitude_prune(pruned_copy, sparsity)
+        compression.magnitude_prune(pruned_copy, sparsity)
         f1 = inputs.val_macro_f1(pruned_copy, f"sparsity {sparsity:g}")
         curve.append(curve_point(sparsity, False, f1, reference, budget))
 
@@ -407,12 +410,14 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
         target = next(c for c in curve if c["sparsity"] == p.sparsity)
         recover = p.recovery == "always" or (p.recovery == "auto" and not target["within_budget"])
         return PrunePlan(reference, curve, p.sparsity, recover, "prune.sparsity, set by the user")
-    best = lib.largest_fitting([c for c in curve if c["sparsity"] in p.grid])  # (a target is not a choice)
+    best = compression.largest_fitting(
+        [c for c in curve if c["sparsity"] in p.grid]
+    )  # (a target is not a choice)
     chosen = best["sparsity"] if best else min(p.grid)
     how = "largest grid sparsity within the budget on val" if best else "no grid sparsity fits: the smallest"
     if p.recovery == "always":
         return PrunePlan(reference, curve, chosen, True, f"{how}, then fine-tuned")
-    up = lib.next_up(p.grid, best["sparsity"] if best else None)
+    up = compression.next_up(p.grid, best["sparsity"] if best else None)
     point = next((c for c in curve if c["sparsity"] == up), None)
     if p.recovery == "auto" and point is not None and point["val_f1_loss"] <= RECOVERABLE * budget:
         how = "next grid sparsity up, after a recovery fine-tune"
@@ -433,8 +438,11 @@ def prune_and_recover(inputs: Inputs, sparsity: float, recover: bool) -> tuple[n
     params, p = inputs.params, inputs.params.compress.prune
     models.seed_everything(params.base.seed)
     model = models.load_classifier(inputs.model_dir).to(models.device())
-    keep = lib.magnitude_prune(model, sparsity)
-    extra: dict[str, Any] = {"sparsity_after_pruning": lib.sparsity_of(model), "recovery_epochs_run": 0}
+    keep = compression.magnitude_prune(model, sparsity)
+    extra: dict[str, Any] = {
+        "sparsity_after_pruning": compression.sparsity_of(model),
+        "recovery_epochs_run": 0,
+    }
     if recover:
         train_set, val_set = inputs.datasets(p.recovery_max_train_samples)
         result = train_model(
@@ -444,7 +452,7 @@ def prune_and_recover(inputs: Inputs, sparsity: float, recover: bool) -> tuple[n
             val_set,
             recovery_params(params),
             params.base.seed,
-            callbacks=[lib.KeepPruned(model, keep), tracking.MlflowTrainingLogger()],
+            callbacks=[compression.KeepPruned(model, keep), tracking.MlflowTrainingLogger()],
         )
         log_training(result)
         extra["recovery_epochs_run"] = result.epochs_run
@@ -481,7 +489,7 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
         sparsity=sparsity,
         chosen_by=chosen_by,
         target_sparsity=inputs.params.compress.prune.sparsity,
-        measured_sparsity=lib.sparsity_of(model),
+        measured_sparsity=compression.sparsity_of(model),
         curve=plan.curve,
         **extra,
     )
@@ -494,9 +502,9 @@ def distill(inputs: Inputs) -> tuple[nn.Module, TrainResult]:
     params, d = inputs.params, inputs.params.compress.distill
     models.seed_everything(params.base.seed)
     teacher = models.load_classifier(inputs.model_dir).to(models.device())
-    model = lib.make_student(teacher, d.keep_layers)
-    tracking.log_metrics({"student_parameters": lib.parameter_counts(model)["parameters"]})
-    loss = lib.DistillationLoss(teacher, model, d.temperature, d.alpha)
+    model = compression.make_student(teacher, d.keep_layers)
+    tracking.log_metrics({"student_parameters": compression.parameter_counts(model)["parameters"]})
+    loss = compression.DistillationLoss(teacher, model, d.temperature, d.alpha)
     train_set, val_set = inputs.datasets()
     try:
         result = train_model(
@@ -536,8 +544,8 @@ def time_variants(inputs: Inputs, variants: dict[str, Variant]) -> None:
     texts = inputs.test["text"].tolist()
     loaded = {name: v.model for name, v in variants.items()}
     for batch_size, repeats in ((1, lat.repeats), (lat.batch_size, lat.batch_repeats)):
-        batch = lib.fixed_batch(inputs.tokenizer, texts, batch_size, max_length)
-        seconds = lib.time_models(
+        batch = compression.fixed_batch(inputs.tokenizer, texts, batch_size, max_length)
+        seconds = compression.time_models(
             loaded, batch, lat.warmup, repeats, lat.threads, desc=f"latency batch {batch_size}"
         )
         for name, values in seconds.items():

@@ -15,11 +15,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from lmpipe import data, io, promotion, reports, serving, tasks, tracking
-from lmpipe import export as lib
+from lmpipe import data, io, reports, tasks, tracking
 from lmpipe.errors import UserError
 from lmpipe.params import Params
-from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, VARIANT_FILES
+from lmpipe.serve import onnx_export, promotion, serving
+from lmpipe.serve.serving import CLASSIFIER_FILE, FP32_FILE, VARIANT_FILES
 from lmpipe.tasks.base import Export, Exported
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
@@ -214,7 +214,7 @@ def register_and_gate(
         (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
         example = [t[:300] for t in texts[:2]]
         model_uri = tracking.log_pyfunc_model(
-            serving.__file__, {"classifier": staging}, example, lib.pip_requirements(), {"task": task}
+            serving.__file__, {"classifier": staging}, example, onnx_export.pip_requirements(), {"task": task}
         )
 
     name = cfg.registered_model
@@ -251,7 +251,7 @@ def register_and_gate(
             "baseline_test_macro_f1": f"{baseline_f1:.6f}",
             "minus_baseline_macro_f1_ci95": f"[{versus['macro_f1_ci95_low']:.4f}, {versus['macro_f1_ci95_high']:.4f}]",
             "test_rows": len(test),
-            "test_split_sha256": lib.split_fingerprint(test),
+            "test_split_sha256": onnx_export.split_fingerprint(test),
             "gate_passed": str(decision.passed).lower(),
         },
         description=(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmpipe import data, io, reports, tasks
-from lmpipe.models import load_tokenizer, resolve_model_dir
+from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
 from lmpipe.params import Params
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)

@@ -1,5 +1,5 @@
 """search: an Optuna study over the train params, each trial run through the shared training loop
-(``lmpipe.search`` holds the study's parts: sampler, pruner, objective, result tables).
+(``lmpipe.tuning.optuna_study`` holds the study's parts: sampler, pruner, objective, result tables).
 
 Optuna, torch and the training code are imported where a study runs: search is off by default, and the
 stage then only writes its "disabled" outputs, without ~10 s of imports on every ``dvc repro``."""
@@ -58,30 +58,33 @@ def run(params: Params, paths: Paths) -> str:
     import optuna
     import torch
 
-    from lmpipe import data, models, plots, tracking
-    from lmpipe import search as lib
+    from lmpipe import data, plots, tracking
+    from lmpipe.modeling import models
+    from lmpipe.tuning import optuna_study
 
-    name = lib.study_name(params)
+    name = optuna_study.study_name(params)
     label2id = data.read_label_map(paths.labels)
     model_dir = models.resolve_model_dir(params.base.model)
     train, val = data.read_split(paths.data, "train"), data.read_split(paths.data, "val")
-    n_trials = lib.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
+    n_trials = optuna_study.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     with io.atomic_dir(paths.db) as db, io.staged_outputs(paths.out) as out:
         # the default file moves into place with the rest of the outputs: record where it will be
         storage_url = cfg.storage or f"sqlite:///{Path(db).resolve() / 'optuna.db'}"
         shown_storage = (
-            lib.shown_url(cfg.storage) if cfg.storage else f"sqlite:///{Path(paths.db) / 'optuna.db'}"
+            optuna_study.shown_url(cfg.storage)
+            if cfg.storage
+            else f"sqlite:///{Path(paths.db) / 'optuna.db'}"
         )
-        storage = lib.open_storage(storage_url, cfg.heartbeat)
+        storage = optuna_study.open_storage(storage_url, cfg.heartbeat)
         study = optuna.create_study(
             study_name=name,
             storage=storage,
             direction="maximize",
             load_if_exists=True,
-            sampler=lib.make_sampler(cfg, params.base.seed),
-            pruner=lib.make_pruner(cfg, lib.max_trial_steps(params)),
+            sampler=optuna_study.make_sampler(cfg, params.base.seed),
+            pruner=optuna_study.make_pruner(cfg, optuna_study.max_trial_steps(params)),
         )
         space = {k: dataclasses.asdict(v) for k, v in cfg.space.items()}
         with tracking.stage_run(
@@ -97,18 +100,20 @@ def run(params: Params, paths: Paths) -> str:
             },
         ) as parent:
             tracking.log_dict(space, "search_space.json")
-            lib.mark_study(study, params, lib.data_fingerprint(train, val), parent.info.run_id)
+            optuna_study.mark_study(
+                study, params, optuna_study.data_fingerprint(train, val), parent.info.run_id
+            )
             start = time.perf_counter()
-            objective = lib.Objective(params, train, val, label2id, model_dir)
-            budget = lib.Budget(n_trials, lib.space_size(cfg))
-            threads = lib.worker_threads(cfg.workers)
+            objective = optuna_study.Objective(params, train, val, label2id, model_dir)
+            budget = optuna_study.Budget(n_trials, optuna_study.space_size(cfg))
+            threads = optuna_study.worker_threads(cfg.workers)
             with local_workers(cfg.workers - 1, threads, paths, storage_url):
                 if cfg.workers > 1:
                     torch.set_num_threads(threads)
-                lib.work(study, storage, objective, budget, cfg.timeout)
-            lib.wait_for_others(study, cfg.heartbeat)
+                optuna_study.work(study, storage, objective, budget, cfg.timeout)
+            optuna_study.wait_for_others(study, cfg.heartbeat)
             seconds = time.perf_counter() - start
-            trials = lib.trials_frame(study)
+            trials = optuna_study.trials_frame(study)
             counts = trials["state"].value_counts().to_dict()
             if not counts.get("COMPLETE"):
                 reasons = trials.loc[trials["state"] == "FAIL", "fail_reason"].tolist()
@@ -142,7 +147,7 @@ def run(params: Params, paths: Paths) -> str:
                 "storage": shown_storage,
                 "mlflow_run_id": parent.info.run_id,
             }
-            history, importance = lib.history_frame(trials), lib.importance_frame(study)
+            history, importance = optuna_study.history_frame(trials), optuna_study.importance_frame(study)
             trials.to_csv(out / "trials.csv", index=False)
             history.to_csv(out / "history.csv", index=False)
             importance.to_csv(out / "importance.csv", index=False)
@@ -216,16 +221,19 @@ def worker(
         )
     import optuna
 
-    from lmpipe import data, models
-    from lmpipe import search as lib
+    from lmpipe import data
+    from lmpipe.modeling import models
+    from lmpipe.tuning import optuna_study
 
-    rdb = lib.open_storage(url, cfg.heartbeat)
+    rdb = optuna_study.open_storage(url, cfg.heartbeat)
     train, val = data.read_split(paths.data, "train"), data.read_split(paths.data, "val")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # each worker samples with a seed of its own: one seed everywhere would propose the same points
     index = index if index is not None else os.getpid()
-    study = lib.join_study(params, rdb, lib.data_fingerprint(train, val), params.base.seed + index, wait=wait)
-    objective = lib.Objective(
+    study = optuna_study.join_study(
+        params, rdb, optuna_study.data_fingerprint(train, val), params.base.seed + index, wait=wait
+    )
+    objective = optuna_study.Objective(
         params,
         train,
         val,
@@ -233,6 +241,8 @@ def worker(
         models.resolve_model_dir(params.base.model),
         parent_run_id=study.user_attrs.get("mlflow_run_id"),
     )
-    n_trials = lib.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
-    ran = lib.work(study, rdb, objective, lib.Budget(n_trials, lib.space_size(cfg)), cfg.timeout)
-    return f"search-worker: ran {ran} trial(s) of study {study.study_name} on {lib.shown_url(url)}"
+    n_trials = optuna_study.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
+    ran = optuna_study.work(
+        study, rdb, objective, optuna_study.Budget(n_trials, optuna_study.space_size(cfg)), cfg.timeout
+    )
+    return f"search-worker: ran {ran} trial(s) of study {study.study_name} on {optuna_study.shown_url(url)}"

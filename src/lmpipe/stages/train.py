@@ -9,21 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmpipe import (
-    augment,
-    checkpoints,
-    data,
-    distributed,
-    io,
-    models,
-    plots,
-    reports,
-    strategies,
-    tasks,
-    tracking,
-)
+from lmpipe import data, distributed, io, plots, reports, tasks, tracking
+from lmpipe.modeling import augment, checkpoints, models, strategies
+from lmpipe.modeling.training import train_model
 from lmpipe.params import Params
-from lmpipe.training import train_model
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
 TASK_PARTS = ("model",)

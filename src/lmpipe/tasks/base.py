@@ -300,7 +300,7 @@ class Task:
 
     def model_card(self, params: Params, records: dict[str, Any], export: dict[str, Any]) -> str:
         """export: MODEL_CARD.md, from the earlier stages' records and the export report (its shared
-        sections: ``lmpipe.modelcard``)."""
+        sections: ``lmpipe.serve.modelcard``)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------- lmpipe compare, lmpipe splits

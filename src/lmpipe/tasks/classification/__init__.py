@@ -2,7 +2,7 @@
 
 The task object (``TASK``, below) and one module per group of stages (``data``, ``model``,
 ``evaluation``, ``analysis``, ``export``), loaded when a stage asks for them. The text datasets and the
-one inference loop are the core's (``lmpipe.encoding``, ``lmpipe.inference``), shared with every tool
+one inference loop are the core's (``lmpipe.modeling.encoding``, ``lmpipe.modeling.inference``), shared with every tool
 that reads texts.
 """
 

@@ -32,7 +32,7 @@ def _robustness(
     seed: int,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """The robustness table (strength 0 = clean), and which texts each perturbation flips (model)."""
-    from lmpipe import robustness
+    from lmpipe.analysis import robustness
 
     clean_pred = clean_logits.argmax(axis=1)
     clean_ids = read_ids(tokenizer, texts, max_length, reading)
@@ -80,7 +80,7 @@ def _robustness(
 
 def read_ids(tokenizer, texts: list[str], max_length: int, reading: dict) -> list[list[list[int]]]:
     """The token ids the model reads of each text (one list per window: ``serving.read_texts``)."""
-    from lmpipe.serving import read_texts
+    from lmpipe.serve.serving import read_texts
 
     features, owner = read_texts(tokenizer, texts, max_length, reading)
     units: list[list[list[int]]] = [[] for _ in texts]
@@ -113,7 +113,7 @@ def _fragile(
 
 
 def analysis_pass(model, tokenizer, frame, max_length, batch_size, desc=None):
-    from lmpipe.inference import predict_logits_model
+    from lmpipe.modeling.inference import predict_logits_model
 
     logits, names = predict_logits_model(
         model, tokenizer, frame["text"].tolist(), max_length, batch_size, desc
@@ -123,9 +123,10 @@ def analysis_pass(model, tokenizer, frame, max_length, batch_size, desc=None):
 
 
 def robustness(analysis):
-    from lmpipe import plots, robustness
-    from lmpipe.encoding import model_reading
-    from lmpipe.inference import predict_logits_model
+    from lmpipe import plots
+    from lmpipe.analysis import robustness
+    from lmpipe.modeling.encoding import model_reading
+    from lmpipe.modeling.inference import predict_logits_model
 
     a, base = analysis, analysis.params.base
     texts, labels = a.test["text"].tolist(), a.labels
@@ -151,9 +152,9 @@ def robustness(analysis):
 
 
 def attack(analysis):
-    from lmpipe import calibration, robustness
-    from lmpipe.encoding import model_reading
-    from lmpipe.inference import predict_logits_model
+    from lmpipe.analysis import calibration, robustness
+    from lmpipe.modeling.encoding import model_reading
+    from lmpipe.modeling.inference import predict_logits_model
 
     a, cfg, base = analysis, analysis.params.analyze.attack, analysis.params.base
     texts, y, clean_pred = a.test["text"].tolist(), a.clean.y, a.clean.predicted
@@ -194,7 +195,8 @@ def attack(analysis):
 
 
 def explain(analysis):
-    from lmpipe import calibration, explain, plots
+    from lmpipe import plots
+    from lmpipe.analysis import calibration, explain
 
     a, cfg, base = analysis, analysis.params.analyze.explain, analysis.params.base
     texts, y, clean_pred, names = a.test["text"].tolist(), a.clean.y, a.clean.predicted, a.labels
@@ -252,7 +254,7 @@ def explain(analysis):
 
 
 def slices(analysis):
-    from lmpipe import slices
+    from lmpipe.analysis import slices
 
     a, cfg, base = analysis, analysis.params.analyze, analysis.params.base
     texts = a.test["text"].tolist()

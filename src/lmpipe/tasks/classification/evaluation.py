@@ -43,7 +43,7 @@ def _predictions(proba: np.ndarray, labels: list[str]) -> Predictions:
 
 
 def predict(model_dir, frame, max_length, batch_size, desc=None):
-    from lmpipe.inference import predict_proba
+    from lmpipe.modeling.inference import predict_proba
 
     proba, names = predict_proba(model_dir, frame["text"].tolist(), max_length, batch_size, desc=desc)
     # a test label the model has no class for is an error, before anything is scored
@@ -65,7 +65,7 @@ def score(frame, pred):
 
 
 def versus_baseline(frame, model, baseline, seed):
-    from lmpipe.compare import predictions_frame, versus_baseline
+    from lmpipe.experiments.compare import predictions_frame, versus_baseline
 
     return versus_baseline(
         predictions_frame(frame, model.proba, model.labels),
@@ -75,8 +75,8 @@ def versus_baseline(frame, model, baseline, seed):
 
 
 def tables(frame, model, baseline):
-    from lmpipe.compare import predictions_frame
     from lmpipe.evaluation import misclassified_frame
+    from lmpipe.experiments.compare import predictions_frame
 
     ours = predictions_frame(frame, model.proba, model.labels)
     return {
@@ -120,7 +120,7 @@ def evaluate_summary(scores: Mapping[str, Any]) -> str:
 
 def bootstrap_scorer(truths, preds, classes, metrics):
     """``lmpipe compare``'s scorer: accuracy and macro-F1 over one label per text, under bootstrap weights."""
-    from lmpipe.compare import weighted_scores
+    from lmpipe.experiments.compare import weighted_scores
 
     k = len(classes)
     return (lambda i, w: weighted_scores(w, truths[i], preds[i], k)), classes

@@ -1,4 +1,4 @@
-"""Text classification's export (export): the ONNX classifier checked and timed (``lmpipe.export_checks``),
+"""Text classification's export (export): the ONNX classifier checked and timed (``lmpipe.serve.checks``),
 the served variant against evaluate's baseline, and the model card's sections."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _card_data(params, records: dict) -> list[str]:
 
 
 def _card_training(params, records: dict, export: dict) -> list[str]:
-    from lmpipe.modelcard import fmt, training_params
+    from lmpipe.serve.modelcard import fmt, training_params
 
     train = records["train"]
     return [
@@ -48,7 +48,7 @@ def _card_training(params, records: dict, export: dict) -> list[str]:
 
 
 def _card_scores(params, records: dict, export: dict) -> list[str]:
-    from lmpipe.modelcard import fmt, versus_baseline
+    from lmpipe.serve.modelcard import fmt, versus_baseline
 
     evaluate, sizes = records["evaluate"], records["split"].get("sizes", {})
     model, baseline = evaluate.get("model", {}), evaluate.get("baseline", {})
@@ -71,7 +71,7 @@ def _card_scores(params, records: dict, export: dict) -> list[str]:
 
 
 def _card_export(params, export: dict) -> list[str]:
-    from lmpipe.modelcard import fmt, latency_table
+    from lmpipe.serve.modelcard import fmt, latency_table
 
     fp32, int8, size = export.get("onnx_fp32", {}), export.get("onnx_int8", {}), export.get("size_mb", {})
     return [
@@ -88,7 +88,7 @@ def _card_export(params, export: dict) -> list[str]:
 
 
 def _card_use(params, records: dict) -> list[str]:
-    from lmpipe.modelcard import fmt
+    from lmpipe.serve.modelcard import fmt
 
     sizes = records["split"].get("sizes", {})
     data_name = records["prepare"].get("source") or f"`{params.prepare.source}`"
@@ -113,12 +113,11 @@ def _card_use(params, records: dict) -> list[str]:
 
 
 def export(job):
-    """The ONNX files checked against PyTorch (``lmpipe.export_checks``), the compress variants
+    """The ONNX files checked against PyTorch (``lmpipe.serve.checks``), the compress variants
     ``export.compare`` names beside them, their latency, and the served variant against evaluate's
     baseline. Served probabilities are softmax(logits / T), T analyze's temperature."""
-    from lmpipe import export as lib
-    from lmpipe import export_checks as checks
-    from lmpipe.serving import VARIANT_FILES
+    from lmpipe.serve import checks, onnx_export
+    from lmpipe.serve.serving import VARIANT_FILES
 
     params, test, tmp, cfg = job.params, job.test, job.folder, job.params.export
     if cfg.source != "model" and job.temperature != 1.0:
@@ -175,7 +174,7 @@ def export(job):
         variant=variant,
         served=checked.served,
         versus=versus,
-        score_registered=lambda uri: lib.score_registered(uri, texts, checked.y_true, checked.labels),
+        score_registered=lambda uri: onnx_export.score_registered(uri, texts, checked.y_true, checked.labels),
         logged=("pytorch_fp32", "onnx_fp32", "onnx_int8", "latency", "speedup", "size_mb", "comparison"),
         subfolders=list(others),
     )
@@ -194,7 +193,7 @@ def export_summary(report):
 def model_card(task, params, records, export):
     """MODEL_CARD.md: data, base model and training, test metrics against the baseline, export and
     latency, compression, the gate, intended use and limitations."""
-    from lmpipe import modelcard as card
+    from lmpipe.serve import modelcard as card
 
     return "\n".join(
         [

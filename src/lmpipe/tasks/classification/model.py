@@ -6,14 +6,14 @@ from lmpipe import data
 
 
 def dataset(tokenizer, frame, label2id, max_length, reading=None, train=False, seed=0):
-    from lmpipe.encoding import frame_dataset
+    from lmpipe.modeling.encoding import frame_dataset
 
     return frame_dataset(tokenizer, frame, dict(label2id), max_length, reading, train, seed)
 
 
 def val_outputs(model, tokenizer, frame, max_length, batch_size, desc=None):
-    from lmpipe.inference import predict_logits_model
     from lmpipe.metrics import classification_metrics
+    from lmpipe.modeling.inference import predict_logits_model
 
     logits, names = predict_logits_model(
         model, tokenizer, frame["text"].tolist(), max_length, batch_size, desc=desc

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from lmpipe.errors import UserError
-from lmpipe.serving import first_subword_rows, tags_of
+from lmpipe.serve.serving import first_subword_rows, tags_of
 from lmpipe.tasks import TOKEN_CLASSIFICATION
 from lmpipe.tasks.base import Task
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lmpipe.serving import tags_of
+from lmpipe.serve.serving import tags_of
 from lmpipe.tasks.base import Part, Pass
 from lmpipe.tasks.token_classification import (
     changed_sentences,
@@ -26,7 +26,7 @@ def entity_scores_ci(
     counts: Mapping[str, np.ndarray], keys: Sequence[str], resamples: int, seed: int
 ) -> dict[str, float]:
     """``scores_from_counts`` (``keys`` of it) with a 95% bootstrap CI over sentences for each."""
-    from lmpipe.compare import bootstrap_weights
+    from lmpipe.experiments.compare import bootstrap_weights
 
     point = scores_from_counts(counts)
     draws: dict[str, list] = {k: [] for k in keys}
@@ -52,8 +52,8 @@ def entities_by_length(
 ) -> pd.DataFrame:
     """Entity micro and macro F1 with CIs per sentence-length bucket (subword tokens, edges as multiples
     of ``max_length``: past 1.0 the words beyond ``max_length`` are not read) and predictor: the slices by
-    length (``lmpipe.slices.by_length`` for texts)."""
-    from lmpipe.slices import length_buckets
+    length (``lmpipe.analysis.slices.by_length`` for texts)."""
+    from lmpipe.analysis.slices import length_buckets
 
     types = sorted({t for tags in true for t, _, _ in entity_spans(tags)})
     rows = []
@@ -77,7 +77,7 @@ def entities_by_type(
     true: Sequence[Sequence[str]], preds: Mapping[str, Sequence[Sequence[str]]], resamples: int, seed: int
 ) -> pd.DataFrame:
     """Each entity type's F1 with its CI (sentences resampled as a whole), per predictor: the slices by
-    class (``lmpipe.slices.by_class`` for texts)."""
+    class (``lmpipe.analysis.slices.by_class`` for texts)."""
     types = sorted({t for tags in true for t, _, _ in entity_spans(tags)})
     rows = []
     for name, pred in preds.items():
@@ -138,7 +138,8 @@ def analysis_pass(model, tokenizer, frame, max_length, batch_size, desc=None):
 def robustness(analysis):
     """Perturbations that edit words in place (the tags stay aligned; the others are skipped): entity
     F1 of both predictors, and the share of sentences whose entities change."""
-    from lmpipe import plots, robustness
+    from lmpipe import plots
+    from lmpipe.analysis import robustness
 
     a, cfg, base = analysis, analysis.params.analyze.robustness, analysis.params.base
     test, seed = a.test, base.seed

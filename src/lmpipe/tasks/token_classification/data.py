@@ -17,7 +17,7 @@ import pandas as pd
 from lmpipe.data import DESCRIPTOR_SUFFIXES, builtin_name, check_no_leakage, deduplicate
 from lmpipe.errors import UserError
 from lmpipe.params import PrepareParams, SplitParams
-from lmpipe.serving import OUTSIDE
+from lmpipe.serve.serving import OUTSIDE
 from lmpipe.tasks import TOKEN_CLASSIFICATION
 from lmpipe.tasks.token_classification import check_known_tags, entity_counts, tag_map
 

@@ -188,7 +188,7 @@ def versus_baseline(
     """Model minus baseline in entity micro-F1 (``f1``), macro-F1 and token accuracy, each with a paired
     bootstrap 95% CI over sentences (the same resamples for both), and McNemar's test on the sentences
     exactly one of the two tags wholly right. Keys as classification's, plus ``f1``'s."""
-    from lmpipe.compare import bootstrap_weights, mcnemar
+    from lmpipe.experiments.compare import bootstrap_weights, mcnemar
 
     types = sorted({t for seqs in (true, model, baseline) for tags in seqs for t, _, _ in entity_spans(tags)})
     ours, theirs = sentence_counts(true, model, types), sentence_counts(true, baseline, types)
@@ -238,7 +238,7 @@ def bootstrap_scorer(
 
 
 def predict(model_dir, frame, max_length, batch_size, desc=None):
-    from lmpipe import models
+    from lmpipe.modeling import models
 
     model = models.load_classifier(model_dir).to(models.device())
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from lmpipe.errors import UserError
-from lmpipe.serving import tags_of
+from lmpipe.serve.serving import tags_of
 from lmpipe.tasks import TOKEN_CLASSIFICATION
 from lmpipe.tasks.base import Exported
 from lmpipe.tasks.token_classification import entity_scores, token_logits
@@ -44,7 +44,7 @@ def score_registered(uri: str, frame: pd.DataFrame, labels: list[str]) -> float 
     import tempfile
 
     from lmpipe import tracking
-    from lmpipe.serving import CLASSIFIER_FILE, OnnxEntityTagger
+    from lmpipe.serve.serving import CLASSIFIER_FILE, OnnxEntityTagger
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = tracking.download_model(uri, tmp) / "artifacts" / "classifier"
@@ -63,7 +63,7 @@ def score_registered(uri: str, frame: pd.DataFrame, labels: list[str]) -> float 
 def model_card(params, records: dict, export: dict) -> str:
     """The model card of a token classifier (named-entity recognition): data, training, entity scores
     against the CRF baseline, export parity and latency, the served output, the gate, use and limits."""
-    from lmpipe.modelcard import fmt, gate_lines
+    from lmpipe.serve.modelcard import fmt, gate_lines
 
     prepare, split, train = records["prepare"], records["split"], records["train"]
     evaluate = records["evaluate"]
@@ -161,15 +161,17 @@ def export(job):
 
     from tqdm.auto import tqdm
 
-    from lmpipe import export as lib
-    from lmpipe import models, serving
-    from lmpipe.export_checks import int8_fp32_layers
-    from lmpipe.serving import VARIANT_FILES
+    from lmpipe.modeling import models
+    from lmpipe.serve import onnx_export, serving
+    from lmpipe.serve.checks import int8_fp32_layers
+    from lmpipe.serve.serving import VARIANT_FILES
 
     params, test, tmp, cfg = job.params, job.test, job.folder, job.params.export
     sentences, true = [list(s) for s in test["tokens"]], [list(t) for t in test["tags"]]
-    lib.write_classifier_folder(job.model_dir, tmp, params.base.max_length, cfg.opset, cfg.allow_spinning)
-    lib.quantize_onnx_int8(tmp, int8_fp32_layers(params, job.records["compression"]))
+    onnx_export.write_classifier_folder(
+        job.model_dir, tmp, params.base.max_length, cfg.opset, cfg.allow_spinning
+    )
+    onnx_export.quantize_onnx_int8(tmp, int8_fp32_layers(params, job.records["compression"]))
     taggers = {
         v: serving.OnnxEntityTagger(tmp, VARIANT_FILES[v], threads=cfg.latency.threads, allow_spinning=False)
         for v in ("fp32", "int8")
@@ -219,10 +221,10 @@ def export(job):
             f"export: export.registered_variant '{cfg.registered_variant}': no optimised graph for token "
             f"classification yet; serving '{variant}'"
         )
-    runners = {"pytorch_fp32": lib.torch_runner(job.model_dir)}
+    runners = {"pytorch_fp32": onnx_export.torch_runner(job.model_dir)}
     runners |= {f"onnx_{v}": tagger.logits for v, tagger in taggers.items()}
     timing = cfg.latency
-    latency = lib.latency_benchmark(
+    latency = onnx_export.latency_benchmark(
         runners, taggers["fp32"], test["text"].tolist(), timing.batch_sizes, timing.warmup, timing.repeats,
         timing.batch_repeats,
     )  # fmt: skip

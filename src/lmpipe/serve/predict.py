@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lmpipe.errors import UserError
-from lmpipe.serving import (
+from lmpipe.serve.serving import (
     CLASSIFIER_FILE,
     TOKEN_TASK,
     VARIANT_FILES,
@@ -148,10 +148,10 @@ def predict_file(
             raise UserError(
                 "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
             )
-        from lmpipe.encoding import model_reading
-        from lmpipe.inference import predict_logits_model
-        from lmpipe.models import device, load_classifier, load_tokenizer
-        from lmpipe.serving import softmax
+        from lmpipe.modeling.encoding import model_reading
+        from lmpipe.modeling.inference import predict_logits_model
+        from lmpipe.modeling.models import device, load_classifier, load_tokenizer
+        from lmpipe.serve.serving import softmax
 
         if temperature <= 0:
             raise UserError(f"temperature: must be > 0, got {temperature}")
@@ -231,7 +231,7 @@ def tag_file(
                 "--max-length: needed with --backend pytorch (use base.max_length from params.yaml)"
             )
         from lmpipe import tasks
-        from lmpipe.models import load_tokenizer
+        from lmpipe.modeling.models import load_tokenizer
 
         tokenizer, limit = load_tokenizer(model), max_length
         tagged = tasks.get(tasks.TOKEN_CLASSIFICATION).predict(

@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from lmpipe import tasks
-from lmpipe.compare import Candidate
 from lmpipe.errors import ParamsError, UserError
+from lmpipe.experiments.compare import Candidate
 
 # where the evaluate stage writes them (dvc.yaml); a flag of `lmpipe compare` can point elsewhere
 PREDICTIONS = "reports/evaluate/predictions.csv"

@@ -23,11 +23,18 @@ import torch
 from tqdm.auto import tqdm
 
 from lmpipe import latency, tasks
-from lmpipe.encoding import model_reading
-from lmpipe.inference import batches_logits
 from lmpipe.metrics import classification_metrics
-from lmpipe.models import SOFT_PROMPT_KEY, load_classifier, load_tokenizer, model_task
-from lmpipe.serving import CLASSIFIER_FILE, FP32_FILE, INT8_FILE, OPT_FILE, OnnxTextClassifier, pool_logits
+from lmpipe.modeling.encoding import model_reading
+from lmpipe.modeling.inference import batches_logits
+from lmpipe.modeling.models import SOFT_PROMPT_KEY, load_classifier, load_tokenizer, model_task
+from lmpipe.serve.serving import (
+    CLASSIFIER_FILE,
+    FP32_FILE,
+    INT8_FILE,
+    OPT_FILE,
+    OnnxTextClassifier,
+    pool_logits,
+)
 
 
 def write_classifier_folder(

@@ -1,5 +1,5 @@
 """Where does a predictor fail? Macro-F1 by text-length bucket and F1 by class, each with a 95% bootstrap
-CI (the resampling of ``lmpipe.compare``), for the model and the baseline side by side."""
+CI (the resampling of ``lmpipe.experiments.compare``), for the model and the baseline side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from lmpipe.compare import bootstrap_weights, weighted_scores
+from lmpipe.experiments.compare import bootstrap_weights, weighted_scores
 
 
 def _ci(values: np.ndarray) -> tuple[float, float]:

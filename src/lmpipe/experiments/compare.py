@@ -376,7 +376,7 @@ def versus_baseline(model: pd.DataFrame, baseline: pd.DataFrame, seed: int) -> d
 
     Takes both ``predictions_frame``s on the same test split. Returns the difference (model minus
     baseline) in accuracy and macro-F1 with its paired bootstrap 95% CI, and McNemar's test on the texts
-    exactly one of the two gets right: ``lmpipe.compare``, the code of ``lmpipe compare``. Flat keys, so
+    exactly one of the two gets right: ``lmpipe.experiments.compare``, the code of ``lmpipe compare``. Flat keys, so
     that ``dvc metrics show`` and ``dvc metrics diff`` list them. With ~200 test texts one error is
     ~0.5 pt, so a gap of a few texts is usually not significant, and the metrics should say so.
     """

@@ -28,10 +28,11 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 from transformers import TrainerCallback
 
-from lmpipe import data, models, tasks, tracking
+from lmpipe import data, tasks, tracking
 from lmpipe.errors import UserError, unreachable
+from lmpipe.modeling import models
+from lmpipe.modeling.training import SELECTION_METRIC, train_model
 from lmpipe.params import Params, SearchParams, SpaceParam, TrainParams
-from lmpipe.training import SELECTION_METRIC, train_model
 
 
 def trial_seed(base_seed: int) -> int:

@@ -17,7 +17,7 @@ import torch
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lmpipe.data import encode_labels
-from lmpipe.serving import HEAD_READING, READING_KEY, pool_logits, read_texts
+from lmpipe.serve.serving import HEAD_READING, READING_KEY, pool_logits, read_texts
 
 
 def model_reading(model: torch.nn.Module) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def decide(
 ) -> Decision:
     """Apply the gate to a candidate's test macro-F1. ``versus_baseline`` is the candidate-minus-baseline
     macro-F1 difference on the same test rows (``macro_f1``, ``macro_f1_ci95_low``, ``macro_f1_ci95_high``,
-    as ``lmpipe.compare.versus_baseline`` gives it) with ``baseline_macro_f1``. ``checks`` are extra
+    as ``lmpipe.experiments.compare.versus_baseline`` gives it) with ``baseline_macro_f1``. ``checks`` are extra
     (ok, reason) conditions, e.g. the int8 label agreement when the int8 model is the served one.
 
     The default criteria are relative, so they hold on any data: beat the baseline (``gate.baseline``:

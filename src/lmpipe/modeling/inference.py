@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from lmpipe.encoding import TextDataset, model_reading
-from lmpipe.models import device, load_classifier, load_tokenizer
+from lmpipe.modeling.encoding import TextDataset, model_reading
+from lmpipe.modeling.models import device, load_classifier, load_tokenizer
 
 
 def predict_proba(

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmpipe import data, serving
-from lmpipe import export as lib
-from lmpipe.compare import predictions_frame, versus_baseline
+from lmpipe import data
 from lmpipe.errors import UserError
+from lmpipe.experiments.compare import predictions_frame, versus_baseline
 from lmpipe.metrics import classification_metrics
 from lmpipe.params import Params
-from lmpipe.serving import OPT_FILE, OPT_INT8_FILE, VARIANT_FILES, OnnxTextClassifier
+from lmpipe.serve import onnx_export, serving
+from lmpipe.serve.serving import OPT_FILE, OPT_INT8_FILE, VARIANT_FILES, OnnxTextClassifier
 
 
 def int8_fp32_layers(params: Params, compression: dict | None) -> list[str]:
@@ -84,12 +84,12 @@ def export_and_check(
     ``export.max_logit_diff`` (or changes a label) fails the stage; an optimised graph that does is
     dropped, loudly, and int8 is then quantised from the plain graph only."""
     cfg = params.export
-    lib.write_classifier_folder(
+    onnx_export.write_classifier_folder(
         model_dir, out, params.base.max_length, cfg.opset, cfg.allow_spinning, temperature
     )
-    lib.quantize_onnx_int8(out, fp32_layers)
+    onnx_export.quantize_onnx_int8(out, fp32_layers)
     optimize = (
-        lib.optimize_onnx(model_dir, out, params.base.max_length, cfg.opset)
+        onnx_export.optimize_onnx(model_dir, out, params.base.max_length, cfg.opset)
         if cfg.optimize
         else {"skipped": "export.optimize is false"}
     )
@@ -105,16 +105,16 @@ def export_and_check(
     fp32 = sessions["fp32"]
     labels = fp32.labels
     y_true = data.encode_labels(test["label"], data.model_label2id(labels), f"the model in {model_dir}")
-    batches = lib.Batches.of(fp32, test["text"].tolist(), cfg.batch_size)
-    pytorch = lib.torch_runner(model_dir)
-    ref = lib.all_logits(pytorch, batches, "pytorch fp32")
+    batches = onnx_export.Batches.of(fp32, test["text"].tolist(), cfg.batch_size)
+    pytorch = onnx_export.torch_runner(model_dir)
+    ref = onnx_export.all_logits(pytorch, batches, "pytorch fp32")
     torch_scores = classification_metrics(y_true, ref.argmax(axis=1))
     logits: dict[str, np.ndarray] = {}
     rows: dict[str, dict[str, Any]] = {}
 
     def check(variant: str) -> None:
-        logits[variant] = lib.all_logits(sessions[variant].logits, batches, f"onnx {variant}")
-        row = lib.parity_report(ref, logits[variant], y_true)
+        logits[variant] = onnx_export.all_logits(sessions[variant].logits, batches, f"onnx {variant}")
+        row = onnx_export.parity_report(ref, logits[variant], y_true)
         if variant.startswith("fp32"):
             # what is served: calibrated probabilities, PyTorch's (softmax(logits / T)) against the ONNX
             # classifier's
@@ -156,7 +156,7 @@ def export_and_check(
         (out / OPT_FILE).unlink()
     elif "fp32_opt" in rows:
         try:
-            lib.quantize_onnx_int8(out, fp32_layers, OPT_FILE, OPT_INT8_FILE)
+            onnx_export.quantize_onnx_int8(out, fp32_layers, OPT_FILE, OPT_INT8_FILE)
         except ValueError as err:  # a layer kept fp32 was fused away: int8 stays the plain graph's
             optimize["int8_opt_skipped"] = str(err)
             print(f"export: WARNING: no int8 from the optimised graph: {err}")
@@ -213,7 +213,7 @@ def benchmark(
     runners |= {f"onnx_{v}": checked.sessions[v].logits for v in VARIANT_FILES if v in checked.sessions}
     for name, other in (others or {}).items():
         runners[f"{name}_onnx_int8"] = other.sessions[other.int8_variant].logits
-    latency = lib.latency_benchmark(
+    latency = onnx_export.latency_benchmark(
         runners, checked.fp32, texts, cfg.batch_sizes, cfg.warmup, cfg.repeats, cfg.batch_repeats
     )
 

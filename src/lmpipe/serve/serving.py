@@ -425,7 +425,7 @@ class EntityTaggerModel(mlflow.pyfunc.PythonModel):
 
 # MLflow executes this file under a module name starting with "code_model_" when it loads the model:
 # only then is the model object set, the one its ``model_config`` ``task`` names (logged by export).
-# Importing lmpipe.serving has no side effect.
+# Importing lmpipe.serve.serving has no side effect.
 if __name__.startswith("code_model_"):
     _task = mlflow.models.ModelConfig(development_config={"task": TEXT_TASK}).get("task")
     mlflow.models.set_model(EntityTaggerModel() if _task == TOKEN_TASK else TextClassifierModel())

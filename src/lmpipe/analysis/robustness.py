@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lmpipe.compare import bootstrap_weights
+from lmpipe.experiments.compare import bootstrap_weights
 
 # words and the whitespace between them, alternating: "a  b\nc" -> ["a", "  ", "b", "\n", "c"]
 _PIECES = re.compile(r"(\s+)")

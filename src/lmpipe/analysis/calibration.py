@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
-from lmpipe.serving import softmax as serving_softmax
+from lmpipe.serve.serving import softmax as serving_softmax
 
 # T is fit as exp(t), t in this range: T from ~0.02 to ~55, far beyond what a sane model needs
 _LOG_T_BOUNDS = (-4.0, 4.0)

@@ -1,4 +1,4 @@
-"""The ``lmpipe compare`` report: the result of ``lmpipe.compare.compare`` as Markdown tables, then one
+"""The ``lmpipe compare`` report: the result of ``lmpipe.experiments.compare.compare`` as Markdown tables, then one
 plain sentence per pair saying whether the difference is real. Apart from the statistics, so that
 rewording the report re-runs no stage (evaluate uses the statistics only)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmpipe import tasks
-from lmpipe.compare import METRICS
+from lmpipe.experiments.compare import METRICS
 
 
 def _pct(x: float) -> str:

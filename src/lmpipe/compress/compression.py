@@ -34,7 +34,7 @@ from transformers import (
 
 from lmpipe import io, latency
 from lmpipe.errors import UserError
-from lmpipe.models import classifier_class
+from lmpipe.modeling.models import classifier_class
 
 INT8_WEIGHTS = "int8.safetensors"
 INT8_RECIPE = "quantization.json"
@@ -122,7 +122,7 @@ def save_int8(
             "engine": torch.backends.quantized.engine,
             "torch": torch.__version__,
             "source": dict(source),
-            "load_with": "lmpipe.compression.load_int8(folder)",
+            "load_with": "lmpipe.compress.compression.load_int8(folder)",
         },
     )
 

@@ -39,10 +39,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from lmpipe import checkpoints, distributed, strategies
-from lmpipe.encoding import set_model_reading
+from lmpipe import distributed
 from lmpipe.metrics import classification_metrics
-from lmpipe.models import precision_flags, seed_everything
+from lmpipe.modeling import checkpoints, strategies
+from lmpipe.modeling.encoding import set_model_reading
+from lmpipe.modeling.models import precision_flags, seed_everything
 from lmpipe.params import TrainParams
 
 SELECTION_METRIC = "macro_f1"

@@ -28,7 +28,7 @@ from torch import nn
 
 from lmpipe import tasks
 from lmpipe.errors import UserError
-from lmpipe.models import SOFT_PROMPT_KEY, classifier_class, model_task
+from lmpipe.modeling.models import SOFT_PROMPT_KEY, classifier_class, model_task
 from lmpipe.params import PhaseParams, TrainParams
 
 DROPOUT_CONFIG_KEYS = (

@@ -31,9 +31,9 @@ from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from lmpipe.encoding import TextDataset, model_reading
 from lmpipe.evaluation import aligned_proba
-from lmpipe.inference import batches_proba
+from lmpipe.modeling.encoding import TextDataset, model_reading
+from lmpipe.modeling.inference import batches_proba
 
 # word-start markers of byte-level BPE (RoBERTa, GPT-2) and SentencePiece tokenizers
 _WORD_START = ("Ġ", "▁")

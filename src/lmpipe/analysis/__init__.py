@@ -1,0 +1,1 @@
+"""Where a model fails: calibration, robustness and the attack, token attributions, slices with CIs."""

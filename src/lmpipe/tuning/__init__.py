@@ -1,0 +1,1 @@
+"""Hyperparameter search: the Optuna study the search stage runs (``study``)."""
