@@ -11,23 +11,31 @@ fine-tunes (``fine_tunes``) and stop; rank 0 does everything else, the timing in
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pandas as pd
-from torch import nn
-from tqdm.auto import tqdm
 
-from lmpipe import data, distributed, io, latency, plots, reports, tasks, tracking
+from lmpipe import data, distributed, io, reports, tasks, tracking
 from lmpipe.compress import compression
+from lmpipe.compress.variants import (
+    CURVE_COLUMNS,
+    Inputs,
+    Variant,
+    child_run,
+    comparison,
+    fine_tunes,
+    judge,
+    original,
+    pruned,
+    quantized,
+    student,
+    time_variants,
+    variant_params,
+)
 from lmpipe.modeling import models
-from lmpipe.modeling.training import TrainResult, train_model
-from lmpipe.params import Params, TrainParams
+from lmpipe.params import Params
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
 TASK_PARTS = ("model",)
@@ -42,66 +50,6 @@ class Paths:
     report: str  # the comparison table
     plot: str  # macro-F1 vs batch-1 latency points (CSV plot)
     prune_curve: str  # val macro-F1 against sparsity (CSV plot)
-
-
-@dataclass
-class Inputs:
-    """What every variant is built from and measured on."""
-
-    params: Params
-    model_dir: Path
-    train: pd.DataFrame
-    val: pd.DataFrame
-    test: pd.DataFrame
-    tokenizer: Any
-    label2id: dict[str, int]
-    source: dict[str, str]  # the original's path and weights hash, recorded with the int8 recipe
-    reference: float | None = None  # the original's val macro-F1, the budgets' reference (computed once)
-
-    @property
-    def task(self):
-        return tasks.get(self.params.base.task)
-
-    def reference_val_macro_f1(self) -> float:
-        if self.reference is None:
-            model = models.load_classifier(self.model_dir).to(models.device())
-            self.reference = self.val_macro_f1(model, "original")
-        return self.reference
-
-    def datasets(self, max_train_samples: int | None = None):
-        base = self.params.base
-        train = data.stratified_sample(self.train, max_train_samples, base.seed)
-        reading = base.reading.as_dict()
-        return (
-            self.task.dataset(
-                self.tokenizer, train, self.label2id, base.max_length, reading, True, base.seed
-            ),
-            self.task.dataset(self.tokenizer, self.val, self.label2id, base.max_length, reading),
-        )
-
-    def outputs(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, dict[str, float]]:
-        """The model's logits on the val or test split through the one inference loop (a row per text; per
-        word read, for token classification) and its scores there, ``macro_f1`` the task's headline."""
-        frame = {"val": self.val, "test": self.test}[split]
-        base, batch_size = self.params.base, self.params.train.eval_batch_size
-        return self.task.val_outputs(
-            model, self.tokenizer, frame, base.max_length, batch_size, desc=f"{desc} ({split})"
-        )
-
-    def val_macro_f1(self, model: nn.Module, desc: str) -> float:
-        """What every budget decision is made on: macro-F1 on the val split (entity macro-F1, for token
-        classification)."""
-        return float(self.outputs(model, "val", desc)[1]["macro_f1"])
-
-
-@dataclass
-class Variant:
-    """A measured model: its test scores and sizes (``row``), the model on the CPU for timing, its run."""
-
-    row: dict[str, Any]
-    model: nn.Module
-    run_id: str = ""
-    warnings: list[str] = dataclasses.field(default_factory=list)  # budget misses, printed and logged
 
 
 def run(params: Params, paths: Paths) -> str:
@@ -139,49 +87,63 @@ def run(params: Params, paths: Paths) -> str:
                     if name != "original":
                         judge(params, variants["original"], name, variants[name])
         time_variants(inputs, variants)
-        rows = comparison(variants, cfg.latency.batch_size)
-        curve = variants["pruned"].row.pop("curve") if "pruned" in variants else []
-        for name, variant in variants.items():
-            tracking.log_metrics_to(variant.run_id, rows[name])
-        names = list(rows)
-        b1 = "latency_b1_p50_ms"
-        front = compression.pareto_front([(rows[n][b1], rows[n]["macro_f1"]) for n in names])
-        points = pd.DataFrame(
-            {
-                "variant": names,
-                b1: [rows[n][b1] for n in names],
-                "macro_f1": [round(rows[n]["macro_f1"], 6) for n in names],
-                "size_mb": [rows[n]["size_mb"] for n in names],
-                "pareto": front,
-            }
-        )
-        lat = cfg.latency
-        warned = [w for v in variants.values() for w in v.warnings]
-        metrics = {
-            "variants": rows,
-            "max_loss": cfg.max_loss,
-            "budget_warnings": warned,
-            "prune_curve": curve,
-            "pareto": [n for n, f in zip(names, front, strict=True) if f],
-            "latency_setup": {
-                "device": "cpu",
-                "threads": lat.threads,
-                "max_length": params.base.max_length,
-                "warmup": lat.warmup,
-                "repeats_b1": lat.repeats,
-                f"repeats_b{lat.batch_size}": lat.batch_repeats,
-            },
-            "test_rows": len(inputs.test),
-            "source_model": str(model_dir),
-            "mlflow_run_id": parent.info.run_id,
+        rows, warned = record(params, paths, inputs, variants, parent.info.run_id)
+    return summary(params, rows, warned)
+
+
+def record(params: Params, paths: Paths, inputs: Inputs, variants: dict[str, Variant], run_id: str):
+    """The comparison table (each variant's row also on its own MLflow run), the pruning curve and the
+    Pareto points (DVC plots), the report and its DVC metrics. Returns the rows and the budget warnings."""
+    cfg = params.compress
+    rows = comparison(variants, cfg.latency.batch_size)
+    curve = variants["pruned"].row.pop("curve") if "pruned" in variants else []
+    for name, variant in variants.items():
+        tracking.log_metrics_to(variant.run_id, rows[name])
+    names = list(rows)
+    b1 = "latency_b1_p50_ms"
+    front = compression.pareto_front([(rows[n][b1], rows[n]["macro_f1"]) for n in names])
+    points = pd.DataFrame(
+        {
+            "variant": names,
+            b1: [rows[n][b1] for n in names],
+            "macro_f1": [round(rows[n]["macro_f1"], 6) for n in names],
+            "size_mb": [rows[n]["size_mb"] for n in names],
+            "pareto": front,
         }
-        tracking.log_metrics({f"{n}.{k}": v for n, r in rows.items() for k, v in r.items()})
-        tracking.log_dict(metrics, "compress_report.json")
-        io.write_csv(paths.plot, points)
-        io.write_csv(paths.prune_curve, pd.DataFrame(curve, columns=CURVE_COLUMNS))
-        if warned:
-            tracking.set_tags({"budget_warnings": " | ".join(warned)[:5000]})
-        reports.write("compress", metrics, paths.metrics, paths.report)
+    )
+    lat = cfg.latency
+    warned = [w for v in variants.values() for w in v.warnings]
+    metrics = {
+        "variants": rows,
+        "max_loss": cfg.max_loss,
+        "budget_warnings": warned,
+        "prune_curve": curve,
+        "pareto": [n for n, f in zip(names, front, strict=True) if f],
+        "latency_setup": {
+            "device": "cpu",
+            "threads": lat.threads,
+            "max_length": params.base.max_length,
+            "warmup": lat.warmup,
+            "repeats_b1": lat.repeats,
+            f"repeats_b{lat.batch_size}": lat.batch_repeats,
+        },
+        "test_rows": len(inputs.test),
+        "source_model": str(inputs.model_dir),
+        "mlflow_run_id": run_id,
+    }
+    tracking.log_metrics({f"{n}.{k}": v for n, r in rows.items() for k, v in r.items()})
+    tracking.log_dict(metrics, "compress_report.json")
+    io.write_csv(paths.plot, points)
+    io.write_csv(paths.prune_curve, pd.DataFrame(curve, columns=CURVE_COLUMNS))
+    if warned:
+        tracking.set_tags({"budget_warnings": " | ".join(warned)[:5000]})
+    reports.write("compress", metrics, paths.metrics, paths.report)
+    return rows, warned
+
+
+def summary(params: Params, rows: dict[str, dict], warned: list[str]) -> str:
+    """The stage's printed table: each variant's test score, val loss against its budget, size and speed."""
+    cfg, b1 = params.compress, "latency_b1_p50_ms"
     lines = [
         f"compress: budget {100 * cfg.max_loss:g} pt of val macro-F1 (per-variant budgets in the report)",
         "compress: variant      test F1  (delta)   val loss  budget   size MB  b1 p50 ms  speed-up",
@@ -203,367 +165,3 @@ def run(params: Params, paths: Paths) -> str:
         )
     lines += [f"compress: WARNING: {w}" for w in warned]
     return "\n".join(lines)
-
-
-CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_f1_loss", "within_budget"]
-
-
-def curve_point(sparsity: float, recovered: bool, f1: float, reference: float, budget: float) -> dict:
-    """One point of the pruning curve (a row of ``CURVE_COLUMNS``)."""
-    loss = reference - f1
-    return dict(
-        zip(CURVE_COLUMNS, (sparsity, recovered, f1, loss, compression.fits(loss, budget)), strict=True)
-    )
-
-
-def judge(params: Params, original: Variant, name: str, variant: Variant) -> None:
-    """The variant's val loss against the original, its budget and the flag, in its row; a miss warns."""
-    budget = params.compress.budget(name)
-    loss = original.row["val_f1"] - variant.row["val_f1"]
-    ok = compression.fits(loss, budget)
-    variant.row.update(val_f1_loss=loss, max_loss=budget, within_budget=ok)
-    tracking.log_metrics({"within_budget": int(ok)})  # a bool; the row's numbers reach the run with the row
-    tracking.set_tags({"within_budget": str(ok).lower()})
-    if not ok:
-        variant.warnings.append(
-            f"{name} loses {100 * loss:.2f} pt of val macro-F1, over its budget of {100 * budget:g} pt "
-            "(flagged within_budget: false; export refuses it unless export.allow_over_budget names it)"
-        )
-
-
-def child_run(params: Params, name: str, section: dict):
-    return tracking.child_run(
-        params, name, {"variant": name, **section}, "compress-variant", {"variant": name}
-    )
-
-
-def variant_params(params: Params, name: str) -> dict[str, Any]:
-    """The params a variant's child run logs: its own section (and its fine-tune's settings)."""
-    cfg = params.compress
-    if name == "original":
-        return {}
-    if name == "int8":
-        return dataclasses.asdict(cfg.quantize)
-    if name == "pruned":
-        section: dict[str, Any] = {"prune": dataclasses.asdict(cfg.prune)}
-        if cfg.prune.recovery_epochs:
-            section["train"] = dataclasses.asdict(recovery_params(params))
-        return section
-    return {"distill": dataclasses.asdict(cfg.distill), "train": dataclasses.asdict(student_params(params))}
-
-
-def plain_train(params: Params) -> TrainParams:
-    """The recovery and distillation fine-tunes train every weight of their model, whatever
-    train.strategy says (a LoRA wrapper or a frozen encoder would undo pruning or starve the student)."""
-    return dataclasses.replace(params.train, strategy="full", fgm_epsilon=0.0)
-
-
-def recovery_params(params: Params) -> TrainParams:
-    p = params.compress.prune
-    return dataclasses.replace(
-        plain_train(params), epochs=max(p.recovery_epochs, 1), learning_rate=p.learning_rate
-    )
-
-
-def student_params(params: Params) -> TrainParams:
-    d = params.compress.distill
-    return dataclasses.replace(plain_train(params), epochs=d.epochs, learning_rate=d.learning_rate)
-
-
-def measure(inputs: Inputs, model: nn.Module, folder: Path, desc: str, val_macro_f1: float | None = None):
-    """Test accuracy and macro-F1 (reported, never used to choose), val macro-F1 (what the budget is
-    judged on; pass it when already known), weight size and parameters."""
-    _, m = inputs.outputs(model, "test", desc)
-    if val_macro_f1 is None:
-        val_macro_f1 = inputs.val_macro_f1(model, desc)
-    return {
-        "accuracy": m["accuracy"],
-        "macro_f1": m["macro_f1"],
-        "val_f1": val_macro_f1,  # val macro-F1 (not val_macro_f1: a fine-tune logs that per epoch)
-        "size_mb": compression.weights_bytes(folder) / 2**20,
-        "layers": model.config.num_hidden_layers,
-        **compression.parameter_counts(model),
-    }
-
-
-def log_training(result: TrainResult) -> None:
-    tracking.log_metrics(result.summary())
-    fig = plots.history_figure(result.history)
-    tracking.log_figure(fig, "plots/history.png")
-    plots.close(fig)
-
-
-def original(inputs: Inputs, folder: Path) -> Variant:
-    """The trained model itself, scored the same way as the variants (nothing is written to ``folder``)."""
-    model = models.load_classifier(inputs.model_dir).to(models.device())
-    row = measure(inputs, model, inputs.model_dir, "original", inputs.reference_val_macro_f1())
-    row["val_f1_loss"] = 0.0
-    return Variant(row, model.cpu().eval())
-
-
-def quantized(inputs: Inputs, folder: Path) -> Variant:
-    """Dynamic int8 of every Linear layer. When that breaks the budget on val, the Linear layers whose
-    int8 version moves the val predictions most (one layer quantized at a time, KL to the fp32 outputs)
-    stay fp32: 1, 2, 4, ... of them, up to ``quantize.max_fp32_layers``, until the loss fits. Measured as
-    reloaded from what was saved."""
-    cfg = inputs.params.compress
-    fp32 = models.load_classifier(inputs.model_dir).cpu().eval()
-    reference = inputs.reference_val_macro_f1()
-    budget = cfg.budget("int8")
-    fp32_layers: list[str] = []
-    chosen = compression.quantize_dynamic_int8(fp32)
-    val_f1 = inputs.val_macro_f1(chosen, "int8")
-    trials = [{"fp32_layers": 0, "val_macro_f1": val_f1}]
-    sensitivity: list[dict[str, Any]] = []
-    steps = compression.fp32_steps(cfg.quantize.max_fp32_layers, len(compression.linear_names(fp32)))
-    if not compression.fits(reference - val_f1, budget) and steps:
-        sensitivity = int8_sensitivity(inputs, fp32)
-        ranked = [s["layer"] for s in sensitivity]
-        for k in steps:
-            fp32_layers = ranked[:k]
-            chosen = compression.quantize_dynamic_int8(fp32, fp32_layers)
-            val_f1 = inputs.val_macro_f1(chosen, f"int8, {k} fp32")
-            trials.append({"fp32_layers": k, "val_macro_f1": val_f1})
-            if compression.fits(reference - val_f1, budget):
-                break
-    compression.save_int8(chosen, inputs.tokenizer, folder, inputs.source)
-    model = compression.load_int8(folder)
-    tracking.log_artifact(folder / compression.INT8_RECIPE)
-    row = measure(inputs, model, folder, "int8", val_f1)
-    row.update(fp32_layer_count=len(fp32_layers), fp32_layers=fp32_layers, fp32_trials=trials)
-    if sensitivity:
-        row["sensitivity"] = sensitivity[: max(cfg.quantize.max_fp32_layers, 1)]
-        tracking.log_dict(sensitivity, "int8_sensitivity.json")
-    return Variant(row, model)
-
-
-def int8_sensitivity(inputs: Inputs, fp32: nn.Module) -> list[dict[str, Any]]:
-    """Each Linear layer quantized alone, ranked by how far it moves the val outputs (mean KL of the
-    softmax against fp32's): the most sensitive first."""
-    reference, _ = inputs.outputs(fp32, "val", "sensitivity: fp32")
-    scores, layers = [], compression.linear_names(fp32)
-    for name in tqdm(layers, desc="int8 sensitivity", unit="layer"):
-        others = [n for n in layers if n != name]
-        alone = compression.quantize_dynamic_int8(fp32, others)
-        logits, _ = inputs.outputs(alone, "val", name)
-        scores.append({"layer": name, "val_kl": compression.mean_kl(reference, logits)})
-    return sorted(scores, key=lambda s: -s["val_kl"])
-
-
-def fine_tunes(inputs: Inputs) -> None:
-    """What a rank other than 0 runs: the variants' fine-tunes, in the order rank 0 runs them (the pruning
-    plan is scored on val on every rank alike, so all ranks agree on whether to fine-tune)."""
-    cfg = inputs.params.compress
-    if cfg.prune.enabled:
-        plan = plan_pruning(inputs)
-        if plan.recover:
-            prune_and_recover(inputs, plan.sparsity, recover=True)
-    if cfg.distill.enabled:
-        distill(inputs)
-
-
-@dataclass
-class PrunePlan:
-    """The val curve of magnitude pruning without recovery, and what to build: ``sparsity``, fine-tuned
-    or not; ``fallback`` is the no-recovery choice kept if an ``auto`` recovery still misses the budget."""
-
-    reference: float  # the original's val macro-F1
-    curve: list[dict[str, Any]]
-    sparsity: float
-    recover: bool
-    chosen_by: str
-    fallback: float | None = None
-
-
-def plan_pruning(inputs: Inputs) -> PrunePlan:
-    """Score every grid sparsity (and a user's target) on val without recovery, then decide:
-
-    * a target ``prune.sparsity`` is honoured; ``auto`` fine-tunes it only if it misses the budget;
-    * otherwise the largest grid sparsity within the budget is chosen; ``auto`` then tries the next one up
-      the grid once, if it loses at most ``RECOVERABLE`` budgets without recovery, with one bounded
-      recovery fine-tune (``recovery_epochs`` on at most ``recovery_max_train_samples`` rows), and keeps
-      it only if it then fits;
-    * ``always`` fine-tunes the chosen sparsity; ``never`` never fine-tunes.
-    """
-    p, budget = inputs.params.compress.prune, inputs.params.compress.budget("pruned")
-    models.seed_everything(inputs.params.base.seed)
-    model = models.load_classifier(inputs.model_dir).to(models.device())
-    reference = inputs.reference_val_macro_f1()
-    curve: list[dict[str, Any]] = []
-
-    def score(sparsity: float) -> None:
-        pruned_copy = copy.deepcopy(model)
-        compression.magnitude_prune(pruned_copy, sparsity)
-        f1 = inputs.val_macro_f1(pruned_copy, f"sparsity {sparsity:g}")
-        curve.append(curve_point(sparsity, False, f1, reference, budget))
-
-    # up the grid, stopping after two misses in a row: the pruned sets are nested (a larger sparsity
-    # zeroes a superset of the weights), so the loss rarely comes back, and each point is a val pass
-    for sparsity in sorted(p.grid):
-        score(sparsity)
-        if len(curve) >= 2 and not (curve[-1]["within_budget"] or curve[-2]["within_budget"]):
-            break
-    if p.sparsity is not None and p.sparsity not in [c["sparsity"] for c in curve]:
-        score(p.sparsity)
-    curve.sort(key=lambda c: c["sparsity"])
-    if p.sparsity is not None:
-        target = next(c for c in curve if c["sparsity"] == p.sparsity)
-        recover = p.recovery == "always" or (p.recovery == "auto" and not target["within_budget"])
-        return PrunePlan(reference, curve, p.sparsity, recover, "prune.sparsity, set by the user")
-    best = compression.largest_fitting(
-        [c for c in curve if c["sparsity"] in p.grid]
-    )  # (a target is not a choice)
-    chosen = best["sparsity"] if best else min(p.grid)
-    how = "largest grid sparsity within the budget on val" if best else "no grid sparsity fits: the smallest"
-    if p.recovery == "always":
-        return PrunePlan(reference, curve, chosen, True, f"{how}, then fine-tuned")
-    up = compression.next_up(p.grid, best["sparsity"] if best else None)
-    point = next((c for c in curve if c["sparsity"] == up), None)
-    if p.recovery == "auto" and point is not None and point["val_f1_loss"] <= RECOVERABLE * budget:
-        how = "next grid sparsity up, after a recovery fine-tune"
-        return PrunePlan(reference, curve, up, True, how, chosen)
-    if p.recovery == "auto" and point is not None:
-        how += f" (no recovery tried: {up:g} loses more than {RECOVERABLE:g}x the budget without one)"
-    return PrunePlan(reference, curve, chosen, False, how)
-
-
-# auto recovery is tried only where the loss without it is at most this many budgets: a short, bounded
-# fine-tune won back nothing measurable (docs/figures.md#the-quality-budget: BBC at 0.6, 2.05 pt lost
-# before and 2.53 after; BBC titles at 0.4, 2.45 before, 3.77 after, 2.42 with the whole train split)
-RECOVERABLE = 2.0
-
-
-def prune_and_recover(inputs: Inputs, sparsity: float, recover: bool) -> tuple[nn.Module, dict[str, Any]]:
-    """The model pruned to ``sparsity``, after its recovery fine-tune if asked, and what to report."""
-    params, p = inputs.params, inputs.params.compress.prune
-    models.seed_everything(params.base.seed)
-    model = models.load_classifier(inputs.model_dir).to(models.device())
-    keep = compression.magnitude_prune(model, sparsity)
-    extra: dict[str, Any] = {
-        "sparsity_after_pruning": compression.sparsity_of(model),
-        "recovery_epochs_run": 0,
-    }
-    if recover:
-        train_set, val_set = inputs.datasets(p.recovery_max_train_samples)
-        result = train_model(
-            model,
-            inputs.tokenizer,
-            train_set,
-            val_set,
-            recovery_params(params),
-            params.base.seed,
-            callbacks=[compression.KeepPruned(model, keep), tracking.MlflowTrainingLogger()],
-        )
-        log_training(result)
-        extra["recovery_epochs_run"] = result.epochs_run
-    return model, extra
-
-
-def pruned(inputs: Inputs, folder: Path) -> Variant:
-    """Global magnitude pruning of the encoder's Linear weights at the sparsity ``plan_pruning`` picks,
-    with a recovery fine-tune (pruned weights kept at zero) when the plan asks for one."""
-    plan = plan_pruning(inputs)
-    budget = inputs.params.compress.budget("pruned")
-    model, extra = prune_and_recover(inputs, plan.sparsity, plan.recover)
-    sparsity, chosen_by = plan.sparsity, plan.chosen_by
-    val_f1 = inputs.val_macro_f1(model, f"sparsity {sparsity:g}, recovered" if plan.recover else "pruned")
-    if plan.recover:
-        plan.curve.append(curve_point(sparsity, True, val_f1, plan.reference, budget))
-        if (
-            not plan.curve[-1]["within_budget"] and plan.fallback is not None
-        ):  # the fine-tune did not earn the higher sparsity
-            sparsity = plan.fallback
-            chosen_by = (
-                "largest grid sparsity within the budget on val (a recovery fine-tune one step up missed)"
-            )
-            model, extra = prune_and_recover(inputs, sparsity, recover=False)
-            extra["recovery_tried_at"] = plan.sparsity
-            val_f1 = next(c["val_macro_f1"] for c in plan.curve if c["sparsity"] == sparsity)
-    tracking.log_metrics(
-        {f"val_macro_f1_at_{c['sparsity']:g}": c["val_macro_f1"] for c in plan.curve if not c["recovered"]}
-    )
-    models.write_model(model, inputs.tokenizer, folder)
-    model = models.load_classifier(folder).to(models.device()).eval()
-    row = measure(inputs, model, folder, "pruned", val_f1)
-    row.update(
-        sparsity=sparsity,
-        chosen_by=chosen_by,
-        target_sparsity=inputs.params.compress.prune.sparsity,
-        measured_sparsity=compression.sparsity_of(model),
-        curve=plan.curve,
-        **extra,
-    )
-    return Variant(row, model.cpu())
-
-
-def distill(inputs: Inputs) -> tuple[nn.Module, TrainResult]:
-    """A shallower student that keeps some of the teacher's layers, distilled in the shared loop (which
-    keeps the best val epoch)."""
-    params, d = inputs.params, inputs.params.compress.distill
-    models.seed_everything(params.base.seed)
-    teacher = models.load_classifier(inputs.model_dir).to(models.device())
-    model = compression.make_student(teacher, d.keep_layers)
-    tracking.log_metrics({"student_parameters": compression.parameter_counts(model)["parameters"]})
-    loss = compression.DistillationLoss(teacher, model, d.temperature, d.alpha)
-    train_set, val_set = inputs.datasets()
-    try:
-        result = train_model(
-            model,
-            inputs.tokenizer,
-            train_set,
-            val_set,
-            student_params(params),
-            params.base.seed,
-            callbacks=[tracking.MlflowTrainingLogger()],
-            compute_loss=loss,
-        )
-    finally:
-        loss.close()
-    log_training(result)
-    return model, result
-
-
-def student(inputs: Inputs, folder: Path) -> Variant:
-    """The distilled student (``distill``), written and measured."""
-    model, result = distill(inputs)
-    models.write_model(model, inputs.tokenizer, folder)
-    tracking.log_artifact(folder, "model")
-    model = models.load_classifier(folder).to(models.device()).eval()
-    row = measure(inputs, model, folder, "student")
-    row.update(
-        kept_layers=",".join(map(str, model.config.distilled_from_layers)),
-        best_val_macro_f1=result.best_val_macro_f1,
-        best_epoch=result.best_epoch,
-    )
-    return Variant(row, model.cpu())
-
-
-def time_variants(inputs: Inputs, variants: dict[str, Variant]) -> None:
-    """CPU latency of every variant, in the same interleaved rounds, at batch 1 and the larger batch."""
-    lat, max_length = inputs.params.compress.latency, inputs.params.base.max_length
-    texts = inputs.test["text"].tolist()
-    loaded = {name: v.model for name, v in variants.items()}
-    for batch_size, repeats in ((1, lat.repeats), (lat.batch_size, lat.batch_repeats)):
-        batch = compression.fixed_batch(inputs.tokenizer, texts, batch_size, max_length)
-        seconds = compression.time_models(
-            loaded, batch, lat.warmup, repeats, lat.threads, desc=f"latency batch {batch_size}"
-        )
-        for name, values in seconds.items():
-            variants[name].row.update(latency.summary(values, batch_size))
-
-
-def comparison(variants: dict[str, Variant], batch_size: int) -> dict[str, dict[str, Any]]:
-    """Each variant's row with its change against the original: scores, speed-ups, size ratio."""
-    first = variants["original"].row
-    rows = {}
-    for name, variant in variants.items():
-        row = dict(variant.row)
-        row["size_mb"] = round(row["size_mb"], 3)
-        row["delta_accuracy"] = row["accuracy"] - first["accuracy"]
-        row["delta_macro_f1"] = row["macro_f1"] - first["macro_f1"]
-        for n in (1, batch_size):
-            row[f"speedup_b{n}"] = round(first[f"latency_b{n}_p50_ms"] / row[f"latency_b{n}_p50_ms"], 3)
-        row["size_ratio"] = round(row["size_mb"] / round(first["size_mb"], 3), 3)
-        row["mlflow_run_id"] = variant.run_id
-        rows[name] = row
-    return rows

@@ -45,20 +45,12 @@ def run(params: Params, paths: Paths) -> str:
     cfg = params.search
     tasks.for_stage(params.base.task, "search", TASK_PARTS)  # the trials build the task's datasets
     if not cfg.enabled:
-        with io.staged_outputs(paths.out) as out:
-            io.write_json(out / "best_params.json", {"enabled": False, "params": {}})
-            reports.write("search", {"enabled": False}, out / "metrics.json", out / "report.json")
-            pd.DataFrame(columns=["number", "state", "value"]).to_csv(out / "trials.csv", index=False)
-            pd.DataFrame(columns=["trial", "value", "best_so_far"]).to_csv(out / "history.csv", index=False)
-            pd.DataFrame(columns=["param", "importance"]).to_csv(out / "importance.csv", index=False)
-        with io.atomic_dir(paths.db) as db:
-            io.write_json(db / "study.json", {"enabled": False})
-        return "search: disabled (search.enabled: false); train uses its own params"
+        return disabled(paths)
 
     import optuna
     import torch
 
-    from lmpipe import data, plots, tracking
+    from lmpipe import data, tracking
     from lmpipe.modeling import models
     from lmpipe.tuning import optuna_study
 
@@ -114,58 +106,11 @@ def run(params: Params, paths: Paths) -> str:
             optuna_study.wait_for_others(study, cfg.heartbeat)
             seconds = time.perf_counter() - start
             trials = optuna_study.trials_frame(study)
-            counts = trials["state"].value_counts().to_dict()
-            if not counts.get("COMPLETE"):
-                reasons = trials.loc[trials["state"] == "FAIL", "fail_reason"].tolist()
-                first = reasons[0] if reasons else "every trial was pruned or none started"
-                raise UserError(
-                    f"search: no trial of {len(trials)} completed ({counts}); first failure: {first}"
-                )
-            best = study.best_trial
-            metrics = {
-                "enabled": True,
-                "study_name": name,
-                "strategy": cfg.strategy,
-                "pruner": cfg.pruner,
-                "trials": len(trials),
-                "complete": int(counts.get("COMPLETE", 0)),
-                "pruned": int(counts.get("PRUNED", 0)),
-                "failed": int(counts.get("FAIL", 0)),
-                "best_trial": best.number,
-                "best_value": best.value,
-                "best_value_std": best.user_attrs.get("value_std"),
-                "seconds": round(seconds, 1),
-                "mlflow_run_id": parent.info.run_id,
-            }
-            best_params = {
-                "enabled": True,
-                "params": dict(best.params),
-                "value": best.value,
-                "value_std": best.user_attrs.get("value_std"),
-                "trial": best.number,
-                "study_name": name,
-                "storage": shown_storage,
-                "mlflow_run_id": parent.info.run_id,
-            }
-            history, importance = optuna_study.history_frame(trials), optuna_study.importance_frame(study)
-            trials.to_csv(out / "trials.csv", index=False)
-            history.to_csv(out / "history.csv", index=False)
-            importance.to_csv(out / "importance.csv", index=False)
-            reports.write("search", metrics, out / "metrics.json", out / "report.json")
-            tracking.log_dict(metrics, "search_report.json")
-            io.write_json(out / "best_params.json", best_params)
-            io.write_json(db / "study.json", {"enabled": True, "study_name": name, "storage": shown_storage})
-
-            tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("best_trial",)})
-            tracking.set_tags({f"best.{k}": v for k, v in best.params.items()})
-            tracking.log_artifact(out / "trials.csv")
-            fig = plots.search_history_figure(history)
-            tracking.log_figure(fig, "plots/optimisation_history.png")
-            plots.close(fig)
-            if len(importance):
-                fig = plots.importance_figure(importance)
-                tracking.log_figure(fig, "plots/param_importance.png")
-                plots.close(fig)
+            metrics, best_params = results(
+                study, trials, name, cfg, seconds, shown_storage, parent.info.run_id
+            )
+            record(study, trials, metrics, best_params, out, db)
+    best = study.best_trial
     return (
         f"search: best val macro-F1 {best.value:.4f} (trial {best.number}: {best.params}); "
         f"{metrics['complete']} complete, {metrics['pruned']} pruned, {metrics['failed']} failed "
@@ -246,3 +191,84 @@ def worker(
         study, rdb, objective, optuna_study.Budget(n_trials, optuna_study.space_size(cfg)), cfg.timeout
     )
     return f"search-worker: ran {ran} trial(s) of study {study.study_name} on {optuna_study.shown_url(url)}"
+
+
+def disabled(paths: Paths) -> str:
+    """What a disabled search writes: its declared outputs, empty, saying so (train uses its own params)."""
+    with io.staged_outputs(paths.out) as out:
+        io.write_json(out / "best_params.json", {"enabled": False, "params": {}})
+        reports.write("search", {"enabled": False}, out / "metrics.json", out / "report.json")
+        pd.DataFrame(columns=["number", "state", "value"]).to_csv(out / "trials.csv", index=False)
+        pd.DataFrame(columns=["trial", "value", "best_so_far"]).to_csv(out / "history.csv", index=False)
+        pd.DataFrame(columns=["param", "importance"]).to_csv(out / "importance.csv", index=False)
+    with io.atomic_dir(paths.db) as db:
+        io.write_json(db / "study.json", {"enabled": False})
+    return "search: disabled (search.enabled: false); train uses its own params"
+
+
+def results(
+    study, trials: pd.DataFrame, name: str, cfg, seconds: float, storage: str, run_id: str
+) -> tuple[dict, dict]:
+    """The study's report (its headline: trials by state, the best value) and what train reads
+    (``best_params.json``); a one-line error when no trial completed."""
+    counts = trials["state"].value_counts().to_dict()
+    if not counts.get("COMPLETE"):
+        reasons = trials.loc[trials["state"] == "FAIL", "fail_reason"].tolist()
+        first = reasons[0] if reasons else "every trial was pruned or none started"
+        raise UserError(f"search: no trial of {len(trials)} completed ({counts}); first failure: {first}")
+    best = study.best_trial
+    metrics = {
+        "enabled": True,
+        "study_name": name,
+        "strategy": cfg.strategy,
+        "pruner": cfg.pruner,
+        "trials": len(trials),
+        "complete": int(counts.get("COMPLETE", 0)),
+        "pruned": int(counts.get("PRUNED", 0)),
+        "failed": int(counts.get("FAIL", 0)),
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_value_std": best.user_attrs.get("value_std"),
+        "seconds": round(seconds, 1),
+        "mlflow_run_id": run_id,
+    }
+    best_params = {
+        "enabled": True,
+        "params": dict(best.params),
+        "value": best.value,
+        "value_std": best.user_attrs.get("value_std"),
+        "trial": best.number,
+        "study_name": name,
+        "storage": storage,
+        "mlflow_run_id": run_id,
+    }
+    return metrics, best_params
+
+
+def record(study, trials: pd.DataFrame, metrics: dict, best_params: dict, out: Path, db: Path) -> None:
+    """The tables, the report and its DVC metrics, ``best_params.json`` and ``study.json``; the same in
+    the active MLflow run, with the optimisation history and the params' importance as figures."""
+    from lmpipe import plots, tracking
+    from lmpipe.tuning import optuna_study
+
+    history, importance = optuna_study.history_frame(trials), optuna_study.importance_frame(study)
+    trials.to_csv(out / "trials.csv", index=False)
+    history.to_csv(out / "history.csv", index=False)
+    importance.to_csv(out / "importance.csv", index=False)
+    reports.write("search", metrics, out / "metrics.json", out / "report.json")
+    tracking.log_dict(metrics, "search_report.json")
+    io.write_json(out / "best_params.json", best_params)
+    storage = best_params["storage"]
+    io.write_json(
+        db / "study.json", {"enabled": True, "study_name": metrics["study_name"], "storage": storage}
+    )
+    tracking.log_metrics({k: v for k, v in metrics.items() if k not in ("best_trial",)})
+    tracking.set_tags({f"best.{k}": v for k, v in study.best_trial.params.items()})
+    tracking.log_artifact(out / "trials.csv")
+    fig = plots.search_history_figure(history)
+    tracking.log_figure(fig, "plots/optimisation_history.png")
+    plots.close(fig)
+    if len(importance):
+        fig = plots.importance_figure(importance)
+        tracking.log_figure(fig, "plots/param_importance.png")
+        plots.close(fig)

@@ -57,18 +57,7 @@ def run(params: Params, paths: Paths) -> str:
     train_set = task.dataset(tokenizer, train_frame, label2id, base.max_length, reading, True, base.seed)
     val_set = task.dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length, reading)
 
-    inputs = [Path(paths.data) / "train.parquet", Path(paths.data) / "val.parquet", Path(paths.labels)]
-    # where the processes meet does not shape training; how many there are does (the global batch)
-    shape = {**dataclasses.asdict(cfg), "distributed": {"world_size": cfg.distributed.world_size}}
-    key = checkpoints.checkpoint_key({"base": dataclasses.asdict(base), "train": shape}, inputs)
-    run_dir = Path(paths.checkpoints) / key
-    previous = checkpoints.read_run(run_dir).get("mlflow_run_id")
-    resume_step = checkpoints.step_of(checkpoints.latest(run_dir))
-    if checkpoints.others(paths.checkpoints, key):
-        print(f"train: ignoring checkpoints of other params or data in {paths.checkpoints}/ (safe to delete)")
-    if resume_step:
-        print(f"train: resuming from the checkpoint at step {resume_step} in {run_dir}")
-
+    run_dir, previous, resume_step = resume_point(params, paths)
     tags = {"search_run_id": searched["mlflow_run_id"]} if searched.get("mlflow_run_id") else {}
     if previous:
         tags.update(resumed_from_run_id=previous, resumed_from_step=str(resume_step))
@@ -97,48 +86,9 @@ def run(params: Params, paths: Paths) -> str:
         )
         if distributed.is_worker():  # its share of the training is done; rank 0 writes
             return ""
-        counts["trainable_parameters"] = result.trainable_parameters
-        tracking.log_metrics({**counts, "augmented_rows": augmented})
-        for phase in result.phases:  # gradual unfreezing: one step per phase
-            tracking.log_metrics(
-                {f"phase_{k}": v for k, v in phase.items() if k != "phase"}, step=phase["phase"]
-            )
-        for row in result.history:  # epochs done before a resume: their val metrics were logged elsewhere
-            if row["step"] <= result.resumed_from_step:
-                tracking.log_metrics(
-                    {k: v for k, v in row.items() if k.startswith("val_")}, step=row["epoch"]
-                )
-        # both folders appear only if all else succeeded; neither is ever half-written
-        with io.atomic_dir(paths.out) as model_tmp, io.atomic_dir(paths.adapter) as adapter_tmp:
-            lora = cfg.strategy == "lora"
-            final = strategies.finalize_model(result.model, adapter_tmp if lora else None)
-            if not lora:
-                io.write_json(adapter_tmp / "adapter.json", {"strategy": cfg.strategy, "adapter": None})
-            models.write_model(final, tokenizer, model_tmp)
-            summary = {
-                **result.summary(),
-                **counts,
-                "strategy": cfg.strategy,
-                "train_rows": len(train_set),
-                "augmented_rows": augmented,
-                "val_rows": len(val_set),
-                "resumed_from_step": result.resumed_from_step,
-                "phases": {
-                    str(p["phase"]): {k: v for k, v in p.items() if k != "phase"} for p in result.phases
-                },
-                "device": str(models.device()),
-                "mlflow_run_id": run.info.run_id,
-            }
-            tracking.log_metrics(result.summary())
-            tracking.log_artifact(model_tmp, "model")  # the final (best) model, once
-            if lora:
-                tracking.log_artifact(adapter_tmp, "adapter")
-            fig = plots.history_figure(result.history)
-            tracking.log_figure(fig, "plots/history.png")
-            plots.close(fig)
-            io.write_csv(paths.history, pd.DataFrame(result.history))
-            reports.write("train", summary, paths.metrics, paths.report)
-            tracking.log_dict(summary, "train_report.json")
+        summary = record(
+            params, paths, result, counts, tokenizer, augmented, len(train_set), len(val_set), run.info.run_id
+        )
     checkpoints.remove(run_dir)  # a finished run leaves no checkpoints behind
     return (
         f"train: {cfg.strategy}, best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
@@ -146,3 +96,74 @@ def run(params: Params, paths: Paths) -> str:
         f"global batch {result.global_batch_size}, "
         f"{result.trainable_parameters:,} trainable params); MLflow run {summary['mlflow_run_id']}"
     )
+
+
+def resume_point(params: Params, paths: Paths) -> tuple[Path, str | None, int]:
+    """This run's checkpoint folder (keyed by the params and data that shape training), the MLflow run
+    of an interrupted run with the same key, and the step its latest checkpoint resumes from (0: none)."""
+    base, cfg = params.base, params.train
+    inputs = [Path(paths.data) / "train.parquet", Path(paths.data) / "val.parquet", Path(paths.labels)]
+    # where the processes meet does not shape training; how many there are does (the global batch)
+    shape = {**dataclasses.asdict(cfg), "distributed": {"world_size": cfg.distributed.world_size}}
+    key = checkpoints.checkpoint_key({"base": dataclasses.asdict(base), "train": shape}, inputs)
+    run_dir = Path(paths.checkpoints) / key
+    previous = checkpoints.read_run(run_dir).get("mlflow_run_id")
+    resume_step = checkpoints.step_of(checkpoints.latest(run_dir))
+    if checkpoints.others(paths.checkpoints, key):
+        print(f"train: ignoring checkpoints of other params or data in {paths.checkpoints}/ (safe to delete)")
+    if resume_step:
+        print(f"train: resuming from the checkpoint at step {resume_step} in {run_dir}")
+    return run_dir, previous, resume_step
+
+
+def record(
+    params: Params,
+    paths: Paths,
+    result,
+    counts: dict,
+    tokenizer,
+    augmented: int,
+    train_rows: int,
+    val_rows: int,
+    run_id: str,
+) -> dict:
+    """Rank 0's outputs, all or none: the model folder and the adapter, the history, the report and its
+    DVC metrics; and the same figures in the active MLflow run. Returns the report."""
+    cfg = params.train
+    counts["trainable_parameters"] = result.trainable_parameters
+    tracking.log_metrics({**counts, "augmented_rows": augmented})
+    for phase in result.phases:  # gradual unfreezing: one step per phase
+        tracking.log_metrics({f"phase_{k}": v for k, v in phase.items() if k != "phase"}, step=phase["phase"])
+    for row in result.history:  # epochs done before a resume: their val metrics were logged elsewhere
+        if row["step"] <= result.resumed_from_step:
+            tracking.log_metrics({k: v for k, v in row.items() if k.startswith("val_")}, step=row["epoch"])
+    # both folders appear only if all else succeeded; neither is ever half-written
+    with io.atomic_dir(paths.out) as model_tmp, io.atomic_dir(paths.adapter) as adapter_tmp:
+        lora = cfg.strategy == "lora"
+        final = strategies.finalize_model(result.model, adapter_tmp if lora else None)
+        if not lora:
+            io.write_json(adapter_tmp / "adapter.json", {"strategy": cfg.strategy, "adapter": None})
+        models.write_model(final, tokenizer, model_tmp)
+        summary = {
+            **result.summary(),
+            **counts,
+            "strategy": cfg.strategy,
+            "train_rows": train_rows,
+            "augmented_rows": augmented,
+            "val_rows": val_rows,
+            "resumed_from_step": result.resumed_from_step,
+            "phases": {str(p["phase"]): {k: v for k, v in p.items() if k != "phase"} for p in result.phases},
+            "device": str(models.device()),
+            "mlflow_run_id": run_id,
+        }
+        tracking.log_metrics(result.summary())
+        tracking.log_artifact(model_tmp, "model")  # the final (best) model, once
+        if lora:
+            tracking.log_artifact(adapter_tmp, "adapter")
+        fig = plots.history_figure(result.history)
+        tracking.log_figure(fig, "plots/history.png")
+        plots.close(fig)
+        io.write_csv(paths.history, pd.DataFrame(result.history))
+        reports.write("train", summary, paths.metrics, paths.report)
+        tracking.log_dict(summary, "train_report.json")
+    return summary
