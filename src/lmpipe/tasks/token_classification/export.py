@@ -159,15 +159,12 @@ def export(job):
     output is entities with character offsets (``serving.EntityTaggerModel``)."""
     import os
 
-    from tqdm.auto import tqdm
-
-    from lmpipe.modeling import models
     from lmpipe.serve import onnx_export, serving
     from lmpipe.serve.checks import int8_fp32_layers
     from lmpipe.serve.serving import VARIANT_FILES
 
     params, test, tmp, cfg = job.params, job.test, job.folder, job.params.export
-    sentences, true = [list(s) for s in test["tokens"]], [list(t) for t in test["tags"]]
+    true = [list(t) for t in test["tags"]]
     onnx_export.write_classifier_folder(
         job.model_dir, tmp, params.base.max_length, cfg.opset, cfg.allow_spinning
     )
@@ -176,6 +173,79 @@ def export(job):
         v: serving.OnnxEntityTagger(tmp, VARIANT_FILES[v], threads=cfg.latency.threads, allow_spinning=False)
         for v in ("fp32", "int8")
     }
+    rows, predicted, pytorch, names = check_taggers(job, taggers)
+    if cfg.compare:
+        print(
+            f"export: export.compare ({', '.join(cfg.compare)}): compress variants are exported beside the "
+            "model for text classification only; compress's table compares them for this task"
+        )
+    variant = cfg.registered_variant.removesuffix("_opt")
+    if variant != cfg.registered_variant:
+        print(
+            f"export: export.registered_variant '{cfg.registered_variant}': no optimised graph for token "
+            f"classification yet; serving '{variant}'"
+        )
+    latency, speedup = time_taggers(job, taggers)
+    baseline_tags = tags_from_predictions(read_predictions(job.baseline_predictions), test)
+    versus = versus_baseline(true, predicted[variant], baseline_tags, params.base.seed)
+    versus["baseline_macro_f1"] = float(job.records["evaluate"]["baseline"]["macro_f1"])
+    sizes = {v: round((tmp / VARIANT_FILES[v]).stat().st_size / 2**20, 3) for v in taggers}
+    example = test["text"].iloc[0]
+    report = {
+        "labels": names,
+        "test_rows": len(test),
+        "pytorch_fp32": {k: pytorch[k] for k in ("f1", "macro_f1", "accuracy")},
+        "onnx_fp32": rows["fp32"],
+        "onnx_int8": rows["int8"],
+        "optimize": {"skipped": "no optimised graph for token classification yet"},
+        "served": {
+            "variant": variant,
+            "f1": rows[variant]["f1"],
+            "macro_f1": rows[variant]["macro_f1"],
+            "accuracy": rows[variant]["accuracy"],
+            "latency_b1_p50_ms": latency[f"onnx_{variant}"].get("latency_b1_p50_ms"),
+            "size_mb": sizes[variant],
+            "example": {"text": example, "entities": taggers[variant].entities([example])[0]},
+        },
+        "latency": latency,
+        "speedup": speedup,
+        "latency_threads": cfg.latency.threads,
+        "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "size_mb": sizes,
+    }
+    return Exported(
+        report=report,
+        variant=variant,
+        served=rows[variant],
+        versus=versus,
+        score_registered=lambda uri: score_registered(uri, test, names),
+        logged=("pytorch_fp32", "onnx_fp32", "onnx_int8", "latency", "size_mb"),
+    )
+
+
+def export_summary(report):
+    rows, variant = report, report["served"]["variant"]
+    b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in report["latency"].items()}
+    return (
+        f"export: ONNX fp32 max |dlogit| {rows['onnx_fp32']['max_abs_logit_diff']:.1e} over "
+        f"{rows['onnx_fp32']['words']} test words, int8 word-tag agreement {rows['onnx_int8']['label_agreement']:.4f}, "
+        f"entity macro-F1 {variant} {report['served']['macro_f1']:.4f} (PyTorch {report['pytorch_fp32']['macro_f1']:.4f}) | "
+        f"batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, int8 {b1['onnx_int8']:.1f} ms | "
+        f"{report['registry']['name']} v{report['registry']['version']} aliases: "
+        f"{', '.join(report['gate']['aliases']) or 'none'}"
+    )
+
+
+def check_taggers(job, taggers: dict) -> tuple[dict, dict, dict, list[str]]:
+    """Each ONNX tagger's word logits against PyTorch's on the test sentences (``word_parity``) and its
+    entity scores; an fp32 export that drifts past ``export.max_logit_diff`` (or changes a word's tag)
+    fails the stage. Returns the rows, each variant's predicted tags, PyTorch's scores and the tags."""
+    from tqdm.auto import tqdm
+
+    from lmpipe.modeling import models
+
+    params, test, cfg = job.params, job.test, job.params.export
+    sentences, true = [list(s) for s in test["tokens"]], [list(t) for t in test["tags"]]
     model = models.load_classifier(job.model_dir).eval()  # on the CPU, where the exports run
     dataset, token_rows, names = token_logits(
         model,
@@ -210,17 +280,14 @@ def export(job):
             f"{rows['fp32']['max_abs_logit_diff']:.2e} (limit {cfg.max_logit_diff:g}) with "
             f"{rows['fp32']['labels_differing']} word tag(s) changed on {job.model_dir}; not registering it"
         )
-    if cfg.compare:
-        print(
-            f"export: export.compare ({', '.join(cfg.compare)}): compress variants are exported beside the "
-            "model for text classification only; compress's table compares them for this task"
-        )
-    variant = cfg.registered_variant.removesuffix("_opt")
-    if variant != cfg.registered_variant:
-        print(
-            f"export: export.registered_variant '{cfg.registered_variant}': no optimised graph for token "
-            f"classification yet; serving '{variant}'"
-        )
+    return rows, predicted, pytorch, names
+
+
+def time_taggers(job, taggers: dict) -> tuple[dict, dict]:
+    """PyTorch fp32 and each ONNX tagger timed on the same test texts; each one's speed-up over PyTorch."""
+    from lmpipe.serve import onnx_export
+
+    test, cfg = job.test, job.params.export
     runners = {"pytorch_fp32": onnx_export.torch_runner(job.model_dir)}
     runners |= {f"onnx_{v}": tagger.logits for v, tagger in taggers.items()}
     timing = cfg.latency
@@ -236,51 +303,4 @@ def export(job):
         if name != "pytorch_fp32"
         for n in timing.batch_sizes
     }
-    baseline_tags = tags_from_predictions(read_predictions(job.baseline_predictions), test)
-    versus = versus_baseline(true, predicted[variant], baseline_tags, params.base.seed)
-    versus["baseline_macro_f1"] = float(job.records["evaluate"]["baseline"]["macro_f1"])
-    sizes = {v: round((tmp / VARIANT_FILES[v]).stat().st_size / 2**20, 3) for v in taggers}
-    example = test["text"].iloc[0]
-    report = {
-        "labels": names,
-        "test_rows": len(test),
-        "pytorch_fp32": {k: pytorch[k] for k in ("f1", "macro_f1", "accuracy")},
-        "onnx_fp32": rows["fp32"],
-        "onnx_int8": rows["int8"],
-        "optimize": {"skipped": "no optimised graph for token classification yet"},
-        "served": {
-            "variant": variant,
-            "f1": rows[variant]["f1"],
-            "macro_f1": rows[variant]["macro_f1"],
-            "accuracy": rows[variant]["accuracy"],
-            "latency_b1_p50_ms": latency[f"onnx_{variant}"].get("latency_b1_p50_ms"),
-            "size_mb": sizes[variant],
-            "example": {"text": example, "entities": taggers[variant].entities([example])[0]},
-        },
-        "latency": latency,
-        "speedup": speedup,
-        "latency_threads": timing.threads,
-        "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "size_mb": sizes,
-    }
-    return Exported(
-        report=report,
-        variant=variant,
-        served=rows[variant],
-        versus=versus,
-        score_registered=lambda uri: score_registered(uri, test, names),
-        logged=("pytorch_fp32", "onnx_fp32", "onnx_int8", "latency", "size_mb"),
-    )
-
-
-def export_summary(report):
-    rows, variant = report, report["served"]["variant"]
-    b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in report["latency"].items()}
-    return (
-        f"export: ONNX fp32 max |dlogit| {rows['onnx_fp32']['max_abs_logit_diff']:.1e} over "
-        f"{rows['onnx_fp32']['words']} test words, int8 word-tag agreement {rows['onnx_int8']['label_agreement']:.4f}, "
-        f"entity macro-F1 {variant} {report['served']['macro_f1']:.4f} (PyTorch {report['pytorch_fp32']['macro_f1']:.4f}) | "
-        f"batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, int8 {b1['onnx_int8']:.1f} ms | "
-        f"{report['registry']['name']} v{report['registry']['version']} aliases: "
-        f"{', '.join(report['gate']['aliases']) or 'none'}"
-    )
+    return latency, speedup
