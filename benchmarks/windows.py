@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     max_length = load_params(args.params).base.max_length
-    model = models.load_classifier(args.model).eval()
+    model = models.load_model(args.model).eval()
     tokenizer = models.load_tokenizer(args.model)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     print("| split | windows (at most) | macro-F1 | errors |\n|---|---|---|---|")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lmpipe.modeling.models import EMBEDDED_MODEL, load_classifier, load_tokenizer, resolve_model_dir
+from lmpipe.modeling.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model_dir
 from lmpipe.params import load_params
 from tests.conftest import ROOT
 
@@ -21,7 +21,7 @@ def test_the_default_model_is_the_embedded_minilm_and_reads_text():
     assert load_params(ROOT / "params.yaml").base.model == EMBEDDED_MODEL
     folder = resolve_model_dir(EMBEDDED_MODEL)
     tokenizer = load_tokenizer(folder)
-    model = load_classifier(folder, {"business": 0, "sport": 1}).eval()
+    model = load_model(folder, {"business": 0, "sport": 1}).eval()
     config = model.config
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("bert", 6, 384)
     assert sum(p.numel() for p in model.bert.parameters()) == 22_713_216  # all-MiniLM-L6-v2's 22.7M

@@ -12,7 +12,7 @@ from lmpipe.errors import ParamsError, UserError
 from lmpipe.latency import BLOCK, summary, time_interleaved
 from lmpipe.params import GateParams, load_params, write_params
 from lmpipe.serve.onnx_export import parity_report
-from lmpipe.serve.predict import read_texts
+from lmpipe.serve.predict import read_text_file
 from lmpipe.serve.promotion import decide
 from lmpipe.serve.serving import InputError, softmax, texts_from_input
 
@@ -177,11 +177,11 @@ def test_bad_model_input_names_the_row(value, message):
 # --------------------------------------------------------------------------------------- predict files
 def test_read_texts_csv_jsonl_txt(tmp_path):
     (tmp_path / "a.csv").write_text('id,text\n1,first text\n2,"second, quoted"\n')
-    assert read_texts(tmp_path / "a.csv") == ([1, 2], ["first text", "second, quoted"])
+    assert read_text_file(tmp_path / "a.csv") == ([1, 2], ["first text", "second, quoted"])
     (tmp_path / "a.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\n')
-    assert read_texts(tmp_path / "a.jsonl", "body") == ([1, 3], ["one", "two"])
+    assert read_text_file(tmp_path / "a.jsonl", "body") == ([1, 3], ["one", "two"])
     (tmp_path / "a.txt").write_text("line one\nline two\n")
-    assert read_texts(tmp_path / "a.txt") == ([1, 2], ["line one", "line two"])
+    assert read_text_file(tmp_path / "a.txt") == ([1, 2], ["line one", "line two"])
 
 
 @pytest.mark.parametrize(
@@ -202,19 +202,19 @@ def test_read_texts_csv_jsonl_txt(tmp_path):
 def test_bad_predict_input_names_file_and_row(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(UserError) as err:
-        read_texts(tmp_path / name)
+        read_text_file(tmp_path / name)
     assert message in str(err.value)
 
 
 def test_unreadable_predict_input(tmp_path):
     with pytest.raises(UserError, match="missing.csv: file not found"):
-        read_texts(tmp_path / "missing.csv")
+        read_text_file(tmp_path / "missing.csv")
     (tmp_path / "dir.csv").mkdir()
     with pytest.raises(UserError, match="dir.csv: is a directory"):
-        read_texts(tmp_path / "dir.csv")
+        read_text_file(tmp_path / "dir.csv")
     (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin.txt: not valid UTF-8 \(byte 0xe9 at offset 3\)"):
-        read_texts(tmp_path / "latin.txt")
+        read_text_file(tmp_path / "latin.txt")
 
 
 # ------------------------------------------------------------------------ ONNX Runtime's transformer fusions
@@ -241,13 +241,13 @@ def tiny_classifier(tmp_path_factory) -> Path:
 def test_optimized_graph_is_fused_and_holds_parity(tiny_classifier, tmp_path):
     import torch
 
-    from lmpipe.modeling.models import load_classifier
+    from lmpipe.modeling.models import load_model
     from lmpipe.serve.onnx_export import fused_ops, optimize_onnx, quantize_onnx_int8, write_classifier_folder
     from lmpipe.serve.serving import FP32_FILE, OPT_FILE, OPT_INT8_FILE, OnnxTextClassifier
 
     write_classifier_folder(tiny_classifier, tmp_path, max_length=32, opset=18)
     stats = optimize_onnx(tiny_classifier, tmp_path, max_length=32, opset=18)
-    layers = load_classifier(tiny_classifier).config.num_hidden_layers
+    layers = load_model(tiny_classifier).config.num_hidden_layers
     # one fused Attention per layer, and a SkipLayerNormalization after attention and feed-forward
     assert stats["Attention"] == layers and stats["SkipLayerNormalization"] == 2 * layers
     assert stats == fused_ops(tmp_path / OPT_FILE) and fused_ops(tmp_path / FP32_FILE) == {}
@@ -255,7 +255,7 @@ def test_optimized_graph_is_fused_and_holds_parity(tiny_classifier, tmp_path):
     texts = ["a much longer text than the one traced, " * 3, "short", "a middling one here"]
     plain, fused = OnnxTextClassifier(tmp_path), OnnxTextClassifier(tmp_path, OPT_FILE)
     assert fused.input_names == plain.input_names
-    model = load_classifier(tiny_classifier).eval()
+    model = load_model(tiny_classifier).eval()
     for batch in ([texts[0]], texts):
         features = fused.encode(batch)
         with torch.inference_mode():

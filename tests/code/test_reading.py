@@ -9,7 +9,7 @@ import pytest
 from lmpipe.errors import ParamsError
 from lmpipe.modeling.encoding import TextDataset, model_reading, set_model_reading
 from lmpipe.modeling.inference import predict_logits_model
-from lmpipe.modeling.models import load_classifier, load_tokenizer, resolve_model_dir, write_model
+from lmpipe.modeling.models import load_model, load_tokenizer, resolve_model_dir, write_model
 from lmpipe.modeling.training import eval_metrics
 from lmpipe.params import load_params
 from lmpipe.serve.onnx_export import write_classifier_folder
@@ -119,7 +119,7 @@ def test_training_evaluation_onnx_and_predict_read_alike(tokenizer, tmp_path, mo
     wanted = reading(mode, head_share=0.25, pooling="max")
     set_model_reading(model, wanted)
     write_model(model, tokenizer, tmp_path / "model")
-    loaded = load_classifier(tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
     assert model_reading(loaded) == wanted  # saved in config.json
 
     dataset = TextDataset(tokenizer, TEXTS, None, MAX_LENGTH, model_reading(loaded))

@@ -236,7 +236,7 @@ def test_prompt_tuned_model_saves_and_reloads_with_identical_logits(tiny_classif
     final = strategies.finalize_model(model)
     assert all(p.requires_grad for p in final.parameters())
     final.save_pretrained(tmp_path)
-    loaded = models.load_classifier(tmp_path).eval()
+    loaded = models.load_model(tmp_path).eval()
     assert isinstance(loaded, models.SoftPromptMixin) and loaded.config.soft_prompt_tokens == 5
     with torch.no_grad():
         assert torch.equal(loaded(**batch()).logits, trained)
@@ -246,7 +246,7 @@ def test_prompt_tuned_model_saves_and_reloads_with_identical_logits(tiny_classif
     assert find_labels(type(loaded)) == ["labels"]
     # a classifier without a prompt still loads as the plain transformers class
     tiny_classifier.save_pretrained(tmp_path / "plain")
-    assert type(models.load_classifier(tmp_path / "plain")) is type(tiny_classifier)
+    assert type(models.load_model(tmp_path / "plain")) is type(tiny_classifier)
 
 
 def test_prompt_and_text_must_fit_the_positions(tiny_classifier):

@@ -100,11 +100,11 @@ def test_the_fitted_temperature_is_served_by_onnx_pyfunc_and_pytorch(tiny_repo, 
     assert np.abs(out["onnx"] - out["pytorch"]).max() <= 1e-4
     # and they are the calibrated probabilities, not the raw softmax (unless T came out as 1)
     from lmpipe.modeling.inference import predict_logits_model
-    from lmpipe.modeling.models import load_classifier, load_tokenizer
+    from lmpipe.modeling.models import load_model, load_tokenizer
 
     model = tiny_repo / "models/model"
     logits, _ = predict_logits_model(
-        load_classifier(model), load_tokenizer(model), texts["text"].tolist(), 32, 8, None
+        load_model(model), load_tokenizer(model), texts["text"].tolist(), 32, 8, None
     )
     assert np.abs(out["pytorch"] - calibration.softmax(logits, temperature)).max() <= 1e-5
 

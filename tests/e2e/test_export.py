@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from lmpipe.metrics import classification_metrics
-from lmpipe.modeling.models import load_classifier
+from lmpipe.modeling.models import load_model
 from lmpipe.params import write_params
 from lmpipe.serve.serving import OnnxTextClassifier, softmax
 from tests.conftest import REGISTERED as NAME
@@ -53,7 +53,7 @@ def test_export_folder_and_parity(repo):
     # recompute independently: PyTorch vs ONNX Runtime one text at a time and in one padded batch
     test = pd.read_parquet(repo / "data/split/test.parquet")
     texts = test["text"].tolist()
-    model = load_classifier(repo / "models/model").eval()
+    model = load_model(repo / "models/model").eval()
     fp32 = OnnxTextClassifier(folder)
     session = fp32.session
     assert [i.shape for i in session.get_inputs()] == [["batch", "sequence"]] * len(session.get_inputs())
@@ -219,7 +219,7 @@ def test_served_model_predicts_like_pytorch(repo, server):
     assert [p["label"] for p in predictions] == [labels[i] for i in served.argmax(1)]
     # the same numbers as the PyTorch model on the same (truncated) inputs, at the temperature analyze
     # fit on val (the served probabilities are calibrated)
-    model = load_classifier(repo / "models/model").eval()
+    model = load_model(repo / "models/model").eval()
     features = OnnxTextClassifier(repo / "models/export").encode(texts)
     temperature = json.loads((repo / "models/calibration.json").read_text())["temperature"]
     with torch.inference_mode():
@@ -349,8 +349,8 @@ def test_export_of_a_compress_variant(tiny_repo_copy):
     features = exported.encode(texts)
     got = exported.logits(features)
     inputs = {k: torch.from_numpy(v) for k, v in features.items()}
-    student = load_classifier(repo / "models/compress/student").eval()
-    trained = load_classifier(repo / "models/model").eval()
+    student = load_model(repo / "models/compress/student").eval()
+    trained = load_model(repo / "models/model").eval()
     assert student.config.num_hidden_layers == 2  # every other layer of the 4-layer encoder
     with torch.inference_mode():
         assert np.abs(student(**inputs).logits.numpy() - got).max() <= 1e-4

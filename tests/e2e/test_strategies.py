@@ -303,7 +303,7 @@ def prompt_repo(tiny_repo, tmp_path_factory) -> Iterator[Path]:
 
 
 def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder):
-    from lmpipe.modeling.models import load_classifier
+    from lmpipe.modeling.models import load_model
 
     repo = prompt_repo
     m = json.loads((repo / "reports/train/report.json").read_text())
@@ -314,7 +314,7 @@ def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder)
     for key, value in base.items():  # the encoder is frozen: bit-identical but for the head
         if not key.startswith("pooler."):
             assert torch.equal(value, saved[f"bert.{key}"]), key
-    model = load_classifier(repo / "models/model")
+    model = load_model(repo / "models/model")
     assert type(model).__name__ == "SoftPromptBertForSequenceClassification"
     assert json.loads((repo / "models/model/config.json").read_text())["soft_prompt_tokens"] == 4
 
@@ -331,7 +331,7 @@ def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder)
     student = load_file(repo / "models/compress/student/model.safetensors")
     # the student starts from the teacher's prompt and distillation trains it along with its layers
     assert student["soft_prompt"].shape == saved["soft_prompt"].shape
-    assert type(load_classifier(repo / "models/compress/student")).__name__.startswith("SoftPrompt")
+    assert type(load_model(repo / "models/compress/student")).__name__.startswith("SoftPrompt")
     exported = json.loads((repo / "reports/export/report.json").read_text())
     assert exported["onnx_fp32"]["max_abs_logit_diff"] <= 1e-4
     assert exported["onnx_fp32"]["labels_differing"] == 0

@@ -43,7 +43,7 @@ class Inputs:
 
     def reference_val_macro_f1(self) -> float:
         if self.reference is None:
-            model = models.load_classifier(self.model_dir).to(models.device())
+            model = models.load_model(self.model_dir).to(models.device())
             self.reference = self.val_macro_f1(model, "original")
         return self.reference
 
@@ -173,7 +173,7 @@ def log_training(result: TrainResult) -> None:
 
 def original(inputs: Inputs, folder: Path) -> Variant:
     """The trained model itself, scored the same way as the variants (nothing is written to ``folder``)."""
-    model = models.load_classifier(inputs.model_dir).to(models.device())
+    model = models.load_model(inputs.model_dir).to(models.device())
     row = measure(inputs, model, inputs.model_dir, "original", inputs.reference_val_macro_f1())
     row["val_f1_loss"] = 0.0
     return Variant(row, model.cpu().eval())
@@ -185,7 +185,7 @@ def quantized(inputs: Inputs, folder: Path) -> Variant:
     stay fp32: 1, 2, 4, ... of them, up to ``quantize.max_fp32_layers``, until the loss fits. Measured as
     reloaded from what was saved."""
     cfg = inputs.params.compress
-    fp32 = models.load_classifier(inputs.model_dir).cpu().eval()
+    fp32 = models.load_model(inputs.model_dir).cpu().eval()
     reference = inputs.reference_val_macro_f1()
     budget = cfg.budget("int8")
     fp32_layers: list[str] = []
@@ -265,7 +265,7 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
     """
     p, budget = inputs.params.compress.prune, inputs.params.compress.budget("pruned")
     models.seed_everything(inputs.params.base.seed)
-    model = models.load_classifier(inputs.model_dir).to(models.device())
+    model = models.load_model(inputs.model_dir).to(models.device())
     reference = inputs.reference_val_macro_f1()
     curve: list[dict[str, Any]] = []
 
@@ -315,7 +315,7 @@ def prune_and_recover(inputs: Inputs, sparsity: float, recover: bool) -> tuple[n
     """The model pruned to ``sparsity``, after its recovery fine-tune if asked, and what to report."""
     params, p = inputs.params, inputs.params.compress.prune
     models.seed_everything(params.base.seed)
-    model = models.load_classifier(inputs.model_dir).to(models.device())
+    model = models.load_model(inputs.model_dir).to(models.device())
     keep = compression.magnitude_prune(model, sparsity)
     extra: dict[str, Any] = {
         "sparsity_after_pruning": compression.sparsity_of(model),
@@ -361,7 +361,7 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
         {f"val_macro_f1_at_{c['sparsity']:g}": c["val_macro_f1"] for c in plan.curve if not c["recovered"]}
     )
     models.write_model(model, inputs.tokenizer, folder)
-    model = models.load_classifier(folder).to(models.device()).eval()
+    model = models.load_model(folder).to(models.device()).eval()
     row = measure(inputs, model, folder, "pruned", val_f1)
     row.update(
         sparsity=sparsity,
@@ -379,7 +379,7 @@ def distill(inputs: Inputs) -> tuple[nn.Module, TrainResult]:
     keeps the best val epoch)."""
     params, d = inputs.params, inputs.params.compress.distill
     models.seed_everything(params.base.seed)
-    teacher = models.load_classifier(inputs.model_dir).to(models.device())
+    teacher = models.load_model(inputs.model_dir).to(models.device())
     model = compression.make_student(teacher, d.keep_layers)
     tracking.log_metrics({"student_parameters": compression.parameter_counts(model)["parameters"]})
     loss = compression.DistillationLoss(teacher, model, d.temperature, d.alpha)
@@ -406,7 +406,7 @@ def student(inputs: Inputs, folder: Path) -> Variant:
     model, result = distill(inputs)
     models.write_model(model, inputs.tokenizer, folder)
     tracking.log_artifact(folder, "model")
-    model = models.load_classifier(folder).to(models.device()).eval()
+    model = models.load_model(folder).to(models.device()).eval()
     row = measure(inputs, model, folder, "student")
     row.update(
         kept_layers=",".join(map(str, model.config.distilled_from_layers)),

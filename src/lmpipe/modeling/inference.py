@@ -13,14 +13,14 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lmpipe.modeling.encoding import TextDataset, model_reading
-from lmpipe.modeling.models import device, load_classifier, load_tokenizer
+from lmpipe.modeling.models import device, load_model, load_tokenizer
 
 
 def predict_proba(
     model_dir: str | Path, texts: Sequence[str], max_length: int, batch_size: int, desc: str = "predict"
 ) -> tuple[np.ndarray, list[str]]:
     """Class probabilities for ``texts`` from a saved classifier, and its class names in id order."""
-    model = load_classifier(model_dir).to(device())
+    model = load_model(model_dir).to(device())
     return predict_proba_model(model, load_tokenizer(model_dir), texts, max_length, batch_size, desc)
 
 

@@ -102,7 +102,7 @@ def classifier_class(config: PretrainedConfig) -> type:
     return _PROMPTED[cls]
 
 
-def load_classifier(
+def load_model(
     model_dir: str | Path, label2id: dict[str, int] | None = None, task: str = tasks.CLASSIFICATION
 ) -> torch.nn.Module:
     """Load a model with the head of its task (``Task.head``) from a local folder.

@@ -241,7 +241,7 @@ def is_prompt_tuned(model: nn.Module) -> bool:
 
 
 def unprompt(model: nn.Module) -> nn.Module:
-    """A peft prompt-tuning model as the plain classifier that ``models.load_classifier`` loads: the
+    """A peft prompt-tuning model as the plain classifier that ``models.load_model`` loads: the
     trained head copies put back in place, the prompt as ``soft_prompt`` (``models.SoftPromptMixin``)."""
     from peft.utils import ModulesToSaveWrapper
 

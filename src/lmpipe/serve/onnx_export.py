@@ -26,7 +26,7 @@ from lmpipe import latency, tasks
 from lmpipe.metrics import classification_metrics
 from lmpipe.modeling.encoding import model_reading
 from lmpipe.modeling.inference import batches_logits
-from lmpipe.modeling.models import SOFT_PROMPT_KEY, load_classifier, load_tokenizer, model_task
+from lmpipe.modeling.models import SOFT_PROMPT_KEY, load_model, load_tokenizer, model_task
 from lmpipe.serve.serving import (
     CLASSIFIER_FILE,
     FP32_FILE,
@@ -51,7 +51,7 @@ def write_classifier_folder(
     threads spin)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_classifier(model_dir).eval()
+    model = load_model(model_dir).eval()
     tokenizer = load_tokenizer(model_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     sample = trace_sample(tokenizer, max_length)
@@ -157,7 +157,7 @@ def optimize_onnx(model_dir: str | Path, folder: str | Path, max_length: int, op
     from transformers import AttentionInterface
 
     folder = Path(folder)
-    model = load_classifier(model_dir).eval()
+    model = load_model(model_dir).eval()
     config = model.config
     if config.model_type != "bert":
         return {"skipped": f"model type '{config.model_type}': ONNX Runtime's optimizer here covers bert"}
@@ -263,7 +263,7 @@ class Batches:
 
 def torch_runner(model_dir: str | Path) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """PyTorch fp32 logits on the CPU for numpy features (the reference the exports are checked against)."""
-    model = load_classifier(model_dir).eval()
+    model = load_model(model_dir).eval()
     return lambda features: batches_logits(model, [features])
 
 

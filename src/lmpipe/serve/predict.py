@@ -33,7 +33,7 @@ INPUT_TYPES = {".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
 OUTPUT_TYPES = {".csv", ".jsonl"}
 
 
-def read_texts(path: str | Path, text_column: str = "text") -> tuple[list[int], list[str]]:
+def read_text_file(path: str | Path, text_column: str = "text") -> tuple[list[int], list[str]]:
     """Row numbers (1-based data rows for CSV, line numbers for JSONL and text) and texts; a
     ``UserError`` naming the file and the row for anything that cannot be scored."""
     path = Path(path)
@@ -121,7 +121,7 @@ def predict_file(
         raise UserError(f"--output: {output_path} must end in .csv or .jsonl")
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
-    rows, texts = read_texts(input_path, text_column)
+    rows, texts = read_text_file(input_path, text_column)
     model = Path(model)
     if model_is_tagger(model, backend):
         return tag_file(rows, texts, output_path, model, backend, variant, batch_size, max_length)
@@ -150,12 +150,12 @@ def predict_file(
             )
         from lmpipe.modeling.encoding import model_reading
         from lmpipe.modeling.inference import predict_logits_model
-        from lmpipe.modeling.models import device, load_classifier, load_tokenizer
+        from lmpipe.modeling.models import device, load_model, load_tokenizer
         from lmpipe.serve.serving import softmax
 
         if temperature <= 0:
             raise UserError(f"temperature: must be > 0, got {temperature}")
-        tokenizer, limit, loaded = load_tokenizer(model), max_length, load_classifier(model).to(device())
+        tokenizer, limit, loaded = load_tokenizer(model), max_length, load_model(model).to(device())
         reading = model_reading(loaded)["mode"]
         logits, labels = predict_logits_model(
             loaded, tokenizer, texts, max_length, batch_size, "predict (pytorch)"

@@ -20,7 +20,7 @@ import pandas as pd
 from lmpipe import data, io, plots, reports, tasks, tracking
 from lmpipe.analysis import calibration
 from lmpipe.errors import ParamsError
-from lmpipe.modeling.models import device, load_classifier, load_tokenizer
+from lmpipe.modeling.models import device, load_model, load_tokenizer
 from lmpipe.params import Params
 from lmpipe.tasks.base import Analysis, Part
 
@@ -105,7 +105,7 @@ def load(
     task, params: Params, model_dir: str, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame
 ) -> Analysis:
     """The model, the baseline fit on train, and both on the test split: what every part starts from."""
-    model = load_classifier(model_dir).to(device()).eval()
+    model = load_model(model_dir).to(device()).eval()
     tokenizer = load_tokenizer(model_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     baseline = task.fit_baseline(train, params, labels)

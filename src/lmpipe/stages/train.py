@@ -44,7 +44,7 @@ def run(params: Params, paths: Paths) -> str:
     model_dir = models.resolve_model_dir(base.model)
     models.seed_everything(base.seed)  # before the head is created: its init is random
     tokenizer = models.load_tokenizer(model_dir)
-    model = models.load_classifier(model_dir, label2id, task=base.task)
+    model = models.load_model(model_dir, label2id, task=base.task)
     # a bad strategy setting fails here, before a run or a checkpoint
     strategies.validate(model, cfg, base.max_length)
     task = tasks.for_stage(base.task, "train", TASK_PARTS)

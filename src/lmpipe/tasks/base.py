@@ -189,7 +189,7 @@ class Task:
 
     # ------------------------------------------------------------------------ search, train, compress
     def head(self) -> type:
-        """The transformers auto class of the model head (train, search, compress; models.load_classifier)."""
+        """The transformers auto class of the model head (train, search, compress; models.load_model)."""
         raise NotImplementedError
 
     def dataset(

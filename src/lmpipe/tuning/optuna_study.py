@@ -486,7 +486,7 @@ class Objective:
             folds_of(sample, self.val, self.params.search.folds, seed)
         ):
             models.seed_everything(seed)
-            model = models.load_classifier(self.model_dir, self.label2id, task=self.params.base.task)
+            model = models.load_model(self.model_dir, self.label2id, task=self.params.base.task)
             prefix = f"fold{fold}_" if self.params.search.folds > 1 else ""
             result = train_model(
                 model,

@@ -240,7 +240,7 @@ def bootstrap_scorer(
 def predict(model_dir, frame, max_length, batch_size, desc=None):
     from lmpipe.modeling import models
 
-    model = models.load_classifier(model_dir).to(models.device())
+    model = models.load_model(model_dir).to(models.device())
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     tags, proba = predict_words(
         model, models.load_tokenizer(model_dir), list(frame["tokens"]), max_length, batch_size, desc=desc

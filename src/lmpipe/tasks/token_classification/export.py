@@ -246,7 +246,7 @@ def check_taggers(job, taggers: dict) -> tuple[dict, dict, dict, list[str]]:
 
     params, test, cfg = job.params, job.test, job.params.export
     sentences, true = [list(s) for s in test["tokens"]], [list(t) for t in test["tags"]]
-    model = models.load_classifier(job.model_dir).eval()  # on the CPU, where the exports run
+    model = models.load_model(job.model_dir).eval()  # on the CPU, where the exports run
     dataset, token_rows, names = token_logits(
         model,
         taggers["fp32"].tokenizer,
