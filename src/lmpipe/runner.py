@@ -25,6 +25,10 @@ def run_stage(main: Callable[[], None]) -> None:
     except Terminated as err:
         print(str(err) or "terminated", file=sys.stderr)
         sys.exit(143)
+    finally:
+        from lmpipe import tasks
+
+        tasks.end_stage()  # the stage's check on the task parts it declared ends with it
 
 
 def stage_parser(doc: str | None) -> argparse.ArgumentParser:

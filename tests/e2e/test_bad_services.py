@@ -68,7 +68,7 @@ def test_storage_refused_silent_wrong_user_missing_db(postgres, silent_port):
         optuna_study.open_storage(f"postgresql://u@127.0.0.1:{port}/db", 10)
     fails_fast(
         lambda: optuna_study.open_storage(f"postgresql://u:secret@127.0.0.1:{port}/db", 10),
-        "optuna_study.storage: cannot use postgresql://u:***@127.0.0.1",
+        "search.storage: cannot use postgresql://u:***@127.0.0.1",
         "Connection refused",
         within=5,
     )
@@ -114,5 +114,5 @@ def test_the_command_line_says_it_in_one_line(tmp_path):
         timeout=600,  # the imports (torch, transformers): minutes on a loaded 2-core CPU
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("error: optuna_study.storage: cannot use postgresql://u@127.0.0.1")
+    assert result.stderr.startswith("error: search.storage: cannot use postgresql://u@127.0.0.1")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -60,6 +60,12 @@ def for_stage(name: str, stage: str, parts: tuple[str, ...]) -> Task:
     return get(name)
 
 
+def end_stage() -> None:
+    """Lift ``for_stage``'s check when the stage is over (``runner.run_stage``): the process may go on."""
+    global _STAGE_PARTS
+    _STAGE_PARTS = None
+
+
 def stage_parts() -> tuple[str, tuple[str, ...]] | None:
     """The running stage and the task parts it declared, or None outside a stage."""
     return _STAGE_PARTS
