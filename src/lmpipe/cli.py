@@ -43,7 +43,9 @@ def add_predict_parser(sub) -> None:
         "predict",
         help="label a CSV, JSONL or text file (one text a line) with the exported model",
         description="Writes one row per input text: row, label, p_<class> probabilities, truncated "
-        "(the text was longer than max_length tokens and only its start was read).",
+        "(the text was longer than max_length tokens and part of it was not read, as the model's "
+        "base.reading says; never with windows, which read it all). A token classifier's rows hold its "
+        "entities instead.",
     )
     p.add_argument("input", help="a .csv or .jsonl file with a text column, or a .txt file, one text a line")
     p.add_argument("-o", "--output", required=True, help="where to write the predictions (.csv or .jsonl)")
