@@ -113,8 +113,9 @@ def load(
         model, tokenizer, test, params.base.max_length, params.train.eval_batch_size, desc="test"
     )
     return Analysis(
-        params, model, tokenizer, labels, train, val, test, baseline, clean, baseline.predict(test)
-    )
+        params, model, tokenizer, labels, train, val, test, baseline, clean, baseline.predict(test),
+        baseline.unit_proba(test),
+    )  # fmt: skip
 
 
 def calibrate(task, analysis: Analysis) -> tuple[Part, dict[str, pd.DataFrame], float]:
@@ -132,7 +133,7 @@ def calibrate(task, analysis: Analysis) -> tuple[Part, dict[str, pd.DataFrame], 
     probas = {
         "model": calibration.softmax(clean.logits),
         "model_scaled": calibration.softmax(clean.logits, temperature),
-        "baseline": analysis.baseline.unit_proba(analysis.test)[clean.read],
+        "baseline": analysis.baseline_proba[clean.read],
     }
     reliab = {k: calibration.reliability(v, y, cfg.bins) for k, v in probas.items()}
     report = {

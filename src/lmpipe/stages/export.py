@@ -156,7 +156,11 @@ def run(params: Params, paths: Paths) -> str:
             "mlflow_run_id": active.info.run_id,
         }
         record(task, params, records, report, exported.logged, tmp, paths)
-    return f"{task.export_summary(report)}\nexport: {gate_line(report['gate'])}"
+    registry, aliases = report["registry"], ", ".join(report["gate"]["aliases"]) or "none"
+    return (
+        f"{task.export_summary(report)} | {registry['name']} v{registry['version']} aliases: {aliases}\n"
+        f"export: {gate_line(report['gate'])}"
+    )
 
 
 def record(

@@ -83,6 +83,7 @@ class Analysis:
     baseline: Baseline
     clean: Pass  # the model on the test split
     baseline_clean: Predictions  # the baseline on the test split
+    baseline_proba: np.ndarray  # [units, labels] its probabilities there (``Baseline.unit_proba``), once
 
 
 @dataclass
@@ -123,8 +124,11 @@ class Exported:
 
 
 class Task:
-    """What differs between tasks. Subclasses set the class attributes and implement every method;
-    ``tasks/classification.py`` and ``tasks/token_classification.py`` are the two to read."""
+    """What differs between tasks. A task is a package: its ``__init__.py`` subclasses this, sets the
+    class attributes and implements what has no default here; the rest are functions of the same name
+    in the part modules (``tasks/<name>/<part>.py``), which the defaults below load and call. A task
+    overrides a default where its own code is shorter inline. ``tasks/classification/`` and
+    ``tasks/token_classification/`` are the two to read."""
 
     name: ClassVar[str]  # the registry name (lmpipe.tasks.SUPPORTED), == params base.task == module name
     unit: ClassVar[str]  # what gets a label: "text" | "word"
@@ -159,11 +163,11 @@ class Task:
     # ----------------------------------------------------------------------------- prepare and split
     def load_source(self, prep: PrepareParams) -> tuple[pd.DataFrame, str]:
         """prepare: the raw rows ``prepare.source`` names, and a description for the report."""
-        raise NotImplementedError
+        return self.part("data").load_source(prep)
 
     def clean(self, raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd.DataFrame, dict]:
         """prepare: the cleaned, deduplicated frame, and the report of what was dropped."""
-        raise NotImplementedError
+        return self.part("data").prepare_frame(raw, prep, seed)
 
     def label_map(self, frame: pd.DataFrame) -> dict[str, int]:
         """prepare: label (tag) name -> id, sorted for determinism (labels.json)."""
@@ -181,11 +185,11 @@ class Task:
 
     def split(self, frame: pd.DataFrame, cfg: SplitParams, seed: int) -> dict[str, pd.DataFrame]:
         """split: the seeded train/val/test parts, checked for leakage."""
-        raise NotImplementedError
+        return self.part("data").split_frame(frame, cfg, seed)
 
     def split_report(self, parts: Mapping[str, pd.DataFrame]) -> dict:
         """split: sizes and label counts per part, and ``warnings``."""
-        raise NotImplementedError
+        return self.part("data").split_report(parts)
 
     # ------------------------------------------------------------------------ search, train, compress
     def head(self) -> type:
@@ -204,11 +208,11 @@ class Task:
     ):
         """search, train, compress: a split frame as a dataset for the one training loop. The dataset's
         ``compute_metrics(prediction)`` gives the val scores, ``macro_f1`` the selection metric."""
-        raise NotImplementedError
+        return self.part("model").dataset(tokenizer, frame, label2id, max_length, reading, train, seed)
 
     def val_outputs(self, model, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None):
         """compress: the model's logits on a split (a row per unit read) and its scores there."""
-        raise NotImplementedError
+        return self.part("model").val_outputs(model, tokenizer, frame, max_length, batch_size, desc)
 
     def param_problems(self, params: Params) -> Iterator[tuple[str, str]]:
         """params: settings that make no sense for this task, each by its key (``Params.problems``)."""
@@ -223,34 +227,34 @@ class Task:
         self, model_dir: str, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None
     ) -> Predictions:
         """evaluate: the trained model's predictions for each row of ``frame``."""
-        raise NotImplementedError
+        return self.part("evaluation").predict(model_dir, frame, max_length, batch_size, desc)
 
     def fit_baseline(self, train: pd.DataFrame, params: Params, labels: list[str]) -> Baseline:
         """evaluate, analyze: the task's simple baseline, fit on the train split."""
-        raise NotImplementedError
+        return self.part("evaluation").fit_baseline(train, params, labels)
 
     def score(self, frame: pd.DataFrame, pred: Predictions) -> dict[str, Any]:
         """evaluate: ``metrics`` (with ``macro_f1``, the selection metric), ``per_class`` and what the
         task's plots need."""
-        raise NotImplementedError
+        return self.part("evaluation").score(frame, pred)
 
     def versus_baseline(
         self, frame: pd.DataFrame, model: Predictions, baseline: Predictions, seed: int
     ) -> dict:
         """evaluate: the paired model-minus-baseline differences, with bootstrap CIs and McNemar's test."""
-        raise NotImplementedError
+        return self.part("evaluation").versus_baseline(frame, model, baseline, seed)
 
     def tables(
         self, frame: pd.DataFrame, model: Predictions, baseline: Predictions
     ) -> dict[str, pd.DataFrame]:
         """evaluate: ``predictions.csv``, ``baseline_predictions.csv`` and ``misclassified.csv``."""
-        raise NotImplementedError
+        return self.part("evaluation").tables(frame, model, baseline)
 
     def plots(
         self, frame: pd.DataFrame, model: Predictions, baseline: Predictions, scores: Mapping[str, dict]
     ) -> tuple[dict[str, pd.DataFrame], dict[str, Any], dict[str, dict[str, float]]]:
         """evaluate: DVC plot tables (``plots/<path>.csv``), MLflow figures, and extra MLflow metrics."""
-        raise NotImplementedError
+        return self.part("evaluation").plots(frame, model, baseline, scores)
 
     def test_counts(self, frame: pd.DataFrame, scores: Mapping[str, Any]) -> dict[str, int]:
         """evaluate: how many rows (and units) the test scores rest on, for the report."""
@@ -258,41 +262,42 @@ class Task:
 
     def evaluate_summary(self, scores: Mapping[str, Any]) -> str:
         """evaluate: the stage's printed summary."""
-        raise NotImplementedError
+        return self.part("evaluation").evaluate_summary(scores)
 
     # --------------------------------------------------------------------------------------- analyze
     def analysis_pass(
         self, model, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None
     ) -> Pass:
         """analyze: the model on ``frame``, unit by unit (calibration's logits and labels), once."""
-        raise NotImplementedError
+        return self.part("analysis").analysis_pass(model, tokenizer, frame, max_length, batch_size, desc)
 
     def robustness(self, analysis: Analysis) -> Part:
         """analyze: both predictors under ``analyze.robustness.perturbations`` (a ``robustness`` table,
         strength 0 the clean scores, and a ``fragile`` table of the rows whose prediction changes)."""
-        raise NotImplementedError
+        return self.part("analysis").robustness(analysis)
 
     def slices(self, analysis: Analysis) -> Part:
         """analyze: both predictors' scores by length bucket and by class, with CIs."""
-        raise NotImplementedError
+        return self.part("analysis").slices(analysis)
 
     def attack(self, analysis: Analysis) -> Part:
         """analyze (``"attack" in supports``): the fewest words deleted to flip a prediction."""
-        raise NotImplementedError
+        return self.part("analysis").attack(analysis)
 
     def explain(self, analysis: Analysis) -> Part:
         """analyze (``"explain" in supports``): token attributions and their faithfulness."""
-        raise NotImplementedError
+        return self.part("analysis").explain(analysis)
 
     # ---------------------------------------------------------------------------------------- export
     def export(self, job: Export) -> Exported:
         """export: the ONNX files in ``job.folder``, each checked against PyTorch on the test split (an
         fp32 export that drifts fails the stage), their latency, and the served variant's scores."""
-        raise NotImplementedError
+        return self.part("export").export(job)
 
     def export_summary(self, report: Mapping[str, Any]) -> str:
-        """export: the first line of the stage's summary (the gate's follows)."""
-        raise NotImplementedError
+        """export: the task's figures for the first line of the stage's summary (the stage adds the
+        registered version and its aliases, and the gate's line)."""
+        return self.part("export").export_summary(report)
 
     def describe(self, labels: list[str]) -> str:
         """export: what the model is, in a few words ("a 5-class text classifier (...)")."""
@@ -301,7 +306,7 @@ class Task:
     def model_card(self, params: Params, records: dict[str, Any], export: dict[str, Any]) -> str:
         """export: MODEL_CARD.md, from the earlier stages' records and the export report (its shared
         sections: ``lmpipe.serve.modelcard``)."""
-        raise NotImplementedError
+        return self.part("export").model_card(params, records, export)
 
     # ----------------------------------------------------------------------- lmpipe compare, lmpipe splits
     def paired_rows(self, predictions: pd.DataFrame) -> pd.DataFrame:
@@ -314,7 +319,7 @@ class Task:
     ):
         """compare: ``score(i, weights)``, candidate ``i``'s ``metrics`` under each row of bootstrap
         ``weights`` (over ``paired_rows``), and the classes to report."""
-        raise NotImplementedError
+        return self.part("evaluation").bootstrap_scorer(truths, preds, classes, metrics)
 
     def evaluate(self, model_dir: str, train: pd.DataFrame, test: pd.DataFrame, params: Params) -> Evaluation:
         """evaluate: the model and the baseline on the test split, their paired difference, the tables

@@ -136,7 +136,7 @@ def robustness(analysis):
             a.model, a.tokenizer, items, base.max_length, a.params.train.eval_batch_size, desc
         )[0]
 
-    base_pred = a.baseline.unit_proba(a.test).argmax(axis=1)
+    base_pred = a.baseline_proba.argmax(axis=1)
     table, flips = _robustness(
         texts, a.clean.y, a.clean.logits, base_pred, logits_of, a.tokenizer, base.max_length,
         model_reading(a.model), a.baseline.unit_proba_of_texts, a.params.analyze.robustness, base.seed,
@@ -158,7 +158,7 @@ def attack(analysis):
 
     a, cfg, base = analysis, analysis.params.analyze.attack, analysis.params.base
     texts, y, clean_pred = a.test["text"].tolist(), a.clean.y, a.clean.predicted
-    base_pred = a.baseline.unit_proba(a.test).argmax(axis=1)
+    base_pred = a.baseline_proba.argmax(axis=1)
     both_right = np.flatnonzero((clean_pred == y) & (base_pred == y))
     # how many texts both get right depends on the models, not on the user: fewer is a note
     samples = min(cfg.samples, len(both_right))
@@ -200,7 +200,7 @@ def explain(analysis):
 
     a, cfg, base = analysis, analysis.params.analyze.explain, analysis.params.base
     texts, y, clean_pred, names = a.test["text"].tolist(), a.clean.y, a.clean.predicted, a.labels
-    base_pred = a.baseline.unit_proba(a.test).argmax(axis=1)
+    base_pred = a.baseline_proba.argmax(axis=1)
     wrong = np.flatnonzero(clean_pred != y)
     rest = np.setdiff1d(np.arange(len(a.test)), wrong)
     extra = max(0, cfg.samples - len(wrong))
@@ -259,7 +259,7 @@ def slices(analysis):
     a, cfg, base = analysis, analysis.params.analyze, analysis.params.base
     texts = a.test["text"].tolist()
     lengths = np.array([len(ids) for ids in a.tokenizer(texts, truncation=False, verbose=False)["input_ids"]])
-    preds = {"model": a.clean.predicted, "baseline": a.baseline.unit_proba(a.test).argmax(axis=1)}
+    preds = {"model": a.clean.predicted, "baseline": a.baseline_proba.argmax(axis=1)}
     resamples, y, k = cfg.robustness.resamples, a.clean.y, len(a.labels)
     by_length = slices.by_length(
         lengths, y, preds, k, base.max_length, cfg.slices.length_edges, resamples, base.seed

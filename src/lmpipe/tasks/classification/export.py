@@ -185,21 +185,21 @@ def export_summary(report):
     return (
         f"export: ONNX fp32 max |dlogit| {report['onnx_fp32']['max_abs_logit_diff']:.1e}, int8 agreement "
         f"{report['onnx_int8']['label_agreement']:.4f} | batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, "
-        f"int8 {b1['onnx_int8']:.1f} ms | {report['registry']['name']} v{report['registry']['version']} "
-        f"aliases: {', '.join(report['gate']['aliases']) or 'none'}"
+        f"int8 {b1['onnx_int8']:.1f} ms"
     )
 
 
-def model_card(task, params, records, export):
+def model_card(params, records, export):
     """MODEL_CARD.md: data, base model and training, test metrics against the baseline, export and
     latency, compression, the gate, intended use and limitations."""
     from lmpipe.serve import modelcard as card
+    from lmpipe.tasks.classification import TASK
 
     return "\n".join(
         [
             f"# Model card: {params.export.registered_model}",
             "",
-            f"{_sentence(task.describe(export.get('labels', [])))}, fine-tuned from `{params.base.model}` "
+            f"{_sentence(TASK.describe(export.get('labels', [])))}, fine-tuned from `{params.base.model}` "
             f"and exported to ONNX. {card.registered(export)}",
             "",
             *_card_data(params, records),

@@ -355,12 +355,6 @@ class TokenClassification(Task):
     }
 
     # ------------------------------------------------------------------------------------ prepare, split
-    def load_source(self, prep):
-        return self.part("data").load_source(prep)
-
-    def clean(self, raw, prep, seed):
-        return self.part("data").prepare_frame(raw, prep, seed)
-
     def label_map(self, frame):
         return tag_map(frame["tags"])
 
@@ -374,12 +368,6 @@ class TokenClassification(Task):
             f"{sum(report['entities_per_type'].values())} entities of {report['classes']} types, {len(labels)} tags"
         )
 
-    def split(self, frame, cfg, seed):
-        return self.part("data").split_frame(frame, cfg, seed)
-
-    def split_report(self, parts):
-        return self.part("data").split_report(parts)
-
     # -------------------------------------------------------------------------- search, train, compress
     def head(self) -> type:
         from transformers import AutoModelForTokenClassification
@@ -388,9 +376,6 @@ class TokenClassification(Task):
 
     def dataset(self, tokenizer, frame, label2id, max_length, reading=None, train=False, seed=0):
         return frame_dataset(tokenizer, frame, label2id, max_length)
-
-    def val_outputs(self, model, tokenizer, frame, max_length, batch_size, desc=None):
-        return self.part("model").split_outputs(model, tokenizer, frame, max_length, batch_size, desc=desc)
 
     def param_problems(self, params):
         """Params that make no sense for token classification, each by its key."""
@@ -423,12 +408,6 @@ class TokenClassification(Task):
         return [warning] if warning else []
 
     # ------------------------------------------------------------------------------------------ evaluate
-    def predict(self, model_dir, frame, max_length, batch_size, desc=None):
-        return self.part("evaluation").predict(model_dir, frame, max_length, batch_size, desc)
-
-    def fit_baseline(self, train, params, labels):
-        return self.part("evaluation").fit_baseline(train, params, labels)
-
     def score(self, frame, pred):
         scores = entity_scores([list(tags) for tags in frame["tags"]], pred.predicted)
         return {**scores, "per_class": scores["per_type"]}
@@ -437,50 +416,19 @@ class TokenClassification(Task):
         true = [list(tags) for tags in frame["tags"]]
         return self.part("evaluation").versus_baseline(true, model.predicted, baseline.predicted, seed)
 
-    def tables(self, frame, model, baseline):
-        return self.part("evaluation").tables(frame, model, baseline)
-
-    def plots(self, frame, model, baseline, scores):
-        return self.part("evaluation").plots(frame, model, baseline, scores)
-
     def test_counts(self, frame, scores):
         return {
             "test_rows": len(frame),
             "test_entities": int(sum(v["support"] for v in scores["per_type"].values())),
         }
 
-    def evaluate_summary(self, scores):
-        return self.part("evaluation").evaluate_summary(scores)
-
     def paired_rows(self, predictions):
         return self.part("evaluation").paired_rows(predictions)
 
-    def bootstrap_scorer(self, truths, preds, classes, metrics):
-        return self.part("evaluation").bootstrap_scorer(truths, preds, classes, metrics)
-
-    # ------------------------------------------------------------------------------------------- analyze
-    def analysis_pass(self, model, tokenizer, frame, max_length, batch_size, desc=None):
-        return self.part("analysis").analysis_pass(model, tokenizer, frame, max_length, batch_size, desc)
-
-    def robustness(self, analysis):
-        return self.part("analysis").robustness(analysis)
-
-    def slices(self, analysis):
-        return self.part("analysis").slices(analysis)
-
-    # -------------------------------------------------------------------------------------------- export
-    def export(self, job):
-        return self.part("export").export(job)
-
-    def export_summary(self, report):
-        return self.part("export").export_summary(report)
-
+    # analyze and export: the Task defaults, which run this package's analysis and export parts
     def describe(self, labels):
         types = sorted({t[2:] for t in labels if t[:2] in ("B-", "I-")})
         return f"a named-entity tagger (token classification, BIO tags over {len(types)} entity types: {', '.join(types)})"
-
-    def model_card(self, params, records, export):
-        return self.part("export").model_card(params, records, export)
 
 
 TASK = TokenClassification()

@@ -17,7 +17,6 @@ from lmpipe.params import CrfParams
 from lmpipe.tasks.base import Baseline, Predictions
 from lmpipe.tasks.token_classification import (
     entities_text,
-    entity_scores,
     entity_spans,
     predict_words,
     scores_from_counts,
@@ -252,11 +251,6 @@ def fit_baseline(train, params, labels):
     return CrfBaseline(fit_crf(train, params.evaluate.crf), list(labels))
 
 
-def score(frame, pred):
-    scores = entity_scores([list(tags) for tags in frame["tags"]], pred.predicted)
-    return {**scores, "per_class": scores["per_type"]}
-
-
 def tables(frame, model, baseline):
     return {
         "predictions.csv": predictions_frame(frame, model.predicted, model.confidence),
@@ -289,13 +283,6 @@ def plots(frame, model, baseline, scores):
         matrix = confusion_matrix(flat, [t for tags in guess for t in tags], labels=model.labels)
         figures[name] = plots.confusion_figure(matrix, model.labels, title)
     return {"per_type_f1": per_type}, figures, {}
-
-
-def test_counts(frame, scores):
-    return {
-        "test_rows": len(frame),
-        "test_entities": int(sum(v["support"] for v in scores["per_type"].values())),
-    }
 
 
 def evaluate_summary(scores):

@@ -224,15 +224,13 @@ def export(job):
 
 
 def export_summary(report):
-    rows, variant = report, report["served"]["variant"]
+    served, fp32, int8 = report["served"], report["onnx_fp32"], report["onnx_int8"]
     b1 = {name: cases.get("latency_b1_p50_ms", float("nan")) for name, cases in report["latency"].items()}
     return (
-        f"export: ONNX fp32 max |dlogit| {rows['onnx_fp32']['max_abs_logit_diff']:.1e} over "
-        f"{rows['onnx_fp32']['words']} test words, int8 word-tag agreement {rows['onnx_int8']['label_agreement']:.4f}, "
-        f"entity macro-F1 {variant} {report['served']['macro_f1']:.4f} (PyTorch {report['pytorch_fp32']['macro_f1']:.4f}) | "
-        f"batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, int8 {b1['onnx_int8']:.1f} ms | "
-        f"{report['registry']['name']} v{report['registry']['version']} aliases: "
-        f"{', '.join(report['gate']['aliases']) or 'none'}"
+        f"export: ONNX fp32 max |dlogit| {fp32['max_abs_logit_diff']:.1e} over {fp32['words']} test words, "
+        f"int8 word-tag agreement {int8['label_agreement']:.4f}, entity macro-F1 {served['variant']} "
+        f"{served['macro_f1']:.4f} (PyTorch {report['pytorch_fp32']['macro_f1']:.4f}) | "
+        f"batch-1 p50: pytorch {b1['pytorch_fp32']:.1f} ms, int8 {b1['onnx_int8']:.1f} ms"
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from lmpipe.tasks.token_classification import entity_scores, token_logits, word_tags
 
 
-def split_outputs(
+def val_outputs(
     model: torch.nn.Module, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None
 ) -> tuple[np.ndarray, dict[str, float]]:
     """A token classifier on a split frame (``tokens``, ``tags``): the logits of every word it read (each
