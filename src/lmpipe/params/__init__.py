@@ -8,6 +8,7 @@ params file, for tests and benchmarks). Import the names from here.
 
 from lmpipe.params.load import load_params, search_overrides
 from lmpipe.params.schema import (
+    EMBEDDED_DECODER,
     EMBEDDED_MODEL,
     PERTURBATION_NAMES,
     SHIPPABLE_VARIANTS,
@@ -58,6 +59,7 @@ __all__ = [
     "CrfParams",
     "DistillParams",
     "DistributedParams",
+    "EMBEDDED_DECODER",
     "EMBEDDED_MODEL",
     "EvaluateParams",
     "ExplainParams",

