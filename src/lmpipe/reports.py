@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from lmpipe import io
 
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -96,3 +98,24 @@ def write(
     so that a metrics file never describes a report that is not there."""
     io.write_json(report_path, report)
     io.write_json(metrics_path, headline(stage, report, paths))
+
+
+def not_applicable(
+    stage: str,
+    note: str,
+    metrics_path: str | Path,
+    report_path: str | Path,
+    folders: Sequence[str | Path] = (),
+    tables: Sequence[str | Path] = (),
+) -> str:
+    """A stage that does not apply to this pipeline's task or model still writes every output it declares
+    in dvc.yaml (DVC wants them): each folder with a NOTE.md, each table one ``note`` row, and a report
+    saying why. Returns the stage's one-line summary."""
+    for folder in folders:
+        with io.atomic_dir(folder) as tmp:
+            (tmp / "NOTE.md").write_text(f"{stage}: {note}\n", encoding="utf-8")
+    for table in tables:
+        Path(table).parent.mkdir(parents=True, exist_ok=True)
+        io.write_csv(table, pd.DataFrame({"note": [note]}))
+    write(stage, {"applicable": False, "note": note}, metrics_path, report_path, ("applicable",))
+    return f"{stage}: {note}"

@@ -18,6 +18,8 @@ def prep(**kw) -> PrepareParams:
         encoding="utf-8",
         text_column="text",
         label_column="label",
+        prompt_column="prompt",
+        response_column="response",
         on_conflict="drop",
         on_bad_bio="repair",
         max_rows=None,
@@ -167,7 +169,7 @@ def test_builtin_descriptor_and_bad_sources(tmp_path):
         builtin_name(bad, BUILTINS, "classification")
     text = tmp_path / "data.tsv"
     text.write_text("a\tb\n")
-    prep = PrepareParams(str(text), "utf-8", "text", "label", "drop", "repair", None)
+    prep = PrepareParams(str(text), "utf-8", "text", "label", "prompt", "response", "drop", "repair", None)
     with pytest.raises(
         UserError, match=r"prepare.source: .*data.tsv must be a .csv, .jsonl or .parquet file"
     ):
@@ -183,11 +185,11 @@ def test_a_folder_source_reads_label_subfolders(tmp_path):
             (tmp_path / label / name).write_text(f" {label} {name} ", encoding="utf-8")
     (tmp_path / "a" / "notes.md").write_text("ignored")
     frame, description = load_source(
-        PrepareParams(str(tmp_path), "utf-8", "text", "label", "drop", "repair", None)
+        PrepareParams(str(tmp_path), "utf-8", "text", "label", "prompt", "response", "drop", "repair", None)
     )
     assert frame["id"].tolist() == ["a/x.txt", "b/1.txt", "b/2.txt"]
     assert frame["label"].tolist() == ["a", "b", "b"] and frame["text"].iloc[0] == " a x.txt "
     assert "folder" in description
     (tmp_path / "b" / "3.txt").write_bytes(b"caf\xe9")
     with pytest.raises(UserError, match=r"prepare.encoding: b/3.txt .* is not valid utf-8"):
-        load_source(PrepareParams(str(tmp_path), "utf-8", "text", "label", "drop", "repair", None))
+        load_source(PrepareParams(str(tmp_path), "utf-8", "text", "label", "prompt", "response", "drop", "repair", None))

@@ -106,7 +106,9 @@ def convert_gguf(gguf: Path, folder: Path) -> dict:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if model.config.pad_token_id is None:  # batches need one; the EOS token is the usual choice
-        model.config.pad_token_id = tokenizer.convert_tokens_to_ids(tokenizer.pad_token or tokenizer.eos_token)
+        model.config.pad_token_id = tokenizer.convert_tokens_to_ids(
+            tokenizer.pad_token or tokenizer.eos_token
+        )
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

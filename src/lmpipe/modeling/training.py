@@ -70,7 +70,7 @@ def eval_metrics(prediction, val_set: Any = None) -> dict[str, float]:
 
 @dataclass
 class TrainResult:
-    best_val_macro_f1: float
+    best_val_score: float  # the best epoch's val ``selection_metric``
     best_epoch: int
     epochs_run: int
     global_steps: int
@@ -86,10 +86,15 @@ class TrainResult:
     # processes x batch_size x gradient_accumulation_steps
     processes: int = 1
     global_batch_size: int = 0
+    selection_metric: str = SELECTION_METRIC  # the val score that picked the best epoch (Task.selection_metric)
+
+    @property
+    def best_val_macro_f1(self) -> float:
+        return self.best_val_score if self.selection_metric == SELECTION_METRIC else float("nan")
 
     def summary(self) -> dict[str, float | int]:
         return {
-            "best_val_macro_f1": self.best_val_macro_f1,
+            f"best_val_{self.selection_metric}": self.best_val_score,
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
             "global_steps": self.global_steps,
@@ -206,6 +211,12 @@ class _StrategyTrainer(Trainer):
         return loss
 
 
+def selection_metric(val_set: Any) -> str:
+    """The val score that picks the best epoch: the val set's (its task's ``selection_metric``), else
+    macro-F1."""
+    return getattr(val_set, "selection_metric", SELECTION_METRIC)
+
+
 def steps_per_epoch(n_rows: int, batch_size: int, accumulation: int) -> int:
     """Optimiser steps per epoch, as the Trainer counts them (the last partial batch included)."""
     batches = math.ceil(n_rows / batch_size)
@@ -234,6 +245,7 @@ def train_model(
     newest complete one; the caller deletes the folder when it has saved the result.
     """
     seed_everything(seed)
+    metric = selection_metric(val_set)
     # the model reads texts as train_set does; saved in its config, so every later consumer reads alike
     set_model_reading(model, getattr(train_set, "reading", None))
     model = strategies.prepare_model(model, cfg)
@@ -273,7 +285,7 @@ def train_model(
             save_total_limit=1,  # plus the best one, which load_best_model_at_end always keeps
             save_only_model=checkpoint_dir is None,  # resuming needs the optimizer, scheduler and RNGs
             load_best_model_at_end=True,
-            metric_for_best_model=SELECTION_METRIC,
+            metric_for_best_model=metric,
             greater_is_better=True,
             logging_strategy="steps",
             logging_steps=cfg.logging_steps,
@@ -305,11 +317,15 @@ def train_model(
             data_collator=train_set.collator(tokenizer),
             compute_metrics=functools.partial(eval_metrics, val_set=val_set),
             compute_loss_func=compute_loss,
+            # a val set whose scores need no logits (a causal LM's are [rows, tokens, vocabulary]) keeps less
+            preprocess_logits_for_metrics=getattr(val_set, "preprocess_logits", None),
             callbacks=extra,
             plan=plan,
             parts=parts,
             fgm_epsilon=cfg.fgm_epsilon,
         )
+        if hasattr(val_set, "bind"):  # a val set that scores by generating needs the model being trained
+            val_set.bind(trainer.model)
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         seconds = time.perf_counter() - start
@@ -318,7 +334,7 @@ def train_model(
     if plan is not None:
         for row in rows:
             row["phase"] = plan.phase_of_epoch(int(row["epoch"]))
-    best = max(rows, key=lambda r: r.get(f"val_{SELECTION_METRIC}", -1.0)) if rows else {}
+    best = max(rows, key=lambda r: r.get(f"val_{metric}", -1.0)) if rows else {}
     phases = []
     if plan is not None:
         for i, phase in enumerate(plan.phases):
@@ -338,7 +354,7 @@ def train_model(
             )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return TrainResult(
-        best_val_macro_f1=float(best.get(f"val_{SELECTION_METRIC}", float("nan"))),
+        best_val_score=float(best.get(f"val_{metric}", float("nan"))),
         best_epoch=int(best.get("epoch", 0)),
         epochs_run=len(rows),
         global_steps=int(output.global_step or state.global_step),
@@ -350,4 +366,5 @@ def train_model(
         resumed_from_step=checkpoints.step_of(resume),
         processes=args.world_size,
         global_batch_size=args.train_batch_size * args.world_size * cfg.gradient_accumulation_steps,
+        selection_metric=metric,
     )

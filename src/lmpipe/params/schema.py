@@ -98,6 +98,8 @@ class PrepareParams(_Section):
     encoding: str
     text_column: str
     label_column: str
+    prompt_column: str
+    response_column: str
     on_conflict: Literal["drop", "first"]
     on_bad_bio: Literal["repair", "reject"]
     max_rows: int | None
@@ -808,6 +810,36 @@ class ExportParams(_Section):
 
 
 @dataclass(frozen=True)
+class GenerationParams(_Section):
+    """``base.task: generation`` (tasks/generation/): how a row becomes a prompt, and generation's bounds."""
+
+    prompt_template: str  # the user turn; {text} is the row's input
+    chat_template: Literal["auto", "none"]
+    max_target_tokens: int
+    max_new_tokens: int
+    val_rows: int | None
+    analyze_rows: int | None
+    lead_words: int | None
+    batch_size: int
+
+    def problems(self):
+        if "{text}" not in self.prompt_template:
+            yield "prompt_template", "must contain {text}, where the row's input goes"
+        else:
+            try:
+                self.prompt_template.format(text="")
+            except (KeyError, IndexError, ValueError) as err:
+                yield "prompt_template", f"only {{text}} may be a field (write {{{{ and }}}} for braces): {err}"
+        for name in ("max_target_tokens", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                yield name, f"must be >= 1, got {getattr(self, name)}"
+        for name in ("val_rows", "analyze_rows", "lead_words"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                yield name, f"must be null or >= 1, got {value}"
+
+
+@dataclass(frozen=True)
 class Params(_Section):
     base: BaseParams
     prepare: PrepareParams
@@ -819,6 +851,7 @@ class Params(_Section):
     compress: CompressParams
     mlflow: MlflowParams
     export: ExportParams
+    generation: GenerationParams
 
     def problems(self):
         if self.base.task in tasks.SUPPORTED:

@@ -73,13 +73,16 @@ def run(params: Params, paths: Paths) -> str:
     report: dict = {"task": task.name, "test_rows": len(test)}
     results: dict[str, Part] = {}
     with tracking.stage_run(params, "analyze", tags={"train_run_id": train_run_id}) as run:
-        calibrated, reliab, temperature = calibrate(task, analysis)
+        if "calibration" in task.supports:
+            calibrated, reliab, temperature = calibrate(task, analysis)
+        else:  # no class probabilities to calibrate
+            calibrated, reliab, temperature = Part({"note": NOT_SUPPORTED["calibration"]}), {}, 1.0
         report["calibration"] = calibrated.report
         lap("calibration")
         for part in PARTS:
             if not getattr(cfg, part).enabled:
                 continue
-            if part in ("attack", "explain") and part not in task.supports:
+            if part not in task.supports:
                 results[part] = not_supported(task, part)
                 continue
             results[part] = getattr(task, part)(analysis)
@@ -96,8 +99,9 @@ def run(params: Params, paths: Paths) -> str:
             "<!doctype html><title>attributions</title><p>off: analyze.explain.enabled is false</p>"
         )
         _write_outputs(
-            paths, report, tables, reliab, figures, html, temperature, len(val), cfg.calibration.enabled
-        )
+            paths, report, tables, reliab, figures, html, temperature, len(val),
+            cfg.calibration.enabled and "calibration" in task.supports, task.selection_metric,
+        )  # fmt: skip
     return _summary(report)
 
 
@@ -147,11 +151,19 @@ def calibrate(task, analysis: Analysis) -> tuple[Part, dict[str, pd.DataFrame], 
     return Part(report, figures={"reliability": figure}), reliab, temperature
 
 
+# why a task without a part in its ``supports`` cannot run it
+NOT_SUPPORTED = {
+    "calibration": "calibration needs class probabilities",
+    "attack": "the attack and the attributions explain one label per text",
+    "explain": "the attack and the attributions explain one label per text",
+    "robustness": "the perturbations are scored on class labels",
+    "slices": "the slices are scored on class labels",
+}
+
+
 def not_supported(task, part: str) -> Part:
     """A part the task cannot run: its tables and page say why (DVC wants every declared output)."""
-    note = (
-        f"not for {task.name.replace('_', ' ')}: the attack and the attributions explain one label per text"
-    )
+    note = f"not for {task.name.replace('_', ' ')}: {NOT_SUPPORTED[part]}"
     names = [name for name, owner in TABLES.items() if owner == part]
     return Part(
         tables={name: pd.DataFrame({"note": [note]}) for name in names},
@@ -169,6 +181,7 @@ def _write_outputs(
     temperature: float,
     val_rows: int,
     fitted: bool,
+    metric: str = "macro_f1",
 ) -> None:
     """Every output the stage declares, together or not at all, the same in the active MLflow run, and
     the temperature export serves (``paths.calibration``). A table no part filled gets one row saying
@@ -181,13 +194,13 @@ def _write_outputs(
         for name, table in reliab.items():
             (out / "plots" / "reliability").mkdir(parents=True, exist_ok=True)
             table.to_csv(out / "plots" / "reliability" / f"{name}.csv", index=False)
-        if "robustness" in tables:
+        if "robustness" in tables and metric in tables["robustness"].columns:
             (out / "plots" / "robustness").mkdir(parents=True, exist_ok=True)
             wide = tables["robustness"].pivot_table(
-                index=["perturbation", "strength"], columns="predictor", values="macro_f1"
+                index=["perturbation", "strength"], columns="predictor", values=metric
             )
             for kind, part in wide.groupby(level=0):
-                part.reset_index(level=0, drop=True).add_suffix("_macro_f1").reset_index().to_csv(
+                part.reset_index(level=0, drop=True).add_suffix(f"_{metric}").reset_index().to_csv(
                     out / "plots" / "robustness" / f"{kind}.csv", index=False
                 )
         (out / "attributions.html").write_text(html, encoding="utf-8")
@@ -213,11 +226,18 @@ def _write_outputs(
 def _summary(report: dict) -> str:
     lines = []
     cal = report["calibration"]
-    lines.append(
-        f"analyze: calibration: temperature {cal['temperature']:.3f}; test ECE {cal['model']['ece']:.4f} -> "
-        f"{cal['model_scaled']['ece']:.4f} (baseline {cal['baseline']['ece']:.4f})"
-    )
+    if "temperature" in cal:
+        lines.append(
+            f"analyze: calibration: temperature {cal['temperature']:.3f}; test ECE {cal['model']['ece']:.4f} -> "
+            f"{cal['model_scaled']['ece']:.4f} (baseline {cal['baseline']['ece']:.4f})"
+        )
     for key, r in report.get("robustness", {}).get("perturbations", {}).items():
+        if "model_macro_f1" not in r:  # a generator's: ROUGE-L and the share of outputs that change
+            lines.append(
+                f"analyze: {key:<22} model ROUGE-L {r['model_rougeL']:.4f} (drop {r['model_drop']:+.4f}, "
+                f"{100 * r['model_changed']:.0f}% changed) | baseline {r['baseline_rougeL']:.4f}"
+            )
+            continue
         lines.append(
             f"analyze: {key:<22} model macro-F1 {r['model_macro_f1']:.4f} (flips {100 * r['model_flip_rate']:.1f}%) | "
             f"baseline {r['baseline_macro_f1']:.4f} (flips {100 * r['baseline_flip_rate']:.1f}%)"

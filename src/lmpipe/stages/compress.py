@@ -39,6 +39,8 @@ from lmpipe.params import Params
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
 TASK_PARTS = ("model",)
+# a task without "compress" in its supports
+NOT_YET = "not yet for {task}: compressing a causal LM (int8 weights, ONNX Runtime GenAI) is the next issue"
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,12 @@ class Paths:
 
 def run(params: Params, paths: Paths) -> str:
     cfg = params.compress
-    tasks.for_stage(params.base.task, "compress", TASK_PARTS)  # val budgets: the task's datasets and scores
+    task = tasks.for_stage(params.base.task, "compress", TASK_PARTS)  # val budgets: its datasets and scores
+    if "compress" not in task.supports:
+        return reports.not_applicable(
+            "compress", NOT_YET.format(task=task.name), paths.metrics, paths.report, [paths.out],
+            [paths.plot, paths.prune_curve],
+        )  # fmt: skip
     launched = distributed.launch(params.train.distributed)
     if launched is not None:
         return f"compress: {launched.message}"

@@ -56,8 +56,12 @@ def run(params: Params, paths: Paths) -> str:
         data.read_split(paths.data, "train"), cfg.augment, base.seed
     )
     reading = base.reading.as_dict()
-    train_set = task.dataset(tokenizer, train_frame, label2id, base.max_length, reading, True, base.seed)
-    val_set = task.dataset(tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length, reading)
+    train_set = task.dataset(
+        tokenizer, train_frame, label2id, base.max_length, reading, True, base.seed, params=params
+    )
+    val_set = task.dataset(
+        tokenizer, data.read_split(paths.data, "val"), label2id, base.max_length, reading, params=params
+    )
 
     run_dir, previous, resume_step = resume_point(params, paths)
     tags = {"search_run_id": searched["mlflow_run_id"]} if searched.get("mlflow_run_id") else {}
@@ -93,7 +97,7 @@ def run(params: Params, paths: Paths) -> str:
         )
     checkpoints.remove(run_dir)  # a finished run leaves no checkpoints behind
     return (
-        f"train: {cfg.strategy}, best val macro-F1 {result.best_val_macro_f1:.4f} at epoch {result.best_epoch} "
+        f"train: {cfg.strategy}, best val {result.selection_metric} {result.best_val_score:.4f} at epoch {result.best_epoch} "
         f"({result.epochs_run} epochs, {result.train_seconds:.0f} s, {result.processes} process(es), "
         f"global batch {result.global_batch_size}, "
         f"{result.trainable_parameters:,} trainable params); MLflow run {summary['mlflow_run_id']}"
@@ -166,6 +170,6 @@ def record(
         tracking.log_figure(fig, "plots/history.png")
         plots.close(fig)
         io.write_csv(paths.history, pd.DataFrame(result.history))
-        reports.write("train", summary, paths.metrics, paths.report)
+        reports.write("train", summary, paths.metrics, paths.report, tasks.get(params.base.task).headline.get("train"))
         tracking.log_dict(summary, "train_report.json")
     return summary

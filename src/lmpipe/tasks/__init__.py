@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 CLASSIFICATION = "classification"  # a label per text
 TOKEN_CLASSIFICATION = "token_classification"  # a BIO tag per word (NER)
+GENERATION = "generation"  # a prompt in, a text out (a causal LM)
 
 # name -> the module (lmpipe.tasks.<name>) whose ``TASK`` implements it; params.yaml's base.task
 SUPPORTED: dict[str, str] = {
     CLASSIFICATION: f"lmpipe.tasks.{CLASSIFICATION}",
     TOKEN_CLASSIFICATION: f"lmpipe.tasks.{TOKEN_CLASSIFICATION}",
+    GENERATION: f"lmpipe.tasks.{GENERATION}",
 }
 # other names people use for a task; params.yaml takes the canonical name (dvc.yaml's deps are
 # templated on it: src/lmpipe/tasks/${base.task}.py), and its error names the one to write
@@ -31,6 +33,8 @@ ALIASES: dict[str, str] = {
     "sequence_classification": CLASSIFICATION,
     "ner": TOKEN_CLASSIFICATION,
     "tagging": TOKEN_CLASSIFICATION,
+    "text_generation": GENERATION,
+    "causal_lm": GENERATION,
 }
 
 

@@ -134,11 +134,15 @@ class Task:
     unit: ClassVar[str]  # what gets a label: "text" | "word"
     row: ClassVar[str]  # what a frame row is, in messages: "text" | "sentence"
     # what the stages may do with this task, asked as `"x" in task.supports`: augment, prompt_tuning,
-    # folds, windows (base.reading other than head), attack, explain
+    # folds, windows (base.reading other than head); analyze's calibration, robustness, slices, attack,
+    # explain (a part not supported writes one line saying why); compress, export (the stage writes a note)
     supports: ClassVar[frozenset[str]]
     # a stage's headline metrics (reports.HEADLINE's dotted paths), where this task's differ
     headline: ClassVar[dict[str, tuple[str, ...]]] = {}
     peft_task_type: ClassVar[str]  # peft's TaskType for LoRA and prompt tuning (strategies)
+    # the val score that picks the best epoch and a search's trial (the one training loop), and that
+    # analyze's robustness plots; every task's dataset reports it among its val metrics
+    selection_metric: ClassVar[str] = "macro_f1"
     # train.strategy: auto for this task; None = the model family's (full for an encoder, lora for a decoder)
     default_strategy: ClassVar[str | None] = None
     # lmpipe compare's report: what an example, accuracy and macro-F1 are, where not a text and its label
@@ -207,9 +211,11 @@ class Task:
         reading: Mapping[str, Any] | None = None,
         train: bool = False,
         seed: int = 0,
+        params: Params | None = None,
     ):
         """search, train, compress: a split frame as a dataset for the one training loop. The dataset's
-        ``compute_metrics(prediction)`` gives the val scores, ``macro_f1`` the selection metric."""
+        ``compute_metrics(prediction)`` gives the val scores, among them ``selection_metric``; ``params``
+        carry what a task's rows need beyond these (generation: its prompt template)."""
         return self.part("model").dataset(tokenizer, frame, label2id, max_length, reading, train, seed)
 
     def val_outputs(self, model, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None):

@@ -380,19 +380,25 @@ class PruningReporter(TrainerCallback):
     for, and pruning it would only throw its value away.
     """
 
-    def __init__(self, trial: optuna.Trial, step_offset: int = 0, last_step: int | None = None):
-        self.trial = trial
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        step_offset: int = 0,
+        last_step: int | None = None,
+        metric: str = SELECTION_METRIC,
+    ):
+        self.trial, self.metric = trial, metric
         self.step_offset = step_offset
         self.last_step = last_step
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = (metrics or {}).get(f"eval_{SELECTION_METRIC}")
+        value = (metrics or {}).get(f"eval_{self.metric}")
         if value is None:
             return
         step = self.step_offset + round(state.epoch or 0)
         self.trial.report(float(value), step)
         if (self.last_step is None or step < self.last_step) and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} with val {SELECTION_METRIC} {value:.4f}")
+            raise optuna.TrialPruned(f"pruned at step {step} with val {self.metric} {value:.4f}")
 
 
 def folds_of(
@@ -491,17 +497,22 @@ class Objective:
             result = train_model(
                 model,
                 tokenizer,
-                task.dataset(tokenizer, fold_train, self.label2id, budget.max_length, reading, True, seed),
-                task.dataset(tokenizer, fold_val, self.label2id, budget.max_length, reading),
+                task.dataset(
+                    tokenizer, fold_train, self.label2id, budget.max_length, reading, True, seed,
+                    params=self.params,
+                ),
+                task.dataset(tokenizer, fold_val, self.label2id, budget.max_length, reading, params=self.params),
                 cfg,
                 seed,
                 callbacks=[
                     tracking.MlflowTrainingLogger(prefix=prefix),
-                    PruningReporter(trial, fold * epochs, last_step=self.params.search.folds * epochs),
+                    PruningReporter(
+                        trial, fold * epochs, self.params.search.folds * epochs, task.selection_metric
+                    ),
                 ],
                 show_progress=False,
             )
-            scores.append(result.best_val_macro_f1)
+            scores.append(result.best_val_score)
         return scores
 
 

