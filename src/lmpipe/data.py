@@ -85,7 +85,6 @@ def load_text_folder(root: Traversable | Path, encoding: str, fallback: str | No
     return pd.DataFrame(rows, columns=["id", "text", "label"])
 
 
-
 # --------------------------------------------------------------------------------------------- cleaning
 def clean_text(value: object) -> str:
     """Unicode NFC, all whitespace runs folded to one space, stripped. Non-strings become ''."""

@@ -192,4 +192,8 @@ def test_a_folder_source_reads_label_subfolders(tmp_path):
     assert "folder" in description
     (tmp_path / "b" / "3.txt").write_bytes(b"caf\xe9")
     with pytest.raises(UserError, match=r"prepare.encoding: b/3.txt .* is not valid utf-8"):
-        load_source(PrepareParams(str(tmp_path), "utf-8", "text", "label", "prompt", "response", "drop", "repair", None))
+        load_source(
+            PrepareParams(
+                str(tmp_path), "utf-8", "text", "label", "prompt", "response", "drop", "repair", None
+            )
+        )

@@ -19,7 +19,9 @@ def test_corpus_shape(bbc):
 
 def test_corpus_duplicates_are_removed(bbc):
     assert bbc["text"].duplicated().sum() == 98  # exact duplicates as shipped
-    prep = PrepareParams("data/builtin/bbc_news.yaml", "utf-8", "text", "label", "prompt", "response", "drop", "repair", None)
+    prep = PrepareParams(
+        "data/builtin/bbc_news.yaml", "utf-8", "text", "label", "prompt", "response", "drop", "repair", None
+    )
     out, report = text_data.prepare_frame(bbc, prep, seed=0)
     # two more pairs differ only in whitespace, so cleaning finds 100
     assert report["duplicates_removed"] == 100

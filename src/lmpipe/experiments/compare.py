@@ -113,7 +113,13 @@ def candidates_task(candidates: Sequence[Candidate]) -> Task:
     names = {c.task for c in candidates}
     if len(names) > 1:
         raise UserError(f"compare: the runs are of different tasks ({', '.join(sorted(names))})")
-    return tasks.get(names.pop() if names else tasks.CLASSIFICATION)
+    task = tasks.get(names.pop() if names else tasks.CLASSIFICATION)
+    if "compare" not in task.supports:
+        raise UserError(
+            f"compare: not yet for {task.name}: its paired tests are on class labels; compare the runs' "
+            "test scores and CIs with `dvc exp show` (or `dvc metrics diff`)"
+        )
+    return task
 
 
 def weighted_scores(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict:

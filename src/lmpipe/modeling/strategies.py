@@ -206,7 +206,9 @@ def resolve(cfg: TrainParams, model: nn.Module) -> TrainParams:
     targets = families.lora_targets(config, cfg.lora.target_modules)
     if chosen == cfg.strategy and targets == cfg.lora.target_modules:
         return cfg
-    return dataclasses.replace(cfg, strategy=chosen, lora=dataclasses.replace(cfg.lora, target_modules=targets))
+    return dataclasses.replace(
+        cfg, strategy=chosen, lora=dataclasses.replace(cfg.lora, target_modules=targets)
+    )
 
 
 def validate(model: nn.Module, cfg: TrainParams, max_length: int | None = None) -> None:

@@ -86,7 +86,9 @@ class TrainResult:
     # processes x batch_size x gradient_accumulation_steps
     processes: int = 1
     global_batch_size: int = 0
-    selection_metric: str = SELECTION_METRIC  # the val score that picked the best epoch (Task.selection_metric)
+    selection_metric: str = (
+        SELECTION_METRIC  # the val score that picked the best epoch (Task.selection_metric)
+    )
 
     @property
     def best_val_macro_f1(self) -> float:

@@ -164,7 +164,9 @@ class LoraParams(_Section):
             yield "dropout", f"must be in [0, 1), got {self.dropout}"
         names = self.target_modules
         if names != "auto" and (
-            not isinstance(names, list) or not names or not all(isinstance(m, str) and m.strip() for m in names)
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(m, str) and m.strip() for m in names)
         ):
             yield "target_modules", "must be auto or a non-empty list of module names, e.g. [q_proj, v_proj]"
 
@@ -829,7 +831,10 @@ class GenerationParams(_Section):
             try:
                 self.prompt_template.format(text="")
             except (KeyError, IndexError, ValueError) as err:
-                yield "prompt_template", f"only {{text}} may be a field (write {{{{ and }}}} for braces): {err}"
+                yield (
+                    "prompt_template",
+                    f"only {{text}} may be a field (write {{{{ and }}}} for braces): {err}",
+                )
         for name in ("max_target_tokens", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 yield name, f"must be >= 1, got {getattr(self, name)}"

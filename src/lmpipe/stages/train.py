@@ -170,6 +170,8 @@ def record(
         tracking.log_figure(fig, "plots/history.png")
         plots.close(fig)
         io.write_csv(paths.history, pd.DataFrame(result.history))
-        reports.write("train", summary, paths.metrics, paths.report, tasks.get(params.base.task).headline.get("train"))
+        reports.write(
+            "train", summary, paths.metrics, paths.report, tasks.get(params.base.task).headline.get("train")
+        )
         tracking.log_dict(summary, "train_report.json")
     return summary

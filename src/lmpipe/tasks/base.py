@@ -135,7 +135,7 @@ class Task:
     row: ClassVar[str]  # what a frame row is, in messages: "text" | "sentence"
     # what the stages may do with this task, asked as `"x" in task.supports`: augment, prompt_tuning,
     # folds, windows (base.reading other than head); analyze's calibration, robustness, slices, attack,
-    # explain (a part not supported writes one line saying why); compress, export (the stage writes a note)
+    # explain (a part not supported writes one line saying why); compress, export (the stage writes a note); compare (``lmpipe compare``)
     supports: ClassVar[frozenset[str]]
     # a stage's headline metrics (reports.HEADLINE's dotted paths), where this task's differ
     headline: ClassVar[dict[str, tuple[str, ...]]] = {}

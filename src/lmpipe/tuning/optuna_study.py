@@ -498,10 +498,18 @@ class Objective:
                 model,
                 tokenizer,
                 task.dataset(
-                    tokenizer, fold_train, self.label2id, budget.max_length, reading, True, seed,
+                    tokenizer,
+                    fold_train,
+                    self.label2id,
+                    budget.max_length,
+                    reading,
+                    True,
+                    seed,
                     params=self.params,
                 ),
-                task.dataset(tokenizer, fold_val, self.label2id, budget.max_length, reading, params=self.params),
+                task.dataset(
+                    tokenizer, fold_val, self.label2id, budget.max_length, reading, params=self.params
+                ),
                 cfg,
                 seed,
                 callbacks=[

@@ -19,7 +19,20 @@ class Classification(Task):
     unit = "text"
     row = "text"
     supports = frozenset(
-        {"augment", "prompt_tuning", "folds", "windows", "calibration", "robustness", "slices", "compress", "export", "attack", "explain"}
+        {
+            "augment",
+            "prompt_tuning",
+            "folds",
+            "windows",
+            "calibration",
+            "robustness",
+            "slices",
+            "compress",
+            "export",
+            "compare",
+            "attack",
+            "explain",
+        }
     )
     peft_task_type = "SEQ_CLS"
 

@@ -333,7 +333,7 @@ class TokenClassification(Task):
     unit = "word"
     row = "sentence"
     # reads each sentence's head; no augmentation, prompt tuning, folds, attack, explain
-    supports = frozenset({"calibration", "robustness", "slices", "compress", "export"})
+    supports = frozenset({"calibration", "robustness", "slices", "compress", "export", "compare"})
     peft_task_type = "TOKEN_CLS"
     comparison_note = (
         "Token classification: an example is a test sentence (resampled whole), accuracy is token "
