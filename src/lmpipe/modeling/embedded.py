@@ -92,6 +92,12 @@ def smollm2_dir() -> Path:
     return folder
 
 
+def conversion(model_dir: Path) -> dict | None:
+    """What converting an embedded GGUF model cost (its ``conversion.json``), or None for any other."""
+    record = Path(model_dir) / CONVERSION_RECORD
+    return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+
+
 def convert_gguf(gguf: Path, folder: Path) -> dict:
     """Dequantize ``gguf`` to an fp32 ``save_pretrained`` folder, written whole or not at all."""
     import torch

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmpipe import data, io, reports, tasks
+from lmpipe.modeling import embedded
 from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
 from lmpipe.params import Params
 
@@ -31,6 +32,9 @@ def run(params: Params, paths: Paths) -> str:
     lengths, labels = task.token_lengths(tokenizer, frame), task.label_map(frame)
     report["token_length"] = data.token_length_report(lengths, params.base.max_length)
     report["source"] = description
+    converted = embedded.conversion(model_dir)
+    if converted is not None:  # the embedded decoder: its one-off conversion from GGUF, once per machine
+        report["model_conversion"] = converted
 
     io.write_parquet(f"{paths.out}/data.parquet", frame)
     io.write_json(f"{paths.out}/labels.json", labels)

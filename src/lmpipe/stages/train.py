@@ -92,9 +92,13 @@ def run(params: Params, paths: Paths) -> str:
         )
         if distributed.is_worker():  # its share of the training is done; rank 0 writes
             return ""
+        # what a dataset had to cut to fit (generation: prompts and targets), by split
+        cuts = {f"{name}_{k}": v for name, ds in (("train", train_set), ("val", val_set))
+                for k, v in getattr(ds, "cuts", {}).items()}  # fmt: skip
         summary = record(
-            params, paths, result, counts, tokenizer, augmented, len(train_set), len(val_set), run.info.run_id
-        )
+            params, paths, result, counts, tokenizer, augmented, len(train_set), len(val_set), run.info.run_id,
+            cuts,
+        )  # fmt: skip
     checkpoints.remove(run_dir)  # a finished run leaves no checkpoints behind
     return (
         f"train: {cfg.strategy}, best val {result.selection_metric} {result.best_val_score:.4f} at epoch {result.best_epoch} "
@@ -132,10 +136,11 @@ def record(
     train_rows: int,
     val_rows: int,
     run_id: str,
+    inputs: dict | None = None,
 ) -> dict:
     """Rank 0's outputs, all or none: the model folder and the adapter, the history, the report and its
     DVC metrics; and the same figures in the active MLflow run. Returns the report."""
-    cfg = params.train
+    cfg, inputs = params.train, inputs or {}
     counts["trainable_parameters"] = result.trainable_parameters
     tracking.log_metrics({**counts, "augmented_rows": augmented})
     for phase in result.phases:  # gradual unfreezing: one step per phase
@@ -157,6 +162,7 @@ def record(
             "train_rows": train_rows,
             "augmented_rows": augmented,
             "val_rows": val_rows,
+            **inputs,
             "resumed_from_step": result.resumed_from_step,
             "phases": {str(p["phase"]): {k: v for k, v in p.items() if k != "phase"} for p in result.phases},
             "device": str(models.device()),

@@ -31,6 +31,16 @@ class GenerationDataset(torch.utils.data.Dataset):
         self.reading = dict(reading or {})
         self.model = None
 
+    @property
+    def cuts(self) -> dict[str, int]:
+        """What fitting the rows cost: prompts whose input was cut to ``base.max_length`` (and the tokens
+        cut), targets cut to ``generation.max_target_tokens`` (the train report records these)."""
+        return {
+            "prompts_truncated": self.prompts.truncated,
+            "prompt_tokens_cut": self.prompts.cut_tokens,
+            "targets_cut": self.targets_cut,
+        }
+
     def __len__(self) -> int:
         return len(self.targets)
 
