@@ -151,3 +151,25 @@ def test_a_lora_step_then_greedy_generation_on_the_tiny_decoder(params, tiny_dec
         result.model, tokenizer, train.prompts.ids[:2], train.targets[:2], 2
     )
     assert (count == [len(t) for t in train.targets[:2]]).all() and (nll > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"model": "all-MiniLM-L6-v2"}, "base.model"),
+        ({"reading": {"mode": "windows"}}, "base.reading.mode"),
+    ],
+)
+def test_generation_params_that_cannot_work_are_named(params, tmp_path, override, key):
+    import yaml
+
+    from lmpipe.errors import ParamsError
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["base"].update({"task": "generation", "model": "smollm2-135m"})
+    for name, value in override.items():
+        data["base"][name] = {**data["base"][name], **value} if isinstance(value, dict) else value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        load_params(path)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from lmpipe.params.schema import EMBEDDED_DECODER, EMBEDDED_MODEL
 from lmpipe.tasks import GENERATION
 from lmpipe.tasks.base import Task
 
@@ -184,6 +185,29 @@ class Generation(Task):
             yield (
                 "base.reading.mode",
                 "windows pools a classifier's logits; for generation use head, tail or head_tail",
+            )
+        if params.train.augment.copies > 0:
+            yield (
+                "train.augment.copies",
+                "the augmentation is for class-labelled texts: use 0 with generation",
+            )
+        space = params.search.space
+        if params.train.strategy == "prompt_tuning" or (
+            "strategy" in space and "prompt_tuning" in (space["strategy"].choices or ())
+        ):
+            yield (
+                "train.strategy",
+                "prompt_tuning trains a classifier's soft prompt: use lora or full with generation",
+            )
+        if params.search.folds > 1:
+            yield (
+                "search.folds",
+                "k-fold search stratifies by class label: use 1 (the val split) with generation",
+            )
+        if params.base.model == EMBEDDED_MODEL:
+            yield (
+                "base.model",
+                f"{EMBEDDED_MODEL} is an encoder and cannot generate: use {EMBEDDED_DECODER} or a local decoder",
             )
 
     def evaluate(self, model_dir, train, test, params):
