@@ -25,6 +25,7 @@ from lmpipe.serve.serving import (
     OnnxEntityTagger,
     OnnxTextClassifier,
     check_texts,
+    encode_words,
     entities_of,
     words_of,
 )
@@ -239,7 +240,7 @@ def tag_file(
         )
         tags, scores = tagged.predicted, tagged.confidence
     entities = [entities_of(*row) for row in zip(texts, words, tags, scores, strict=True)]
-    lengths = [len(ids) for ids in tokenizer(sentences, is_split_into_words=True, verbose=False)["input_ids"]]
+    lengths = [len(ids) for ids in encode_words(tokenizer, sentences, verbose=False)["input_ids"]]
     truncated = [n > limit for n in lengths]
     frame = pd.DataFrame({"row": rows, "entities": [json.dumps(e) for e in entities], "truncated": truncated})
     if output_path.suffix.lower() == ".csv":
