@@ -191,3 +191,36 @@ def test_export_skips_the_bert_fusions_for_a_decoder_with_families_line(tiny_dec
     models.write_model(model, models.load_tokenizer(tiny_decoder), tmp_path / "model")
     found = onnx_export.optimize_onnx(tmp_path / "model", tmp_path, max_length=16, opset=18)
     assert found == {"skipped": families.unsupported(config, "onnx_fusions", "export.optimize")}
+
+
+@pytest.mark.parametrize("task", [tasks.CLASSIFICATION, tasks.TOKEN_CLASSIFICATION])
+def test_onnx_export_of_a_decoder_head_matches_pytorch(tiny_decoder, decoder_tokenizer, tmp_path, task):
+    """The Llama classifier and tagger exported as served (dynamic batch and length, right padding) give
+    PyTorch's logits on a padded batch: the last real token pooled, each word's first subword tagged."""
+    import torch
+
+    from lmpipe.serve import serving
+
+    labels = {"B-LOC": 0, "O": 1} if task == tasks.TOKEN_CLASSIFICATION else {"a": 0, "b": 1, "c": 2}
+    torch.manual_seed(0)
+    model = models.load_model(tiny_decoder, labels, task=task)
+    models.write_model(model, decoder_tokenizer, tmp_path / "model")
+    onnx_export.write_classifier_folder(tmp_path / "model", tmp_path / "export", max_length=16, opset=18)
+    sentences = [["Rome", "is", "lovely"], ["We", "flew", "to", "New", "York", "yesterday", "evening"]]
+    if task == tasks.TOKEN_CLASSIFICATION:
+        folder = serving.OnnxEntityTagger(tmp_path / "export")
+        features, word_ids = folder.read_words(sentences)
+        assert decoder_tokenizer.convert_ids_to_tokens(features["input_ids"][0][:3]) == [
+            "Rome",
+            "Ġis",
+            "Ġlovely",
+        ]
+    else:
+        folder = serving.OnnxTextClassifier(tmp_path / "export")
+        features = folder.encode([" ".join(s) for s in sentences])
+    assert set(features) == {"input_ids", "attention_mask"} and features["attention_mask"][0, -1] == 0
+    with torch.no_grad():
+        expected = model.eval()(**{k: torch.from_numpy(v) for k, v in features.items()}).logits.numpy()
+    got = folder.logits(features)
+    real = features["attention_mask"].astype(bool) if got.ndim == 3 else slice(None)
+    assert np.abs(got[real] - expected[real]).max() < 1e-4

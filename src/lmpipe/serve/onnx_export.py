@@ -53,6 +53,9 @@ def write_classifier_folder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir).eval()
+    # a decoder's forward would also return its key-value cache (config.use_cache), which the exported
+    # graph cannot hold and a classifier never reuses; an encoder has none (its graph is unchanged)
+    model.config.use_cache = False
     tokenizer = load_tokenizer(model_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     sample = trace_sample(tokenizer, max_length)

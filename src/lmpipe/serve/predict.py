@@ -124,6 +124,16 @@ def predict_file(
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     rows, texts = read_text_file(input_path, text_column)
     model = Path(model)
+    if (
+        backend == "onnx"
+        and (model / CLASSIFIER_FILE).is_file()
+        and not (model / VARIANT_FILES[variant]).is_file()
+    ):
+        built = [v for v, f in VARIANT_FILES.items() if (model / f).is_file()]
+        raise UserError(
+            f"--variant: {model} has no {variant} model ({VARIANT_FILES[variant]}); it holds {', '.join(built)} "
+            "(the export report's optimize says why an optimised graph was not built)"
+        )
     if model_is_tagger(model, backend):
         return tag_file(rows, texts, output_path, model, backend, variant, batch_size, max_length)
 
