@@ -123,6 +123,7 @@ FILE_SECONDS = {
     "tests/e2e/test_search_workers.py": 97,
     "tests/e2e/test_compress_budget.py": 94,
     "tests/e2e/test_export.py": 89,
+    "tests/e2e/test_decoder_pipeline.py": 85,  # measured alone (serial), added with the file
     "tests/e2e/test_source_data.py": 56,
     "tests/code/test_compare.py": 44,
     "tests/e2e/test_s3_remote.py": 37,
@@ -131,6 +132,7 @@ FILE_SECONDS = {
     "tests/code/test_strategy_parts.py": 22,
     "tests/e2e/test_compress.py": 20,
     "tests/code/test_tracking_store.py": 15,
+    "tests/code/test_decoders.py": 14,  # measured alone (serial), added with the file
     "tests/code/test_reading.py": 9,
     "tests/code/test_export_parts.py": 8,
     "tests/e2e/test_stage_errors.py": 8,

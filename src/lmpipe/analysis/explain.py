@@ -1,7 +1,10 @@
 """Why the model predicted what it did: token attributions, how faithful they are, and a page to read them.
 
 Attributions are integrated gradients (captum's ``LayerIntegratedGradients``) toward a target class, from a
-baseline input that keeps [CLS]/[SEP] and puts [PAD] in place of every other token. They are taken on the
+baseline input that keeps the tokenizer's special tokens ([CLS]/[SEP] for BERT; SmolLM2's adds none) and
+puts the pad token in place of every other token. A decoder's pad token is its EOS, and its classifier
+pools the last token that is not one: the model still reads the text's own ids along the path (only the
+word vectors are interpolated), so it pools the same last token at every step. They are taken on the
 word embeddings (``model.get_input_embeddings()``), not on the whole embeddings block: only the token ids
 differ between input and baseline, so interpolating the word vectors varies exactly what the baseline
 removes, while the position and token-type embeddings and the embeddings' LayerNorm stay the model's own
@@ -48,7 +51,7 @@ class Explanation:
     actual: str
     predicted: str
     probability: float  # the model's probability of ``predicted``
-    tokens: list[str]  # subword tokens the model read, [CLS]/[SEP] excluded
+    tokens: list[str]  # subword tokens the model read, special tokens ([CLS]/[SEP]) excluded
     scores: np.ndarray  # one signed attribution per token, toward ``predicted``
     baseline_terms: list[tuple[str, float]] = field(default_factory=list)  # from ``baseline_terms``
     baseline_predicted: str = ""  # the class the baseline predicts, which its terms point toward
@@ -138,7 +141,7 @@ def faithfulness(
     - ``random_comprehensiveness``, ``random_sufficiency``: the same with k random tokens, mean over
       ``random_draws`` draws seeded by ``seed``.
 
-    Tokens are deleted from the token ids ([CLS]/[SEP] kept), so the model reads exactly the tokens kept.
+    Tokens are deleted from the token ids (special tokens kept), so the model reads exactly the tokens kept.
     Columns: k, p_full, comprehensiveness, sufficiency, random_comprehensiveness, random_sufficiency."""
     if not 0 < k_share <= 1:
         raise ValueError(f"k_share must be in (0, 1], got {k_share}")

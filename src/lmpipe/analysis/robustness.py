@@ -224,11 +224,12 @@ def attack_many(
 
 def words_read(tokenizer, max_length: int) -> Callable[[str], int]:
     """How many of a text's words (as ``attack`` splits them) fit in the model's ``max_length`` tokens."""
+    from lmpipe.serve.serving import encode_words
 
     def count(text: str) -> int:
         words = [p for p in _pieces(text) if _is_word(p)]
-        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
-        ids = [w for w in enc.word_ids() if w is not None]
+        enc = encode_words(tokenizer, [words], truncation=True, max_length=max_length)
+        ids = [w for w in enc.word_ids(0) if w is not None]
         return (max(ids) + 1) if ids else 0
 
     return count

@@ -3,7 +3,10 @@
 Kept apart from ``training`` so that scoring a model (evaluate, compress) does not depend on the
 training loop, its strategies or its checkpoints. What a model reads of a long text (``base.reading``:
 its head, tail, head and tail, or every window) is ``serving.read_texts``, shared with the exported
-model, so that serving reads a text exactly as training did.
+model, so that serving reads a text exactly as training did. Words (a tagger's sentences) become
+tokens through ``serving.encode_words`` alike, which gives each word after the first the space it had
+in the text where the tokenizer needs it (byte-level BPE decoders), so that a word is read as it is in
+running text.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lmpipe.data import encode_labels
-from lmpipe.serve.serving import HEAD_READING, READING_KEY, pool_logits, read_texts
+from lmpipe.serve.serving import HEAD_READING, READING_KEY, encode_words, pool_logits, read_texts
+
+__all__ = ["encode_words", "frame_dataset", "model_reading", "set_model_reading", "TextDataset"]
 
 
 def model_reading(model: torch.nn.Module) -> dict[str, Any]:

@@ -93,6 +93,8 @@ def export_and_check(
         if cfg.optimize
         else {"skipped": "export.optimize is false"}
     )
+    if cfg.optimize and "skipped" in optimize:  # asked for, not built: say why once (it is in the report)
+        print(f"export: {optimize['skipped']}")
 
     # checked and timed with spinning off whatever is served: a spinning ONNX Runtime pool slows the
     # PyTorch call timed after it (3x on 2 cores), and the table must compare the backends fairly

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lmpipe import latency, tasks
 from lmpipe.metrics import classification_metrics
+from lmpipe.modeling import families
 from lmpipe.modeling.encoding import model_reading
 from lmpipe.modeling.inference import batches_logits
 from lmpipe.modeling.models import SOFT_PROMPT_KEY, load_model, load_tokenizer, model_task
@@ -52,6 +53,9 @@ def write_classifier_folder(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir).eval()
+    # a decoder's forward would also return its key-value cache (config.use_cache), which the exported
+    # graph cannot hold and a classifier never reuses; an encoder has none (its graph is unchanged)
+    model.config.use_cache = False
     tokenizer = load_tokenizer(model_dir)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     sample = trace_sample(tokenizer, max_length)
@@ -152,13 +156,17 @@ def optimize_onnx(model_dir: str | Path, folder: str | Path, max_length: int, op
     """ONNX Runtime's transformer optimizer (``optimize_model``, model type ``bert``, heads and hidden size
     from the model's config) on a fusable export of ``model_dir`` (the same weights and inputs as
     ``model.onnx`` in ``folder``), written to ``model.opt.onnx``. Returns the fused op counts, or
-    ``{"skipped": why}`` for a model the BERT optimizer does not cover. Parity is the caller's check."""
+    ``{"skipped": why}`` for a model the BERT optimizer does not cover (a decoder: ``families``' line).
+    Parity is the caller's check."""
     from onnxruntime.transformers.optimizer import optimize_model
     from transformers import AttentionInterface
 
     folder = Path(folder)
     model = load_model(model_dir).eval()
     config = model.config
+    why = families.unsupported(config, "onnx_fusions", "export.optimize")  # a decoder's: the plain graph
+    if why:
+        return {"skipped": why}
     if config.model_type != "bert":
         return {"skipped": f"model type '{config.model_type}': ONNX Runtime's optimizer here covers bert"}
     if getattr(config, SOFT_PROMPT_KEY, None):  # its forward widens the 2-D mask the fusable export replaces

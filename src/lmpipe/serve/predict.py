@@ -25,6 +25,7 @@ from lmpipe.serve.serving import (
     OnnxEntityTagger,
     OnnxTextClassifier,
     check_texts,
+    encode_words,
     entities_of,
     words_of,
 )
@@ -123,6 +124,16 @@ def predict_file(
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     rows, texts = read_text_file(input_path, text_column)
     model = Path(model)
+    if (
+        backend == "onnx"
+        and (model / CLASSIFIER_FILE).is_file()
+        and not (model / VARIANT_FILES[variant]).is_file()
+    ):
+        built = [v for v, f in VARIANT_FILES.items() if (model / f).is_file()]
+        raise UserError(
+            f"--variant: {model} has no {variant} model ({VARIANT_FILES[variant]}); it holds {', '.join(built)} "
+            "(the export report's optimize says why an optimised graph was not built)"
+        )
     if model_is_tagger(model, backend):
         return tag_file(rows, texts, output_path, model, backend, variant, batch_size, max_length)
 
@@ -239,7 +250,7 @@ def tag_file(
         )
         tags, scores = tagged.predicted, tagged.confidence
     entities = [entities_of(*row) for row in zip(texts, words, tags, scores, strict=True)]
-    lengths = [len(ids) for ids in tokenizer(sentences, is_split_into_words=True, verbose=False)["input_ids"]]
+    lengths = [len(ids) for ids in encode_words(tokenizer, sentences, verbose=False)["input_ids"]]
     truncated = [n > limit for n in lengths]
     frame = pd.DataFrame({"row": rows, "entities": [json.dumps(e) for e in entities], "truncated": truncated})
     if output_path.suffix.lower() == ".csv":

@@ -127,6 +127,29 @@ def _special_wrapping(tokenizer: Any) -> dict[str, tuple[list[int], list[int], i
     return wrap
 
 
+def encode_words(tokenizer: Any, sentences: Sequence[Sequence[str]], **kwargs: Any) -> Any:
+    """Sentences given as words (``is_split_into_words``), encoded as the same words read in running text,
+    with ``word_ids`` mapping subwords to words: the one path from words to tokens (training, evaluation,
+    analysis, serving). A byte-level BPE tokenizer without a prefix space (GPT-2, Llama, SmolLM2) reads a
+    word given alone as if it began the text (``world``, where the text has ``Ġworld``), so every word
+    after the first is given its space (``_words_need_space``); WordPiece (BERT, MiniLM) and SentencePiece
+    tokenizers need none, and get the words as they are (their ids unchanged)."""
+    words = [list(s) for s in sentences]
+    if words and _words_need_space(tokenizer):
+        words = [[w if i == 0 else f" {w}" for i, w in enumerate(s)] for s in words]
+    return tokenizer(words, is_split_into_words=True, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)  # per tokenizer: a probe, as for _special_wrapping
+def _words_need_space(tokenizer: Any) -> bool:
+    """Whether the tokenizer reads words split apart otherwise than the text they come from (a byte-level
+    BPE loses each word's leading-space marker), read off a probe."""
+    probe = ["Hello", "world"]
+    as_words = tokenizer(probe, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    as_text = tokenizer(" ".join(probe), add_special_tokens=False)["input_ids"]
+    return list(as_words) != list(as_text)
+
+
 def pool_logits(logits: np.ndarray, owner: np.ndarray, n_texts: int, pooling: str = "mean") -> np.ndarray:
     """The texts' logits from their units' (``read_texts``): the mean or the max over each text's
     windows, per class; one unit per text passes through."""
@@ -297,12 +320,7 @@ class OnnxEntityTagger(OnnxFolder):
 
     def read_words(self, sentences: Sequence[Sequence[str]]) -> tuple[dict[str, np.ndarray], list[list]]:
         """The padded model inputs of sentences given as words, and each row's subword-to-word map."""
-        enc = self.tokenizer(
-            [list(s) for s in sentences],
-            is_split_into_words=True,
-            truncation=True,
-            max_length=self.max_length,
-        )
+        enc = encode_words(self.tokenizer, sentences, truncation=True, max_length=self.max_length)
         word_ids = [enc.word_ids(i) for i in range(len(sentences))]
         padded = self.tokenizer.pad(dict(enc), padding=True, return_tensors="np")
         return {name: padded[name].astype(np.int64) for name in self.input_names}, word_ids

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from lmpipe.errors import UserError
-from lmpipe.serve.serving import first_subword_rows, tags_of
+from lmpipe.serve.serving import encode_words, first_subword_rows, tags_of
 from lmpipe.tasks import TOKEN_CLASSIFICATION
 from lmpipe.tasks.base import Task
 
@@ -85,7 +85,7 @@ def tag_map(tag_lists: Sequence[Sequence[str]]) -> dict[str, int]:
 
 def token_lengths(tokenizer, frame: pd.DataFrame) -> np.ndarray:
     """Subword tokens per sentence, with the special tokens, as the model reads it."""
-    encoded = tokenizer([list(t) for t in frame["tokens"]], is_split_into_words=True, verbose=False)
+    encoded = encode_words(tokenizer, frame["tokens"], verbose=False)
     return np.array([len(ids) for ids in encoded["input_ids"]])
 
 
@@ -122,7 +122,7 @@ class TokenDataset(torch.utils.data.Dataset):
         self.reading = {"mode": "head"}  # a sentence's first max_length tokens (the rest count as O)
         self.n_texts = len(sentences)
         words = [list(s) for s in sentences]
-        self.encodings = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        self.encodings = encode_words(tokenizer, words, truncation=True, max_length=max_length)
         self.word_ids = [self.encodings.word_ids(i) for i in range(self.n_texts)]
         self.n_words = [len(s) for s in words]
         self.tags = None if tags is None else [list(t) for t in tags]
