@@ -77,7 +77,8 @@ def test_analyze_perturbs_the_inputs_and_the_rest_says_what_does_not_apply(gen_r
     lead = robust[(robust.predictor == "baseline") & (robust.perturbation == "window_shift")]
     assert (lead["rougeL_drop"] > 0).all()  # cutting the article's start hurts the lead baseline
     assert "generation" in pd.read_csv(repo / "reports/analyze/attack.csv")["note"][0]
-    assert len(pd.read_csv(repo / "reports/analyze/slices_length.csv")) >= 1
+    slices = pd.read_csv(repo / "reports/analyze/slices_length.csv")
+    assert slices["rows"].sum() == 8 and {"model_rougeL", "model_ci95_low"} <= set(slices.columns)
     for stage in ("compress", "export"):
         assert read(repo, f"reports/{stage}/report.json")["applicable"] is False
         assert (repo / f"models/{stage}/NOTE.md").read_text().startswith(f"{stage}: not yet for generation")

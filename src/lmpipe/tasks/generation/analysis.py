@@ -1,7 +1,7 @@
 """Generation's analysis (analyze), on the first ``generation.analyze_rows`` test rows (each pass is a
 generation): the tuned model and the lead baseline under the perturbations of
 ``analyze.robustness.perturbations`` applied to the input (the template is left alone), with the mean
-ROUGE-L drop and the share of outputs that change; and ROUGE-L by prompt length. Calibration, the
+ROUGE-L drop and the share of outputs that change; and ROUGE-L by the input's length. Calibration, the
 attack and the attributions explain one label per text, and say so in one line."""
 
 from __future__ import annotations
@@ -107,17 +107,16 @@ def robustness(analysis: Analysis) -> Part:
 
 
 def slices(analysis: Analysis) -> Part:
-    """ROUGE-L of the model and the lead baseline by prompt length (quartiles), with bootstrap CIs."""
+    """ROUGE-L of the model and the lead baseline by the input's length (quartiles), with bootstrap CIs."""
     from lmpipe.tasks.generation.evaluation import Generated, length_buckets
 
-    frame, clean, prompt_ids = _clean(analysis)
+    frame, clean, _ = _clean(analysis)
     refs = frame["target"].tolist()
 
     model = Generated(clean, rouge_rows(refs, clean))
     lead_texts = analysis.baseline.predict(frame).predicted
-    table = length_buckets(
-        prompt_ids, {"model": model, "baseline": Generated(lead_texts, rouge_rows(refs, lead_texts))}
-    )
+    predictors = {"model": model, "baseline": Generated(lead_texts, rouge_rows(refs, lead_texts))}
+    table = length_buckets(frame["text"], predictors, analysis.params.base.seed)
     note = pd.DataFrame({"note": ["not for generation: slices by class need classes"]})
     return Part(report={"slices": {"rows": len(frame), "buckets": len(table)}},
                 tables={"slices_length": table, "slices_class": note})  # fmt: skip

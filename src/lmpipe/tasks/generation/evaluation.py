@@ -143,7 +143,7 @@ def evaluate(model_dir, train: pd.DataFrame, test: pd.DataFrame, params) -> Eval
     # the rows where the tuned model does worse than the input's first words, worst first
     worse = table.assign(lead=first.texts, lead_rougeL=first.rows["rougeL"].round(4))
     worse = worse[worse["rougeL"] < worse["lead_rougeL"]].sort_values("rougeL", kind="stable")
-    by_length = length_buckets(prompts.ids, {"model": ours, "lead": first, "zero_shot": zero})
+    by_length = length_buckets(test["text"], {"model": ours, "lead": first, "zero_shot": zero}, seed)
     return Evaluation(
         scores=scores,
         per_class={"model": {}, "baseline": {}},  # no classes
@@ -157,23 +157,31 @@ def evaluate(model_dir, train: pd.DataFrame, test: pd.DataFrame, params) -> Eval
     )
 
 
-def length_buckets(prompt_ids, predictors: dict[str, Generated], buckets: int = 4) -> pd.DataFrame:
-    """Mean ROUGE-L per prompt-length quartile, per predictor (a DVC plot)."""
-    lengths = np.array([len(p) for p in prompt_ids])
+def length_buckets(texts, predictors: dict[str, Generated], seed: int, buckets: int = 4) -> pd.DataFrame:
+    """Mean ROUGE-L by the input's length in words (quartiles; the prompt itself is often cut to
+    ``base.max_length``, so its own length says little), per predictor, with a 95% bootstrap CI."""
+    lengths = np.array([len(str(t).split()) for t in texts])
     edges = np.unique(np.quantile(lengths, np.linspace(0, 1, buckets + 1)))
+    if len(edges) < 2:  # every input the same length: one bucket
+        edges = np.array([lengths.min(), lengths.max() + 1])
     which = np.clip(np.searchsorted(edges, lengths, side="right") - 1, 0, len(edges) - 2)
     rows = []
     for b in range(len(edges) - 1):
         mask = which == b
-        if mask.any():
-            row = {"bucket": b, "max_prompt_tokens": int(lengths[mask].max()), "rows": int(mask.sum())}
+        if not mask.any():
+            continue
+        row = {"bucket": b, "max_input_words": int(lengths[mask].max()), "rows": int(mask.sum())}
+        for name, g in predictors.items():
+            values = g.rows["rougeL"].to_numpy()[mask]
+            ci = paired_ci(values, np.zeros_like(values), seed)
             row.update(
                 {
-                    f"{name}_rougeL": round(float(g.rows["rougeL"][mask].mean()), 4)
-                    for name, g in predictors.items()
+                    f"{name}_rougeL": ci["mean"],
+                    f"{name}_ci95_low": ci["ci95_low"],
+                    f"{name}_ci95_high": ci["ci95_high"],
                 }
             )
-            rows.append(row)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
