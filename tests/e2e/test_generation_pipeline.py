@@ -9,7 +9,8 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import TINY, new_repo, run
+
+from tests.conftest import TINY, check_report_shape, new_repo, run
 
 pytestmark = pytest.mark.extended
 
@@ -84,3 +85,9 @@ def test_analyze_perturbs_the_inputs_and_the_rest_says_what_does_not_apply(gen_r
         assert (repo / f"models/{stage}/NOTE.md").read_text().startswith(f"{stage}: not yet for generation")
     status = run(["dvc", "status"], repo).stdout
     assert "up to date" in status
+
+
+def test_the_reports_keep_their_shape(gen_repo):
+    """Every report key of the generation pipeline, against tests/golden/generation.json (a key that
+    moves is a change to the DVC metrics people compare): LMPIPE_UPDATE_GOLDEN=1 rewrites it."""
+    check_report_shape(gen_repo[0], "generation.json")
