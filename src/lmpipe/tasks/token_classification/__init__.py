@@ -373,7 +373,7 @@ class TokenClassification(Task):
 
         return AutoModelForTokenClassification
 
-    def dataset(self, tokenizer, frame, label2id, max_length, reading=None, train=False, seed=0):
+    def dataset(self, tokenizer, frame, label2id, max_length, reading=None, train=False, seed=0, params=None):
         return frame_dataset(tokenizer, frame, label2id, max_length)
 
     def param_problems(self, params):
