@@ -224,3 +224,11 @@ def test_onnx_export_of_a_decoder_head_matches_pytorch(tiny_decoder, decoder_tok
     got = folder.logits(features)
     real = features["attention_mask"].astype(bool) if got.ndim == 3 else slice(None)
     assert np.abs(got[real] - expected[real]).max() < 1e-4
+
+
+def test_lora_at_full_fine_tuning_s_rate_is_warned_about():
+    cfg = load_params(ROOT / "params.yaml").train
+    lora = dataclasses.replace(cfg, strategy="lora")
+    assert "is low for LoRA" in strategies.advice(lora)[0]
+    assert strategies.advice(dataclasses.replace(lora, learning_rate=5e-4)) == []
+    assert strategies.advice(dataclasses.replace(cfg, strategy="full")) == []

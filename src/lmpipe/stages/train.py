@@ -50,7 +50,7 @@ def run(params: Params, paths: Paths) -> str:
     params = dataclasses.replace(params, train=cfg)
     strategies.validate(model, cfg, base.max_length)
     task = tasks.for_stage(base.task, "train", TASK_PARTS)
-    for warning in task.warnings(params):
+    for warning in task.warnings(params) + strategies.advice(cfg):
         print(warning)
     train_frame, augmented = augment.augment_frame(
         data.read_split(paths.data, "train"), cfg.augment, base.seed
