@@ -80,7 +80,7 @@ def add_predict_parser(sub) -> None:
 
 
 def predict(args: argparse.Namespace) -> None:
-    from lmpipe.serve.predict import predict_file
+    from lmpipe.serve.predict import check_servable, predict_file
 
     max_length = args.max_length
     if args.backend == "pytorch" and max_length is None:
@@ -88,6 +88,7 @@ def predict(args: argparse.Namespace) -> None:
 
         max_length = load_params(args.params).base.max_length
     model = args.model or ("models/export" if args.backend == "onnx" else "models/model")
+    check_servable(Path(model), args.backend)
     temperature = 1.0
     if args.backend == "pytorch" and Path(args.calibration).is_file():
         temperature = float(json.loads(Path(args.calibration).read_text())["temperature"])

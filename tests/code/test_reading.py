@@ -168,4 +168,8 @@ def test_the_served_model_spells_the_task_names_as_the_registry():
     from lmpipe import tasks
     from lmpipe.serve import serving
 
-    assert (serving.TEXT_TASK, serving.TOKEN_TASK) == (tasks.CLASSIFICATION, tasks.TOKEN_CLASSIFICATION)
+    assert (serving.TEXT_TASK, serving.TOKEN_TASK, serving.GENERATION_TASK) == (
+        tasks.CLASSIFICATION,
+        tasks.TOKEN_CLASSIFICATION,
+        tasks.GENERATION,
+    )

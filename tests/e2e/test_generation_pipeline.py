@@ -91,3 +91,15 @@ def test_the_reports_keep_their_shape(gen_repo):
     """Every report key of the generation pipeline, against tests/golden/generation.json (a key that
     moves is a change to the DVC metrics people compare): LMPIPE_UPDATE_GOLDEN=1 rewrites it."""
     check_report_shape(gen_repo[0], "generation.json")
+
+
+def test_predict_refuses_a_generator_in_one_line(gen_repo, tmp_path):
+    repo, _ = gen_repo
+    texts = tmp_path / "in.txt"
+    texts.write_text("Some article text.\n")
+    for extra in ([], ["--backend", "pytorch", "--max-length", "64", "--model", "models/model"]):
+        out = run(
+            ["lmpipe", "predict", str(texts), "-o", str(tmp_path / "out.csv"), *extra], repo, check=False
+        )
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().count("\n") == 0, out.stderr  # one line

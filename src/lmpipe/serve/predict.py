@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from lmpipe.errors import UserError
 from lmpipe.serve.serving import (
     CLASSIFIER_FILE,
+    GENERATION_TASK,
     TOKEN_TASK,
     VARIANT_FILES,
     InputError,
@@ -134,6 +135,7 @@ def predict_file(
             f"--variant: {model} has no {variant} model ({VARIANT_FILES[variant]}); it holds {', '.join(built)} "
             "(the export report's optimize says why an optimised graph was not built)"
         )
+    check_servable(model, backend)
     if model_is_tagger(model, backend):
         return tag_file(rows, texts, output_path, model, backend, variant, batch_size, max_length)
 
@@ -196,6 +198,25 @@ def predict_file(
         with io.atomic_path(output_path) as tmp:
             tmp.write_text("".join(json.dumps(rec) + "\n" for rec in records), encoding="utf-8")
     return frame
+
+
+def check_servable(model: Path, backend: str) -> None:
+    """A text generator is refused in one line: serving a causal LM is the next issue. An export folder
+    that the export stage left a note in instead of a model (``reports.not_applicable``) says why."""
+    note = model / "NOTE.md"
+    if backend == "onnx" and not (model / CLASSIFIER_FILE).is_file() and note.is_file():
+        raise UserError(f"--model: {model} holds no served model: {note.read_text(encoding='utf-8').strip()}")
+    if backend == "pytorch" and model_task_name(model) == GENERATION_TASK:
+        raise UserError(
+            f"--model: {model} is a text generator; lmpipe predict serves classifiers and taggers (serving a "
+            "causal LM is the next issue: until then, load the folder with transformers' AutoModelForCausalLM)"
+        )
+
+
+def model_task_name(model: Path) -> str | None:
+    """The task a ``save_pretrained`` folder's config records (``lmpipe_task``), if any."""
+    config = model / "config.json"
+    return json.loads(config.read_text(encoding="utf-8")).get("lmpipe_task") if config.is_file() else None
 
 
 def model_is_tagger(model: Path, backend: str) -> bool:
