@@ -351,7 +351,7 @@ def test_prompt_tuning_model_goes_through_every_stage(prompt_repo, tiny_encoder)
     [
         (
             {"strategy": "adapters"},
-            "train.strategy: must be one of full, linear_probe, lora, gradual_unfreezing, prompt_tuning",
+            "train.strategy: must be one of auto, full, linear_probe, lora, gradual_unfreezing, prompt_tuning",
         ),
         (
             {"strategy": "prompt_tuning", "prompt_tuning": {"virtual_tokens": 490, "learning_rate": 0.01}},

@@ -45,9 +45,9 @@ def run(params: Params, paths: Paths) -> str:
     models.seed_everything(base.seed)  # before the head is created: its init is random
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_model(model_dir, label2id, task=base.task)
-    # auto values made concrete for this model; a bad strategy setting fails here, before a run
+    # auto values made concrete for this model (params itself stays as written: its hash tags the runs);
+    # a bad strategy setting fails here, before a run
     cfg = strategies.resolve(cfg, model)
-    params = dataclasses.replace(params, train=cfg)
     strategies.validate(model, cfg, base.max_length)
     task = tasks.for_stage(base.task, "train", TASK_PARTS)
     for warning in task.warnings(params) + strategies.advice(cfg):
@@ -96,8 +96,8 @@ def run(params: Params, paths: Paths) -> str:
         cuts = {f"{name}_{k}": v for name, ds in (("train", train_set), ("val", val_set))
                 for k, v in getattr(ds, "cuts", {}).items()}  # fmt: skip
         summary = record(
-            params, paths, result, counts, tokenizer, augmented, len(train_set), len(val_set), run.info.run_id,
-            cuts,
+            params, cfg, paths, result, counts, tokenizer, augmented, len(train_set), len(val_set),
+            run.info.run_id, cuts,
         )  # fmt: skip
     checkpoints.remove(run_dir)  # a finished run leaves no checkpoints behind
     return (
@@ -128,6 +128,7 @@ def resume_point(params: Params, paths: Paths) -> tuple[Path, str | None, int]:
 
 def record(
     params: Params,
+    cfg,
     paths: Paths,
     result,
     counts: dict,
@@ -140,7 +141,7 @@ def record(
 ) -> dict:
     """Rank 0's outputs, all or none: the model folder and the adapter, the history, the report and its
     DVC metrics; and the same figures in the active MLflow run. Returns the report."""
-    cfg, inputs = params.train, inputs or {}
+    inputs = inputs or {}  # cfg: params.train with its auto values resolved (strategies.resolve)
     counts["trainable_parameters"] = result.trainable_parameters
     tracking.log_metrics({**counts, "augmented_rows": augmented})
     for phase in result.phases:  # gradual unfreezing: one step per phase

@@ -149,7 +149,6 @@ class Generation(Task):
         "train": ("best_val_rougeL", "best_epoch", "train_seconds"),
         "evaluate": (
             "model.rougeL",
-            "model.rouge1",
             "model.perplexity",
             "model.exact_match",
             "baseline.rougeL",
