@@ -111,6 +111,22 @@ def deduplicate(frame: pd.DataFrame, target: str, on_conflict: str) -> tuple[pd.
     return frame, duplicates, conflicting, conflict_rows
 
 
+def deduplicate_and_sample(
+    frame: pd.DataFrame, target: str, on_conflict: str, max_rows: int | None, seed: int
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``deduplicate`` then ``stratified_sample`` (``prepare.max_rows``), and what they removed, as the
+    prepare report counts it: duplicates, conflicting texts and their rows dropped, rows sampled out."""
+    frame, duplicates, conflicting, conflict_rows = deduplicate(frame, target, on_conflict)
+    kept = stratified_sample(frame, max_rows, seed)
+    counts = {
+        "duplicates_removed": int(duplicates),
+        "conflicting_texts": len(conflicting),
+        "conflict_rows_dropped": conflict_rows if on_conflict == "drop" else conflict_rows - len(conflicting),
+        "sampled_out": len(frame) - len(kept),
+    }
+    return kept, counts
+
+
 def stratified_sample(frame: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
     """A seeded sample of ``n`` rows keeping class proportions (plain random when a class is too rare
     to stratify, or when rows have no label); the whole frame when ``n`` is None or not smaller than it.

@@ -19,10 +19,9 @@ from lmpipe.data import (
     builtin_name,
     check_no_leakage,
     clean_text,
-    deduplicate,
+    deduplicate_and_sample,
     load_bbc_news,
     load_text_folder,
-    stratified_sample,
     title_of,
 )
 from lmpipe.errors import UserError
@@ -119,13 +118,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
     empty = (frame["text"] == "") | (frame["label"] == "")
     frame = frame[~empty]
 
-    frame, duplicates_removed, conflicting, conflict_rows = deduplicate(frame, "label", prep.on_conflict)
-
-    sampled_out = 0
-    if prep.max_rows is not None and prep.max_rows < len(frame):
-        kept = stratified_sample(frame, prep.max_rows, seed)
-        sampled_out = len(frame) - len(kept)
-        frame = kept
+    frame, removed = deduplicate_and_sample(frame, "label", prep.on_conflict, prep.max_rows, seed)
 
     frame = frame.reset_index(drop=True)[["id", "text", "label"]]
     classes = sorted(frame["label"].unique())
@@ -137,12 +130,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
     report = {
         "rows_in": len(raw),
         "empty_dropped": int(empty.sum()),
-        "duplicates_removed": int(duplicates_removed),
-        "conflicting_texts": len(conflicting),
-        "conflict_rows_dropped": conflict_rows
-        if prep.on_conflict == "drop"
-        else conflict_rows - len(conflicting),
-        "sampled_out": sampled_out,
+        **removed,
         "rows_out": len(frame),
         "classes": len(classes),
         "rows_per_class": {c: int(n) for c, n in frame["label"].value_counts().sort_index().items()},

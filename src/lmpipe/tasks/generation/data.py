@@ -21,7 +21,7 @@ from lmpipe.data import (
     builtin_name,
     check_no_leakage,
     clean_text,
-    deduplicate,
+    deduplicate_and_sample,
     load_bbc_news,
 )
 from lmpipe.errors import UserError
@@ -142,11 +142,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
         )
     empty = frame["text"] == ""
     frame = frame[~empty]
-    frame, duplicates, conflicting, conflict_rows = deduplicate(frame, "target", prep.on_conflict)
-    sampled_out = 0
-    if prep.max_rows is not None and prep.max_rows < len(frame):
-        kept = frame.sample(n=prep.max_rows, random_state=seed).sort_index()
-        sampled_out, frame = len(frame) - len(kept), kept
+    frame, removed = deduplicate_and_sample(frame, "target", prep.on_conflict, prep.max_rows, seed)
     frame = frame.reset_index(drop=True)[COLUMNS]
     if len(frame) < 4:
         raise UserError(f"prepare.source: {prep.source} has {len(frame)} usable rows; need at least 4")
@@ -154,12 +150,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
     report = {
         "rows_in": len(raw),
         "empty_dropped": int(empty.sum()),
-        "duplicates_removed": int(duplicates),
-        "conflicting_texts": len(conflicting),
-        "conflict_rows_dropped": conflict_rows
-        if prep.on_conflict == "drop"
-        else conflict_rows - len(conflicting),
-        "sampled_out": sampled_out,
+        **removed,
         "rows_out": len(frame),
         "target_words": {
             "p50": float(words.median()),

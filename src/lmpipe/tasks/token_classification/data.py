@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmpipe.data import DESCRIPTOR_SUFFIXES, builtin_name, check_no_leakage, deduplicate
+from lmpipe.data import DESCRIPTOR_SUFFIXES, builtin_name, check_no_leakage, deduplicate_and_sample
 from lmpipe.errors import UserError
 from lmpipe.params import PrepareParams, SplitParams
 from lmpipe.serve.serving import OUTSIDE
@@ -178,11 +178,7 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
         rows.append((sid, words, tags_, " ".join(words)))
     frame = pd.DataFrame(rows, columns=["id", "tokens", "tags", "text"])
     frame["tag_key"] = frame["tags"].map(" ".join)
-    frame, duplicates, conflicting, _ = deduplicate(frame, "tag_key", prep.on_conflict)
-    sampled_out = 0
-    if prep.max_rows is not None and prep.max_rows < len(frame):
-        kept_frame = frame.sample(n=prep.max_rows, random_state=seed).sort_index()
-        sampled_out, frame = len(frame) - len(kept_frame), kept_frame
+    frame, removed = deduplicate_and_sample(frame, "tag_key", prep.on_conflict, prep.max_rows, seed)
     frame = frame.reset_index(drop=True)[["id", "tokens", "tags", "text"]]
     types = entity_counts(frame["tags"])
     if not types:
@@ -192,10 +188,10 @@ def prepare_frame(raw: pd.DataFrame, prep: PrepareParams, seed: int) -> tuple[pd
         "rows_in": len(raw),
         "empty_tokens_dropped": empty_tokens,
         "empty_dropped": empty_sentences,
-        "duplicates_removed": int(duplicates),
-        "conflicting_texts": len(conflicting),
+        "duplicates_removed": removed["duplicates_removed"],
+        "conflicting_texts": removed["conflicting_texts"],
         "bio_repaired": repaired,
-        "sampled_out": sampled_out,
+        "sampled_out": removed["sampled_out"],
         "rows_out": len(frame),
         "tokens": int(frame["tokens"].map(len).sum()),
         "classes": len(types),
