@@ -13,6 +13,7 @@ from lmpipe.analysis.robustness import perturb
 from lmpipe.modeling import generation
 from lmpipe.tasks.base import Analysis, Part, Pass
 from lmpipe.tasks.generation import encode_prompts, paired_ci, rouge_rows
+from lmpipe.tasks.generation.evaluation import Generated, length_buckets
 
 
 def analysis_pass(model, tokenizer, frame, max_length, batch_size, desc=None) -> Pass:
@@ -26,10 +27,10 @@ def _rows(analysis: Analysis) -> pd.DataFrame:
     return analysis.test if n is None else analysis.test.head(n)
 
 
-def _generate(analysis: Analysis, frame: pd.DataFrame, desc: str) -> tuple[list[str], list[list[int]]]:
+def _generate(analysis: Analysis, frame: pd.DataFrame, desc: str | None) -> list[str]:
     p = analysis.params
     prompts = encode_prompts(analysis.tokenizer, frame, p.generation, p.base.max_length, p.base.reading.mode)
-    texts = generation.generate(
+    return generation.generate(
         analysis.model,
         analysis.tokenizer,
         prompts.ids,
@@ -37,14 +38,20 @@ def _generate(analysis: Analysis, frame: pd.DataFrame, desc: str) -> tuple[list[
         p.generation.batch_size,
         desc,
     )
-    return texts, prompts.ids
 
 
-def _clean(analysis: Analysis) -> tuple[pd.DataFrame, list[str], list[list[int]]]:
-    """The studied rows and the model's clean generations for them, computed once per stage."""
+def _clean(analysis: Analysis) -> tuple[pd.DataFrame, dict[str, Generated]]:
+    """The studied rows, and the model's and the lead baseline's outputs and scores on them (the
+    baseline's from the stage's clean pass), computed once per stage."""
     if "clean" not in analysis.clean.extra:
         frame = _rows(analysis)
-        analysis.clean.extra["clean"] = (frame, *_generate(analysis, frame, "clean"))
+        refs = frame["target"].tolist()
+        outputs = {
+            "model": _generate(analysis, frame, "clean"),
+            "baseline": analysis.baseline_clean.predicted[: len(frame)],
+        }
+        studied = {who: Generated(texts, rouge_rows(refs, texts)) for who, texts in outputs.items()}
+        analysis.clean.extra["clean"] = (frame, studied)
     return analysis.clean.extra["clean"]
 
 
@@ -55,28 +62,24 @@ def _mean_ci(values: np.ndarray, resamples: int, seed: int) -> list[float]:
 
 def robustness(analysis: Analysis) -> Part:
     cfg, seed = analysis.params.analyze.robustness, analysis.params.base.seed
-    frame, clean, _ = _clean(analysis)
+    frame, clean = _clean(analysis)
     refs = frame["target"].tolist()
-    lead = analysis.baseline
-    clean_scores = {"model": rouge_rows(refs, clean)["rougeL"].to_numpy(),
-                    "baseline": rouge_rows(refs, lead.predict(frame).predicted)["rougeL"].to_numpy()}  # fmt: skip
+    clean_scores = {who: g.rows["rougeL"].to_numpy() for who, g in clean.items()}
     rows = [{"perturbation": "clean", "strength": 0.0, "predictor": name, "rougeL": round(float(s.mean()), 4),
              "rougeL_drop": 0.0, "changed": 0.0} for name, s in clean_scores.items()]  # fmt: skip
     fragile, report = [], {}
     for name, strengths in cfg.perturbations.items():
         for strength in strengths:
-            texts = perturb(frame["text"].tolist(), name, strength, seed)
-            noisy = frame.assign(text=texts)
+            noisy = frame.assign(text=perturb(frame["text"].tolist(), name, strength, seed))
             outputs = {
-                "model": _generate(analysis, noisy, None)[0],
-                "baseline": lead.predict(noisy).predicted,
+                "model": _generate(analysis, noisy, None),
+                "baseline": analysis.baseline.predict(noisy).predicted,
             }
-            before = {"model": clean, "baseline": lead.predict(frame).predicted}
             entry = {}
             for who, out in outputs.items():
                 scores = rouge_rows(refs, out)["rougeL"].to_numpy()
                 drop = clean_scores[who] - scores
-                changed = np.array([a != b for a, b in zip(out, before[who], strict=True)], dtype=float)
+                changed = np.array([a != b for a, b in zip(out, clean[who].texts, strict=True)], dtype=float)
                 low, high = _mean_ci(drop, cfg.resamples, seed)
                 rows.append({"perturbation": name, "strength": strength, "predictor": who,
                              "rougeL": round(float(scores.mean()), 4), "rougeL_drop": round(float(drop.mean()), 4),
@@ -86,7 +89,7 @@ def robustness(analysis: Analysis) -> Part:
                 if who == "model":
                     for i in np.flatnonzero(changed):
                         fragile.append({"id": frame["id"].iloc[i], "perturbation": name, "strength": strength,
-                                        "clean": clean[i], "perturbed": out[i], "rougeL_drop": round(float(drop[i]), 4)})  # fmt: skip
+                                        "clean": clean["model"].texts[i], "perturbed": out[i], "rougeL_drop": round(float(drop[i]), 4)})  # fmt: skip
             report[f"{name}@{strength:g}"] = entry
     table = pd.DataFrame(rows)
     noisy = table[table["perturbation"] != "clean"]
@@ -108,15 +111,8 @@ def robustness(analysis: Analysis) -> Part:
 
 def slices(analysis: Analysis) -> Part:
     """ROUGE-L of the model and the lead baseline by the input's length (quartiles), with bootstrap CIs."""
-    from lmpipe.tasks.generation.evaluation import Generated, length_buckets
-
-    frame, clean, _ = _clean(analysis)
-    refs = frame["target"].tolist()
-
-    model = Generated(clean, rouge_rows(refs, clean))
-    lead_texts = analysis.baseline.predict(frame).predicted
-    predictors = {"model": model, "baseline": Generated(lead_texts, rouge_rows(refs, lead_texts))}
-    table = length_buckets(frame["text"], predictors, analysis.params.base.seed)
+    frame, clean = _clean(analysis)
+    table = length_buckets(frame["text"], clean, analysis.params.base.seed)
     note = pd.DataFrame({"note": ["not for generation: slices by class need classes"]})
     return Part(report={"slices": {"rows": len(frame), "buckets": len(table)}},
                 tables={"slices_length": table, "slices_class": note})  # fmt: skip

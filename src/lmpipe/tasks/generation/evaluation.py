@@ -43,11 +43,6 @@ def lead_words(train: pd.DataFrame, params) -> int:
     return k if k is not None else max(int(statistics.median(train["target"].str.split().str.len())), 1)
 
 
-def lead(frame: pd.DataFrame, k: int) -> Generated:
-    texts = [" ".join(t.split()[:k]) for t in frame["text"]]
-    return Generated(texts, rouge_rows(frame["target"].tolist(), texts))
-
-
 class LeadBaseline(Baseline):
     """The input's first k words."""
 
@@ -58,6 +53,11 @@ class LeadBaseline(Baseline):
     def predict(self, frame: pd.DataFrame) -> Predictions:
         texts = [" ".join(t.split()[: self.k]) for t in frame["text"]]
         return Predictions(labels=[], predicted=texts, confidence=[None] * len(texts))
+
+    def generated(self, frame: pd.DataFrame) -> Generated:
+        """Its texts on ``frame`` and their scores against the targets."""
+        texts = self.predict(frame).predicted
+        return Generated(texts, rouge_rows(frame["target"].tolist(), texts))
 
     def unit_proba(self, frame: pd.DataFrame) -> np.ndarray:
         return np.zeros((len(frame), 0))
@@ -76,39 +76,36 @@ def load_generator(model_dir):
     )
 
 
-def run_model(model, tokenizer, frame: pd.DataFrame, params, desc: str) -> tuple[Generated, object]:
-    """``model``'s greedy generations on ``frame`` and its perplexity of the targets."""
-    cfg, base = params.generation, params.base
-    prompts = encode_prompts(tokenizer, frame, cfg, base.max_length, base.reading.mode)
+def run_model(model, tokenizer, frame: pd.DataFrame, prompts, targets, params, desc: str) -> Generated:
+    """``model``'s greedy generations from ``prompts`` (ids) and its perplexity of ``targets`` (ids)."""
+    cfg = params.generation
     texts = generation.generate(model, tokenizer, prompts.ids, cfg.max_new_tokens, cfg.batch_size, desc=desc)
-    targets, _ = encode_targets(tokenizer, frame["target"], cfg.max_target_tokens)
     nll, count = generation.reference_nll(model, tokenizer, prompts.ids, targets, cfg.batch_size)
     perplexity = math.exp(nll.sum() / max(count.sum(), 1))
-    return Generated(texts, rouge_rows(frame["target"].tolist(), texts), perplexity), prompts
+    return Generated(texts, rouge_rows(frame["target"].tolist(), texts), perplexity)
+
+
+def rouge_versus(ours: Generated, other: Generated, seed: int) -> dict[str, float]:
+    """The mean per-row ROUGE-L difference, with its 95% paired bootstrap CI."""
+    ci = paired_ci(ours.rows["rougeL"], other.rows["rougeL"], seed)
+    return {"rougeL": ci["mean"], "rougeL_ci95_low": ci["ci95_low"], "rougeL_ci95_high": ci["ci95_high"]}
 
 
 def evaluate(model_dir, train: pd.DataFrame, test: pd.DataFrame, params) -> Evaluation:
-    seed = params.base.seed
+    seed, cfg, base = params.base.seed, params.generation, params.base
     tokenizer = models.load_tokenizer(model_dir)
+    # both models read the same prompts and are scored on the same targets (one tokenizer)
+    prompts = encode_prompts(tokenizer, test, cfg, base.max_length, base.reading.mode)
+    targets, _ = encode_targets(tokenizer, test["target"], cfg.max_target_tokens)
     tuned = load_generator(model_dir).to(models.device())
-    ours, prompts = run_model(tuned, tokenizer, test, params, "test (tuned)")
+    ours = run_model(tuned, tokenizer, test, prompts, targets, params, "test (tuned)")
     del tuned
-    untuned = load_generator(models.resolve_model_dir(params.base.model)).to(models.device())
-    zero, _ = run_model(untuned, tokenizer, test, params, "test (zero-shot)")
+    untuned = load_generator(models.resolve_model_dir(base.model)).to(models.device())
+    zero = run_model(untuned, tokenizer, test, prompts, targets, params, "test (zero-shot)")
     del untuned
-    k = lead_words(train, params)
-    first = lead(test, k)
-    versus = {
-        name: {
-            f"rougeL{suffix}": value
-            for suffix, value in zip(
-                ("", "_ci95_low", "_ci95_high"),
-                paired_ci(ours.rows["rougeL"], other.rows["rougeL"], seed).values(),
-                strict=True,
-            )
-        }
-        for name, other in (("lead", first), ("zero_shot", zero))
-    }
+    lead = fit_baseline(train, params, [])
+    first = lead.generated(test)
+    versus = {"lead": rouge_versus(ours, first, seed), "zero_shot": rouge_versus(ours, zero, seed)}
     scores = {
         "task": GENERATION,
         "model": ours.metrics(),
@@ -116,7 +113,7 @@ def evaluate(model_dir, train: pd.DataFrame, test: pd.DataFrame, params) -> Eval
         "zero_shot": zero.metrics(),
         "model_minus_baseline": versus["lead"],
         "model_minus_zero_shot": versus["zero_shot"],
-        "lead_words": k,
+        "lead_words": lead.k,
         "max_new_tokens": params.generation.max_new_tokens,
         "prompts_truncated": prompts.truncated,
         "test_rows": len(test),
