@@ -134,9 +134,12 @@ class Task:
     unit: ClassVar[str]  # what gets a label: "text" | "word"
     row: ClassVar[str]  # what a frame row is, in messages: "text" | "sentence"
     # what the stages may do with this task, asked as `"x" in task.supports`: augment, prompt_tuning,
-    # folds, windows (base.reading other than head); analyze's calibration, robustness, slices, attack,
+    # folds (the params loader refuses them where absent), windows (base.reading other than head); analyze's calibration, robustness, slices, attack,
     # explain (a part not supported writes one line saying why); compress, export (the stage writes a note); compare (``lmpipe compare``)
     supports: ClassVar[frozenset[str]]
+    # why a setting that needs augment, prompt_tuning or folds cannot work, for a task that lacks it
+    # in ``supports`` (the params loader refuses it with this reason: ``param_problems``)
+    refusals: ClassVar[dict[str, str]] = {}
     # a stage's headline metrics (reports.HEADLINE's dotted paths), where this task's differ
     headline: ClassVar[dict[str, tuple[str, ...]]] = {}
     peft_task_type: ClassVar[str]  # peft's TaskType for LoRA and prompt tuning (strategies)
@@ -180,8 +183,8 @@ class Task:
         raise NotImplementedError
 
     def token_lengths(self, tokenizer, frame: pd.DataFrame) -> np.ndarray:
-        """prepare: each row's length in the model's tokens (with special tokens)."""
-        raise NotImplementedError
+        """prepare: each row's length in the model's tokens (with special tokens); here, of its ``text``."""
+        return np.array([len(ids) for ids in tokenizer(frame["text"].tolist(), verbose=False)["input_ids"]])
 
     def prepare_summary(
         self, report: Mapping[str, Any], labels: Mapping[str, int], prep: PrepareParams
@@ -223,8 +226,21 @@ class Task:
         return self.part("model").val_outputs(model, tokenizer, frame, max_length, batch_size, desc)
 
     def param_problems(self, params: Params) -> Iterator[tuple[str, str]]:
-        """params: settings that make no sense for this task, each by its key (``Params.problems``)."""
-        return iter(())
+        """params: settings that make no sense for this task, each by its key (``Params.problems``): here,
+        those that need what ``supports`` lacks, with the task's reason (``refusals``); a task adds its own."""
+        space = params.search.space
+        searched = (space["strategy"].choices or ()) if "strategy" in space else ()
+        needs = {
+            "augment": ("train.augment.copies", params.train.augment.copies > 0),
+            "prompt_tuning": (
+                "train.strategy",
+                params.train.strategy == "prompt_tuning" or "prompt_tuning" in searched,
+            ),
+            "folds": ("search.folds", params.search.folds > 1),
+        }
+        for what, (key, used) in needs.items():
+            if used and what not in self.supports:
+                yield key, self.refusals[what]
 
     def warnings(self, params: Params) -> list[str]:
         """train: settings that work but are likely to disappoint with this task."""

@@ -8,8 +8,6 @@ that reads texts.
 
 from __future__ import annotations
 
-import numpy as np
-
 from lmpipe.tasks import CLASSIFICATION
 from lmpipe.tasks.base import Task
 
@@ -40,9 +38,6 @@ class Classification(Task):
     # which run this package's parts: data, model, evaluation, analysis, export
     def label_map(self, frame):
         return self.part("data").label_map(frame["label"])
-
-    def token_lengths(self, tokenizer, frame):
-        return np.array([len(ids) for ids in tokenizer(frame["text"].tolist(), verbose=False)["input_ids"]])
 
     def prepare_summary(self, report, labels, prep):
         return (

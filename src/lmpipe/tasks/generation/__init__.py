@@ -141,6 +141,11 @@ class Generation(Task):
     unit = "text"
     row = "prompt"
     supports = frozenset({"robustness", "slices"})
+    refusals = {
+        "augment": "the augmentation is for class-labelled texts: use 0 with generation",
+        "prompt_tuning": "prompt_tuning trains a classifier's soft prompt: use lora or full with generation",
+        "folds": "k-fold search stratifies by class label: use 1 (the val split) with generation",
+    }
     peft_task_type = "CAUSAL_LM"
     selection_metric = "rougeL"
     default_strategy = "lora"
@@ -165,9 +170,6 @@ class Generation(Task):
     def label_map(self, frame):
         return {}  # no labels: labels.json is empty
 
-    def token_lengths(self, tokenizer, frame):
-        return np.array([len(ids) for ids in tokenizer(frame["text"].tolist(), verbose=False)["input_ids"]])
-
     def prepare_summary(self, report, labels, prep):
         return f"{report['conflicting_texts']} inputs with different targets [{prep.on_conflict}]); median target {report['target_words']['p50']:g} words"
 
@@ -185,24 +187,7 @@ class Generation(Task):
                 "base.reading.mode",
                 "windows pools a classifier's logits; for generation use head, tail or head_tail",
             )
-        if params.train.augment.copies > 0:
-            yield (
-                "train.augment.copies",
-                "the augmentation is for class-labelled texts: use 0 with generation",
-            )
-        space = params.search.space
-        if params.train.strategy == "prompt_tuning" or (
-            "strategy" in space and "prompt_tuning" in (space["strategy"].choices or ())
-        ):
-            yield (
-                "train.strategy",
-                "prompt_tuning trains a classifier's soft prompt: use lora or full with generation",
-            )
-        if params.search.folds > 1:
-            yield (
-                "search.folds",
-                "k-fold search stratifies by class label: use 1 (the val split) with generation",
-            )
+        yield from super().param_problems(params)  # augmentation, prompt tuning, folds: see refusals
         if params.base.model == EMBEDDED_MODEL:
             yield (
                 "base.model",

@@ -334,6 +334,13 @@ class TokenClassification(Task):
     row = "sentence"
     # reads each sentence's head; no augmentation, prompt tuning, folds, attack, explain
     supports = frozenset({"calibration", "robustness", "slices", "compress", "export", "compare"})
+    refusals = {
+        "augment": "token-level augmentation would move words off their tags: use 0 with token_classification",
+        "prompt_tuning": (
+            "prompt_tuning prepends tokens a token-classification head would tag: not with token_classification"
+        ),
+        "folds": "k-fold search stratifies by class label: use 1 (the val split) with token_classification",
+    }
     peft_task_type = "TOKEN_CLS"
     comparison_note = (
         "Token classification: an example is a test sentence (resampled whole), accuracy is token "
@@ -383,24 +390,7 @@ class TokenClassification(Task):
                 "base.reading.mode",
                 "token_classification reads each sentence's first max_length tokens: use head",
             )
-        if params.train.augment.copies > 0:
-            yield (
-                "train.augment.copies",
-                "token-level augmentation would move words off their tags: use 0 with token_classification",
-            )
-        space = params.search.space
-        if params.train.strategy == "prompt_tuning" or (
-            "strategy" in space and "prompt_tuning" in (space["strategy"].choices or ())
-        ):
-            yield (
-                "train.strategy",
-                "prompt_tuning prepends tokens a token-classification head would tag: not with token_classification",
-            )
-        if params.search.folds > 1:
-            yield (
-                "search.folds",
-                "k-fold search stratifies by class label: use 1 (the val split) with token_classification",
-            )
+        yield from super().param_problems(params)  # augmentation, prompt tuning, folds: see refusals
 
     def warnings(self, params):
         warning = epochs_warning(params.train.epochs, params.train.strategy)
