@@ -579,15 +579,16 @@ def tiny_bert_config(vocab_size: int, **overrides):
 
 
 def tiny_llama_config(tokenizer, **overrides):
-    """The tiny decoder: a 2-layer, 32-wide Llama (4 heads, 2 key-value heads as SmolLM2 groups them)
-    over SmolLM2's 49,152-token vocabulary, with its special tokens and tied embeddings."""
+    """The tiny decoder: a 2-layer, 32-wide Llama (2 heads of 16 sharing one key-value head, grouped as
+    SmolLM2's are; ONNX Runtime's GroupQueryAttention needs heads of a multiple of 16) over SmolLM2's
+    49,152-token vocabulary, with its special tokens and tied embeddings."""
     from transformers import LlamaConfig
 
     shape = dict(
         hidden_size=32,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         intermediate_size=64,
         max_position_embeddings=512,
         tie_word_embeddings=True,
@@ -669,8 +670,8 @@ def report_shape(repo: Path) -> dict[str, list[str]]:
                 ("tokenizer", "special_tokens", "vocab", "added")
             ):
                 continue  # the tokenizer's files are its vocabulary, not the pipeline's records
-            if file.name == "adapter_config.json":
-                continue  # peft's own record of a LoRA adapter: its keys move with peft's version
+            if file.name in ("adapter_config.json", "genai_config.json"):
+                continue  # peft's and ONNX Runtime GenAI's own records: their keys move with their versions
             if file.suffix == ".json":
                 shape[name] = sorted(paths(json.loads(file.read_text()), ""))
             elif file.suffix == ".csv":

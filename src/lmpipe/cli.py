@@ -57,9 +57,14 @@ def add_predict_parser(sub) -> None:
     )
     p.add_argument(
         "--variant",
-        choices=["fp32", "int8", "fp32_opt", "int8_opt"],
+        choices=["fp32", "int8", "fp32_opt", "int8_opt", "int4"],
         default="fp32",
-        help="ONNX model to use (default: fp32)",
+        help="ONNX model to use (default: fp32); a text generator's export has fp32 and int4",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="a text generator: the most new tokens per text (default: the export's generation.max_new_tokens)",
     )
     p.add_argument(
         "--text-column", default="text", help="CSV column / JSONL key holding the text (default: text)"
@@ -103,6 +108,7 @@ def predict(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_length=max_length,
         temperature=temperature,
+        max_new_tokens=args.max_new_tokens,
     )
     truncated = int(frame["truncated"].sum())
     if truncated:
@@ -111,7 +117,9 @@ def predict(args: argparse.Namespace) -> None:
             "truncated (only their start was read; see the `truncated` column)",
             file=sys.stderr,
         )
-    if "label" in frame.columns:
+    if "generation" in frame.columns:
+        counts = f"{int(frame['new_tokens'].sum())} new tokens"
+    elif "label" in frame.columns:
         counts = ", ".join(f"{k} {v}" for k, v in frame["label"].value_counts().sort_index().items())
     else:  # a token classifier: entities per type
         import pandas as pd

@@ -30,11 +30,16 @@ SETTLE_S = 0.02
 
 
 def time_interleaved(
-    calls: Mapping[str, Callable[[], object]], warmup: int, repeats: int, desc: str = "latency"
+    calls: Mapping[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    desc: str = "latency",
+    returned: dict[str, list] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seconds per call of each case: ``warmup`` untimed calls each, then ``repeats`` timed calls each,
     in rotating blocks of ``BLOCK`` (the last block may be shorter), each after ``SETTLE_S`` of untimed
-    calls (one at least)."""
+    calls (one at least). With ``returned``, what each timed call returns is kept there, by case (a
+    call that measures a part of itself, such as the time to its first token)."""
     names = list(calls)
     for fn in calls.values():
         for _ in range(warmup):
@@ -51,8 +56,10 @@ def time_interleaved(
                 fn()
             for _ in range(min(BLOCK, repeats - len(times[name]))):
                 start = time.perf_counter()
-                fn()
+                value = fn()
                 times[name].append(time.perf_counter() - start)
+                if returned is not None:
+                    returned.setdefault(name, []).append(value)
     return {name: np.asarray(t) for name, t in times.items()}
 
 

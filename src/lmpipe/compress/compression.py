@@ -101,9 +101,15 @@ def save_int8(
         tensors[f"{name}.weight_zero_point"] = torch.tensor(weight.q_zero_point(), dtype=torch.int64)
         if bias is not None:
             tensors[f"{name}.bias"] = bias.detach().contiguous().clone()
+    stored: dict[int, str] = {}  # storage -> the key saved for it: a tied tensor (lm_head = embeddings) once
+    tied: dict[str, str] = {}
     for key, value in model.state_dict().items():
         if _under(key, quantized) or not isinstance(value, torch.Tensor):
             continue
+        if value.numel() and value.data_ptr() in stored:
+            tied[key] = stored[value.data_ptr()]
+            continue
+        stored[value.data_ptr()] = key
         tensors[key] = value.detach().contiguous().clone()  # clone: safetensors refuses shared storage
     save_file(tensors, str(out_dir / INT8_WEIGHTS), metadata={"format": INT8_FORMAT})
     model.config.save_pretrained(out_dir)
@@ -118,6 +124,7 @@ def save_int8(
             "activations": "quantized to uint8 per batch at run time",
             "kept_fp32": "embeddings, LayerNorms (torch.ao dynamic quantization covers Linear layers only)",
             "fp32_layers": fp32_layers,
+            "tied": tied,  # key -> the stored key it shares its tensor with (tied embeddings): stored once
             "quantized_linear_layers": len(quantized),
             "engine": torch.backends.quantized.engine,
             "torch": torch.__version__,
@@ -140,7 +147,7 @@ def load_int8(folder: str | Path) -> nn.Module:
     rest = {k: v for k, v in tensors.items() if not _under(k, linears)}
     # the fp32 tensors go into the float skeleton; its quantized Linear weights are replaced below
     missing, unexpected = skeleton.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if not _under(k, linears)]
+    missing = [k for k in missing if not _under(k, linears) and k not in recipe.get("tied", {})]
     if missing or unexpected:
         raise ValueError(f"{folder / INT8_WEIGHTS}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = quantize_dynamic_int8(skeleton, fp32_layers)

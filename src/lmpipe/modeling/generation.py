@@ -7,6 +7,7 @@ same prompt gives the same text on the same machine), bounded by ``max_new_token
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -110,3 +111,60 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
         reduction="none",
     ).view(shift_labels.shape)
     return (losses * mask).sum(dim=1), mask.sum(dim=1)
+
+
+@torch.inference_mode()
+def greedy_ids(model, tokenizer, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+    """One prompt's greedy new token ids at batch 1 (no padding: the reference an exported generator is
+    checked against, token by token), EOS dropped."""
+    out = _generate_one(model, tokenizer, prompt, max_new_tokens, 0)
+    eos = tokenizer.eos_token_id
+    return out[:-1] if out and out[-1] == eos else out
+
+
+class _FirstToken:
+    """A ``generate`` streamer that notes when the first new token arrives (its second ``put``: the
+    first is the prompt)."""
+
+    def __init__(self):
+        self.puts, self.at = 0, None
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+@torch.inference_mode()
+def timed_generation(model, tokenizer, prompt: Sequence[int], new_tokens: int) -> float:
+    """Greedy generation of exactly ``new_tokens`` tokens (EOS or not) at batch 1; returns the seconds to
+    the first of them, measured inside the call (its caller times the whole)."""
+    streamer = _FirstToken()
+    start = time.perf_counter()
+    _generate_one(model, tokenizer, prompt, new_tokens, new_tokens, streamer)
+    return (streamer.at or time.perf_counter()) - start
+
+
+def _generate_one(
+    model, tokenizer, prompt, max_new_tokens: int, min_new_tokens: int, streamer=None
+) -> list[int]:
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=_pad_id(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        streamer=streamer,
+    )
+    return out[0, len(prompt) :].tolist()

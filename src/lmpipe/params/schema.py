@@ -498,6 +498,23 @@ class QuantizeParams(_Section):
 
 
 @dataclass(frozen=True)
+class Int4Params(_Section):
+    """Group-wise 4-bit weights of a causal LM (generation), as ONNX Runtime GenAI's CPU kernels run them."""
+
+    enabled: bool
+    max_loss: float | None
+    block_size: int
+
+    def problems(self):
+        yield from _budget_problem(self.max_loss, nullable=True)
+        if self.block_size not in (16, 32, 64, 128, 256):
+            yield (
+                "block_size",
+                f"must be one of 16, 32, 64, 128, 256 (MatMulNBits' groups), got {self.block_size}",
+            )
+
+
+@dataclass(frozen=True)
 class PruneParams(_Section):
     enabled: bool
     max_loss: float | None
@@ -588,6 +605,7 @@ class LatencyParams(_Section):
 class CompressParams(_Section):
     max_loss: float
     quantize: QuantizeParams
+    int4: Int4Params
     prune: PruneParams
     distill: DistillParams
     latency: LatencyParams
@@ -596,8 +614,10 @@ class CompressParams(_Section):
         yield from _budget_problem(self.max_loss, nullable=False)
 
     def budget(self, variant: str) -> float:
-        """The largest val macro-F1 loss against the trained model that ``variant`` may have."""
-        own = {"int8": self.quantize, "pruned": self.prune, "student": self.distill}[variant].max_loss
+        """The largest val loss (macro-F1; ROUGE-L for generation) against the trained model that
+        ``variant`` may have."""
+        sections = {"int8": self.quantize, "int4": self.int4, "pruned": self.prune, "student": self.distill}
+        own = sections[variant].max_loss
         return self.max_loss if own is None else own
 
 
@@ -772,11 +792,12 @@ class ExportParams(_Section):
     opset: int
     optimize: bool
     compare: list
-    registered_variant: Literal["fp32", "int8", "fp32_opt", "int8_opt"]
+    registered_variant: Literal["fp32", "int8", "fp32_opt", "int8_opt", "int4"]
     allow_spinning: bool
     batch_size: int
     max_logit_diff: float
     min_int8_agreement: float
+    min_token_match: float
     registered_model: str
     latency: ExportLatencyParams
     gate: GateParams
@@ -802,8 +823,9 @@ class ExportParams(_Section):
             yield "batch_size", f"must be >= 1, got {self.batch_size}"
         if self.max_logit_diff <= 0:
             yield "max_logit_diff", f"must be > 0, got {self.max_logit_diff}"
-        if not 0 <= self.min_int8_agreement <= 1:
-            yield "min_int8_agreement", f"must be between 0 and 1, got {self.min_int8_agreement}"
+        for name in ("min_int8_agreement", "min_token_match"):
+            if not 0 <= getattr(self, name) <= 1:
+                yield name, f"must be between 0 and 1, got {getattr(self, name)}"
         if not self.registered_model.strip() or "/" in self.registered_model or ":" in self.registered_model:
             yield (
                 "registered_model",
@@ -823,6 +845,7 @@ class GenerationParams(_Section):
     analyze_rows: int | None
     lead_words: int | None
     batch_size: int
+    serve_max_new_tokens: int
 
     def problems(self):
         if "{text}" not in self.prompt_template:
@@ -835,6 +858,11 @@ class GenerationParams(_Section):
                     "prompt_template",
                     f"only {{text}} may be a field (write {{{{ and }}}} for braces): {err}",
                 )
+        if self.serve_max_new_tokens < self.max_new_tokens:
+            yield (
+                "serve_max_new_tokens",
+                f"must be >= max_new_tokens ({self.max_new_tokens}), got {self.serve_max_new_tokens}",
+            )
         for name in ("max_target_tokens", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 yield name, f"must be >= 1, got {getattr(self, name)}"

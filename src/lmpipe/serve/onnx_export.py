@@ -329,9 +329,10 @@ def latency_benchmark(
 
 # ------------------------------------------------------------------------------------------ the registry
 def split_fingerprint(test: pd.DataFrame) -> str:
-    """A hash of the test split's texts and labels (tags, for token classification): versions scored on
-    the same split share it."""
-    truth = test["label"] if "label" in test.columns else [" ".join(tags) for tags in test["tags"]]
+    """A hash of the test split's texts and their truth (a label, a sentence's tags, a generator's target):
+    versions scored on the same split share it."""
+    column = next(c for c in ("label", "tags", "target") if c in test.columns)
+    truth = [" ".join(v) if isinstance(v, list | tuple | np.ndarray) else str(v) for v in test[column]]
     blob = "\n".join(f"{t}\t{y}" for t, y in zip(test["text"], truth, strict=True))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
@@ -359,3 +360,67 @@ def score_registered(uri: str, texts: Sequence[str], y_true: np.ndarray, labels:
             return None
         proba = classifier.predict_proba(list(texts))
     return classification_metrics(y_true, proba.argmax(axis=1))["macro_f1"]
+
+
+# ------------------------------------------------------------------------------- causal LM (GenAI)
+def build_genai_folder(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    precision: str,
+    generator_info: dict[str, Any],
+    block_size: int = 32,
+) -> dict[str, Any]:
+    """A causal LM (a ``save_pretrained`` folder) as an ONNX Runtime GenAI folder: ONNX Runtime GenAI's
+    model builder writes the graph with its KV cache (``model.onnx`` + ``model.onnx.data``) and
+    ``genai_config.json``, in ``precision`` fp32 or int4 (group-wise 4-bit weights of ``block_size``,
+    MatMulNBits, for the CPU). The model's own tokenizer and ``generator.json`` (how prompts are made,
+    ``generator_info``) go beside it. Returns the build's recipe (also written as ``build.json``).
+
+    The builder runs in its own process: it loads the whole model again, and its memory is given back
+    when it ends; its output is kept for an error message."""
+    import subprocess
+    import sys
+    import time
+
+    from lmpipe.errors import UserError
+    from lmpipe.serve.generator import GENERATOR_FILE
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out_dir),
+        "-p", precision, "-e", "cpu", "-c", str(out_dir / ".builder_cache"),
+    ]  # fmt: skip
+    if precision == "int4":
+        command += ["--extra_options", f"block_size={block_size}"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+        raise UserError(f"ONNX Runtime GenAI's model builder failed on {model_dir} ({precision}): {tail}")
+    import shutil
+
+    shutil.rmtree(out_dir / ".builder_cache", ignore_errors=True)
+    load_tokenizer(model_dir).save_pretrained(out_dir)  # the model's own files, as training read them
+    (out_dir / GENERATOR_FILE).write_text(json.dumps(generator_info, indent=2) + "\n")
+    recipe = {
+        "builder": "onnxruntime_genai.models.builder",
+        "onnxruntime_genai": metadata.version("onnxruntime-genai"),
+        "precision": precision,
+        "execution_provider": "cpu",
+        **(
+            {"int4_block_size": block_size, "weights": "MatMulNBits, 4-bit, one scale per block"}
+            if precision == "int4"
+            else {}
+        ),
+        "source": str(model_dir),
+        "build_seconds": round(seconds, 1),
+    }
+    (out_dir / "build.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return recipe
+
+
+def folder_mb(folder: str | Path, patterns: Sequence[str] = ("*.onnx", "*.onnx.data")) -> float:
+    """The size of a folder's model files in MB (2**20 bytes)."""
+    return round(sum(f.stat().st_size for p in patterns for f in Path(folder).glob(p)) / 2**20, 3)

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lmpipe.errors import UserError
+from lmpipe.serve.generator import GENERATOR_FILE
 from lmpipe.serve.serving import (
     CLASSIFIER_FILE,
     GENERATION_TASK,
@@ -113,9 +114,11 @@ def predict_file(
     batch_size: int = 32,
     max_length: int | None = None,
     temperature: float = 1.0,
+    max_new_tokens: int | None = None,
 ) -> pd.DataFrame:
     """Score every text of ``input_path`` and write ``output_path`` (.csv or .jsonl) atomically. The onnx
-    backend serves the temperature of its export folder; ``temperature`` is the pytorch backend's."""
+    backend serves the temperature of its export folder; ``temperature`` is the pytorch backend's. A
+    text generator's export folder (``fp32/`` and ``int4/``) generates for each text instead."""
     from lmpipe import io
 
     output_path = Path(output_path)
@@ -125,6 +128,8 @@ def predict_file(
         raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
     rows, texts = read_text_file(input_path, text_column)
     model = Path(model)
+    if backend == "onnx" and (model / variant / GENERATOR_FILE).is_file():
+        return generate_file(rows, texts, output_path, model / variant, max_new_tokens)
     if (
         backend == "onnx"
         and (model / CLASSIFIER_FILE).is_file()
@@ -200,16 +205,51 @@ def predict_file(
     return frame
 
 
+def generate_file(
+    rows: list[int], texts: list[str], output_path: Path, folder: Path, max_new_tokens: int | None
+) -> pd.DataFrame:
+    """Each text's greedy generation by the ONNX Runtime GenAI folder ``folder`` (the served generator):
+    row, generation, new_tokens, prompt_tokens, truncated (the input was cut to the prompt's max_length)."""
+    from lmpipe import io
+    from lmpipe.serve.generator import GenAIGenerator
+
+    generator = GenAIGenerator(folder)
+    limit = generator.max_new_tokens_limit
+    n = max_new_tokens or generator.max_new_tokens
+    if not 1 <= n <= limit:
+        raise UserError(
+            f"--max-new-tokens: must be from 1 to {limit} (generation.serve_max_new_tokens), got {n}"
+        )
+    prompts = generator.prompts(texts)
+    out = [generator.generate_ids(p, n) for p in tqdm(prompts.ids, desc="generate (onnx)", unit="text")]
+    frame = pd.DataFrame(
+        {
+            "row": rows,
+            "generation": [generator.decode(ids) for ids in out],
+            "new_tokens": [len(ids) for ids in out],
+            "prompt_tokens": [len(p) for p in prompts.ids],
+            "truncated": prompts.cut,
+        }
+    )
+    if output_path.suffix.lower() == ".csv":
+        io.write_csv(output_path, frame)
+    else:
+        with io.atomic_path(output_path) as tmp:
+            tmp.write_text(frame.to_json(orient="records", lines=True, force_ascii=False), encoding="utf-8")
+    return frame
+
+
 def check_servable(model: Path, backend: str) -> None:
-    """A text generator is refused in one line: serving a causal LM is the next issue. An export folder
-    that the export stage left a note in instead of a model (``reports.not_applicable``) says why."""
+    """A text generator's save_pretrained folder is refused in one line (``lmpipe predict`` runs its
+    export, ONNX Runtime GenAI). An export folder that the export stage left a note in instead of a model
+    (``reports.not_applicable``) says why."""
     note = model / "NOTE.md"
     if backend == "onnx" and not (model / CLASSIFIER_FILE).is_file() and note.is_file():
         raise UserError(f"--model: {model} holds no served model: {note.read_text(encoding='utf-8').strip()}")
     if backend == "pytorch" and model_task_name(model) == GENERATION_TASK:
         raise UserError(
-            f"--model: {model} is a text generator; lmpipe predict serves classifiers and taggers (serving a "
-            "causal LM is the next issue: until then, load the folder with transformers' AutoModelForCausalLM)"
+            f"--model: {model} is a text generator; lmpipe predict runs its export with --backend onnx "
+            "(models/export, ONNX Runtime GenAI with a KV cache)"
         )
 
 

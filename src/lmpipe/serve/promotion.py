@@ -27,6 +27,9 @@ class Decision:
         return asdict(self)
 
 
+METRIC_NAMES = {"macro_f1": "macro-F1", "rougeL": "ROUGE-L"}
+
+
 def decide(
     macro_f1: float,
     versus_baseline: dict,
@@ -34,6 +37,7 @@ def decide(
     champion_macro_f1: float | None = None,
     champion_version: str | None = None,
     checks: list[tuple[bool, str]] | None = None,
+    metric: str = "macro_f1",
 ) -> Decision:
     """Apply the gate to a candidate's test macro-F1. ``versus_baseline`` is the candidate-minus-baseline
     macro-F1 difference on the same test rows (``macro_f1``, ``macro_f1_ci95_low``, ``macro_f1_ci95_high``,
@@ -42,17 +46,21 @@ def decide(
 
     The default criteria are relative, so they hold on any data: beat the baseline (``gate.baseline``:
     ``ci`` = the paired bootstrap 95% CI of the difference lies above 0, ``point`` = a higher point
-    estimate), and beat the champion for that alias. ``gate.min_macro_f1`` adds an absolute floor."""
+    estimate), and beat the champion for that alias. ``gate.min_macro_f1`` adds an absolute floor.
+
+    ``metric`` names the score when it is not macro-F1 (generation: ``rougeL``; ``versus_baseline`` then
+    has ``rougeL``, ``rougeL_ci95_low``, ... and ``baseline_rougeL``); the macro-F1 floor is not applied."""
+    label = METRIC_NAMES.get(metric, metric)
     reasons: list[str] = []
     passed = True
-    if gate.min_macro_f1 is not None:
+    if gate.min_macro_f1 is not None and metric == "macro_f1":
         if macro_f1 >= gate.min_macro_f1:
             reasons.append(f"macro-F1 {macro_f1:.4f} >= min_macro_f1 {gate.min_macro_f1:.4f}")
         else:
             passed = False
             reasons.append(f"FAIL: macro-F1 {macro_f1:.4f} < min_macro_f1 {gate.min_macro_f1:.4f}")
-    base = versus_baseline["baseline_macro_f1"]
-    diff, low, high = (versus_baseline[k] for k in ("macro_f1", "macro_f1_ci95_low", "macro_f1_ci95_high"))
+    base = versus_baseline[f"baseline_{metric}"]
+    diff, low, high = (versus_baseline[k] for k in (metric, f"{metric}_ci95_low", f"{metric}_ci95_high"))
     versus = (
         f"{100 * diff:+.2f} pt vs the baseline's {base:.4f}, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}]"
     )
@@ -83,11 +91,11 @@ def decide(
         aliases.append(CHAMPION)
         reasons.append(
             f"beats champion v{champion_version} on the same test split "
-            f"({macro_f1:.4f} > {champion_macro_f1:.4f}): becomes champion"
+            f"({label} {macro_f1:.4f} > {champion_macro_f1:.4f}): becomes champion"
         )
     else:
         reasons.append(
             f"does not beat champion v{champion_version} on the same test split "
-            f"({macro_f1:.4f} <= {champion_macro_f1:.4f}): stays challenger"
+            f"({label} {macro_f1:.4f} <= {champion_macro_f1:.4f}): stays challenger"
         )
     return Decision(True, aliases, reasons)

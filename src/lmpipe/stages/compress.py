@@ -36,11 +36,11 @@ from lmpipe.compress.variants import (
 )
 from lmpipe.modeling import models
 from lmpipe.params import Params
+from lmpipe.tasks.base import Compress
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
-TASK_PARTS = ("model",)
-# a task without "compress" in its supports
-NOT_YET = "not yet for {task}: compressing a causal LM (int8 weights, ONNX Runtime GenAI) is the next issue"
+TASK_PARTS = ("model", "evaluation", "export")
+NOT_YET = "not available for {task}"  # a task without "compress" in its supports
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ def run(params: Params, paths: Paths) -> str:
             "compress", NOT_YET.format(task=task.name), paths.metrics, paths.report, [paths.out],
             [paths.plot, paths.prune_curve],
         )  # fmt: skip
+    if task.own_compression:
+        return own(params, paths, task)
     launched = distributed.launch(params.train.distributed)
     if launched is not None:
         return f"compress: {launched.message}"
@@ -96,6 +98,29 @@ def run(params: Params, paths: Paths) -> str:
         time_variants(inputs, variants)
         rows, warned = record(params, paths, inputs, variants, parent.info.run_id)
     return summary(params, rows, warned)
+
+
+def own(params: Params, paths: Paths, task) -> str:
+    """A task's own variants (``Task.compress``): built, judged and timed by the task, recorded here."""
+    model_dir = Path(paths.model)
+    source_hash = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+    source = {"path": str(model_dir), "model.safetensors_sha256_16": source_hash}
+    tags = {"source_model": str(model_dir), "source_sha256_16": source_hash}
+    splits = [data.read_split(paths.data, s) for s in ("train", "val", "test")]
+    with io.atomic_dir(paths.out) as out, tracking.stage_run(params, "compress", tags=tags) as parent:
+        done = task.compress(Compress(params, model_dir, *splits, folder=out, source=source))
+        report = {**done.report, "budget_warnings": done.warnings, "mlflow_run_id": parent.info.run_id}
+        rows = report["variants"]
+        tracking.log_metrics({f"{n}.{k}": v for n, r in rows.items() for k, v in r.items()})
+        tracking.log_dict(report, "compress_report.json")
+        if done.warnings:
+            tracking.set_tags({"budget_warnings": " | ".join(done.warnings)[:5000]})
+        io.write_csv(paths.plot, done.points)
+        io.write_csv(
+            paths.prune_curve, pd.DataFrame([], columns=CURVE_COLUMNS)
+        )  # no pruning: its note says why
+        reports.write("compress", report, paths.metrics, paths.report)
+    return done.summary
 
 
 def record(params: Params, paths: Paths, inputs: Inputs, variants: dict[str, Variant], run_id: str):

@@ -20,7 +20,7 @@ from lmpipe.errors import UserError
 from lmpipe.params import Params
 from lmpipe.serve import onnx_export, promotion, serving
 from lmpipe.serve.serving import CLASSIFIER_FILE, FP32_FILE, VARIANT_FILES
-from lmpipe.tasks.base import Export, Exported
+from lmpipe.tasks.base import Export, Exported, Package
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
 TASK_PARTS = ("evaluation", "export")
@@ -190,6 +190,23 @@ def gate_line(gate: dict[str, Any]) -> str:
     return "gate passed" if gate["passed"] else "gate FAILED: " + "; ".join(failed)
 
 
+def classifier_package(
+    staging_root: Path, exported: Exported, folder: Path, test: pd.DataFrame, task: str
+) -> Package:
+    """The registered classifier (or tagger): the served ONNX variant as model.onnx, with its tokenizer
+    and labels, run by ``lmpipe.serve.serving``."""
+    staging = staging_root / "classifier"
+    shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("*.onnx", "*.md", *exported.subfolders))
+    shutil.copy2(folder / VARIANT_FILES[exported.variant], staging / FP32_FILE)
+    info = json.loads((staging / CLASSIFIER_FILE).read_text())
+    info.update(onnx_file=FP32_FILE, variant=exported.variant)
+    (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    example = [t[:300] for t in test["text"].tolist()[:2]]
+    return Package(
+        serving.__file__, {"classifier": staging}, example, onnx_export.pip_requirements(), {"task": task}
+    )
+
+
 def register_and_gate(
     params: Params,
     exported: Exported,
@@ -204,32 +221,24 @@ def register_and_gate(
     champion (``exported.score_registered`` scores a registered model on this test split, or None),
     register the new version with its provenance tags, and set its aliases."""
     cfg, task = params.export, params.base.task
-    served, variant, versus = exported.served, exported.variant, exported.versus
+    served, variant, versus, metric = exported.served, exported.variant, exported.versus, exported.metric
     score_champion: Callable[[str], float | None] = exported.score_registered
-    subfolders = exported.subfolders
-    texts = test["text"].tolist()
     train_run_id = records["train"].get("mlflow_run_id", "")
-    baseline_f1 = versus["baseline_macro_f1"]
+    baseline_score = versus[f"baseline_{metric}"]
+    label = promotion.METRIC_NAMES.get(metric, metric)
 
-    # the registered model: the served ONNX variant as model.onnx, with tokenizer and labels
     with tempfile.TemporaryDirectory() as staging_root:
-        staging = Path(staging_root) / "classifier"
-        shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("*.onnx", "*.md", *subfolders))
-        shutil.copy2(folder / VARIANT_FILES[variant], staging / FP32_FILE)
-        info = json.loads((staging / CLASSIFIER_FILE).read_text())
-        info.update(onnx_file=FP32_FILE, variant=variant)
-        (staging / CLASSIFIER_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        example = [t[:300] for t in texts[:2]]
+        package = (exported.package or classifier_package)(Path(staging_root), exported, folder, test, task)
         model_uri = tracking.log_pyfunc_model(
-            serving.__file__, {"classifier": staging}, example, onnx_export.pip_requirements(), {"task": task}
+            package.code, package.artifacts, package.example, package.requirements, package.config
         )
 
     name = cfg.registered_model
     champion_version = tracking.alias_version(name, promotion.CHAMPION)
-    champion_f1 = None
+    champion_score = None
     if champion_version is not None:
-        champion_f1 = score_champion(f"models:/{name}@{promotion.CHAMPION}")
-    checks = []
+        champion_score = score_champion(f"models:/{name}@{promotion.CHAMPION}")
+    checks = list(exported.checks)
     if variant.startswith("int8"):
         agreement = served["label_agreement"]
         checks.append(
@@ -238,7 +247,10 @@ def register_and_gate(
                 f"int8 label agreement {agreement:.4f} vs min_int8_agreement {cfg.min_int8_agreement}",
             )
         )
-    decision = promotion.decide(served["macro_f1"], versus, cfg.gate, champion_f1, champion_version, checks)
+    decision = promotion.decide(
+        served[metric], versus, cfg.gate, champion_score, champion_version, checks, metric=metric
+    )
+    low, high = versus[f"{metric}_ci95_low"], versus[f"{metric}_ci95_high"]
     version = tracking.register_model_version(
         model_uri,
         name,
@@ -253,19 +265,20 @@ def register_and_gate(
             "task": task,
             "source": cfg.source,
             "variant": variant,
-            "test_macro_f1": f"{served['macro_f1']:.6f}",
-            "test_accuracy": f"{served['accuracy']:.6f}",
-            "baseline_test_macro_f1": f"{baseline_f1:.6f}",
-            "minus_baseline_macro_f1_ci95": f"[{versus['macro_f1_ci95_low']:.4f}, {versus['macro_f1_ci95_high']:.4f}]",
+            f"test_{metric}": f"{served[metric]:.6f}",
+            **({"test_accuracy": f"{served['accuracy']:.6f}"} if "accuracy" in served else {}),
+            f"baseline_test_{metric}": f"{baseline_score:.6f}",
+            f"minus_baseline_{metric}_ci95": f"[{low:.4f}, {high:.4f}]",
             "test_rows": len(test),
             "test_split_sha256": onnx_export.split_fingerprint(test),
             "gate_passed": str(decision.passed).lower(),
+            **exported.tags,
         },
         description=(
             f"ONNX {variant} export of '{cfg.source}' from training run "
             f"{train_run_id or 'n/a'} at git commit {git['git_commit']}. "
-            f"Test macro-F1 {served['macro_f1']:.4f} (accuracy {served['accuracy']:.4f}) on "
-            f"{len(test)} rows; baseline {baseline_f1:.4f}. Gate: " + "; ".join(decision.reasons)
+            f"Test {label} {served[metric]:.4f} on {len(test)} rows; baseline {baseline_score:.4f}. Gate: "
+            + "; ".join(decision.reasons)
         ),
     )
     tracking.set_registered_model_tag(name, "task", task)  # registry_task_check reads it
@@ -275,9 +288,9 @@ def register_and_gate(
         "registry": {"name": name, "version": version, "model_uri": model_uri},
         "gate": {
             **decision.to_dict(),
-            "baseline_macro_f1": baseline_f1,
-            "minus_baseline": {k: v for k, v in versus.items() if k != "baseline_macro_f1"},
+            f"baseline_{metric}": baseline_score,
+            "minus_baseline": {k: v for k, v in versus.items() if k != f"baseline_{metric}"},
             "champion_before": champion_version,
-            "champion_before_macro_f1": champion_f1,
+            f"champion_before_{metric}": champion_score,
         },
     }

@@ -97,6 +97,30 @@ class Part:
 
 
 @dataclass
+class Compress:
+    """What the compress stage gives a task's own ``compress``."""
+
+    params: Any  # Params
+    model_dir: Any  # Path: the trained model
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    folder: Any  # Path: where the variants go (staged: it appears whole, or not at all)
+    source: dict[str, str]  # the trained model's path and weights hash (each variant's recipe records it)
+
+
+@dataclass
+class Compressed:
+    """What a task's ``compress`` returns: the report (DVC metrics; its ``variants`` rows also go to
+    MLflow), the quality-against-speed points (a DVC plot), the printed summary and the budget warnings."""
+
+    report: dict[str, Any]
+    points: pd.DataFrame
+    summary: str
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Export:
     """What the export stage gives a task's ``export``: the model to ship and where its files go."""
 
@@ -121,6 +145,23 @@ class Exported:
     score_registered: Any  # Callable[[model uri], macro-F1 | None]: the gate's champion on this test split
     logged: tuple[str, ...]  # report keys logged to MLflow as metrics
     subfolders: list[str] = field(default_factory=list)  # folders beside the shipped model, not registered
+    metric: str = "macro_f1"  # the score the gate compares (served, versus and the champion's)
+    # the registered pyfunc's files: staging folder -> Package; None = the ONNX classifier of ``variant``
+    package: Any = None
+    checks: list[tuple[bool, str]] = field(default_factory=list)  # the gate's extra (ok, reason) conditions
+    tags: dict[str, Any] = field(default_factory=dict)  # extra tags of the registered version
+
+
+@dataclass
+class Package:
+    """An MLflow "models from code" pyfunc: its code file, artifacts, input example (with inference
+    params, where it takes some), pip requirements and model config."""
+
+    code: str
+    artifacts: dict[str, Any]
+    example: Any
+    requirements: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 class Task:
@@ -148,6 +189,11 @@ class Task:
     selection_metric: ClassVar[str] = "macro_f1"
     # train.strategy: auto for this task; None = the model family's (full for an encoder, lora for a decoder)
     default_strategy: ClassVar[str | None] = None
+    # compress: False = the stage's shared variants (int8, pruning, distillation of a model that answers
+    # in one forward pass, judged on val macro-F1); True = the task's own ``compress``
+    own_compression: ClassVar[bool] = False
+    # the ONNX variants export may register (export.registered_variant); the params loader refuses others
+    served_variants: ClassVar[tuple[str, ...]] = ("fp32", "int8", "fp32_opt", "int8_opt")
     # lmpipe compare's report: what an example, accuracy and macro-F1 are, where not a text and its label
     comparison_note: ClassVar[str | None] = None
     # the modules of a task's package (tasks/<name>/<part>.py) beside its __init__, one per group of
@@ -241,6 +287,12 @@ class Task:
         for what, (key, used) in needs.items():
             if used and what not in self.supports:
                 yield key, self.refusals[what]
+        if params.export.registered_variant not in self.served_variants:
+            yield (
+                "export.registered_variant",
+                f"'{params.export.registered_variant}' is not an export of a {self.name} model: use one of "
+                + ", ".join(self.served_variants),
+            )
 
     def warnings(self, params: Params) -> list[str]:
         """train: settings that work but are likely to disappoint with this task."""
@@ -311,6 +363,11 @@ class Task:
     def explain(self, analysis: Analysis) -> Part:
         """analyze (``"explain" in supports``): token attributions and their faithfulness."""
         return self.part("analysis").explain(analysis)
+
+    # -------------------------------------------------------------------------------------- compress
+    def compress(self, job: Compress) -> Compressed:
+        """compress, where ``own_compression``: the task's variants, each judged on val and timed."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------- export
     def export(self, job: Export) -> Exported:

@@ -12,74 +12,29 @@ rendering and truncating prompts, encoding targets, and the scores (ROUGE, exact
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from lmpipe.params.schema import EMBEDDED_DECODER, EMBEDDED_MODEL
+from lmpipe.serve import generator
+from lmpipe.serve.generator import Prompts
 from lmpipe.tasks import GENERATION
 from lmpipe.tasks.base import Task
 
-_MARK = "\x00TEXT\x00"  # where the input goes in a rendered prompt (split out, never tokenized)
-
-
-@dataclass
-class Prompts:
-    """A frame's prompts as token ids, and how many had their input cut to fit ``base.max_length``."""
-
-    ids: list[list[int]]
-    truncated: int
-    cut_tokens: int
-
-
-def render_parts(tokenizer, context: str, cfg) -> tuple[str, str]:
-    """The prompt's text before and after the input: the template in the chat template (or plain), or a
-    chat's own turns with its last user turn's content as the input."""
-    if context:
-        turns = json.loads(context)
-        turns[-1] = {**turns[-1], "content": _MARK}
-    else:
-        turns = [{"role": "user", "content": cfg.prompt_template.replace("{text}", _MARK)}]
-    if cfg.chat_template == "auto" and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    else:
-        rendered = "\n\n".join(t["content"] for t in turns) + "\n"
-    before, _, after = rendered.partition(_MARK)
-    return before, after
-
 
 def encode_prompts(tokenizer, frame: pd.DataFrame, cfg, max_length: int, keep: str = "head") -> Prompts:
-    """Each row's prompt as ids, at most ``max_length`` of them. The template's own tokens are always
-    kept; a long input is cut to fit: ``keep: head`` keeps its start (``base.reading.mode: head``),
-    ``tail`` its end (cut from the left), ``head_tail`` both ends. The cuts are counted."""
-    ids, truncated, cut = [], 0, 0
-    cache: dict[str, tuple[list[int], list[int]]] = {}
-    texts = tokenizer(frame["text"].tolist(), add_special_tokens=False, verbose=False)["input_ids"]
-    for text_ids, context in zip(texts, frame["context"], strict=True):
-        if context not in cache:
-            before, after = render_parts(tokenizer, context, cfg)
-            cache[context] = (
-                tokenizer(before, add_special_tokens=False)["input_ids"],
-                tokenizer(after, add_special_tokens=False)["input_ids"],
-            )
-        before, after = cache[context]
-        budget = max(max_length - len(before) - len(after), 1)
-        if len(text_ids) > budget:
-            truncated, cut = truncated + 1, cut + len(text_ids) - budget
-            if keep == "tail":
-                text_ids = text_ids[-budget:]
-            elif keep == "head_tail":
-                head = budget // 2
-                text_ids = text_ids[:head] + text_ids[len(text_ids) - (budget - head) :]
-            else:
-                text_ids = text_ids[:budget]
-        ids.append(before + list(text_ids) + after)
-    return Prompts(ids, truncated, cut)
+    """Each row's prompt as ids, at most ``max_length`` of them (``generation.prompt_template`` in the chat
+    template, or the row's own chat ``context``): the template's tokens are kept, a long input is cut
+    at the end ``keep`` (``base.reading.mode``) says, and the cuts are counted. The served generator
+    makes its prompts with the same function (``lmpipe.serve.generator.encode_prompts``)."""
+    return generator.encode_prompts(
+        tokenizer, frame["text"].tolist(), frame["context"].tolist(), cfg.prompt_template, cfg.chat_template,
+        max_length, keep,
+    )  # fmt: skip
 
 
 def encode_targets(tokenizer, targets: Sequence[str], max_tokens: int) -> tuple[list[list[int]], int]:
@@ -140,7 +95,9 @@ class Generation(Task):
     name = GENERATION
     unit = "text"
     row = "prompt"
-    supports = frozenset({"robustness", "slices"})
+    supports = frozenset({"robustness", "slices", "compress", "export"})
+    own_compression = True  # int8 and int4 weights of a causal LM, judged on val ROUGE-L (export.py)
+    served_variants = ("fp32", "int4")
     refusals = {
         "augment": "the augmentation is for class-labelled texts: use 0 with generation",
         "prompt_tuning": "prompt_tuning trains a classifier's soft prompt: use lora or full with generation",
@@ -188,11 +145,20 @@ class Generation(Task):
                 "windows pools a classifier's logits; for generation use head, tail or head_tail",
             )
         yield from super().param_problems(params)  # augmentation, prompt tuning, folds: see refusals
+        if params.export.source != "model":
+            yield (
+                "export.source",
+                "a generator is exported from the trained model ('model'): export builds its fp32 and int4 "
+                "ONNX Runtime GenAI folders from it",
+            )
         if params.base.model == EMBEDDED_MODEL:
             yield (
                 "base.model",
                 f"{EMBEDDED_MODEL} is an encoder and cannot generate: use {EMBEDDED_DECODER} or a local decoder",
             )
+
+    def compress(self, job):
+        return self.part("export").compress(job)
 
     def evaluate(self, model_dir, train, test, params):
         return self.part("evaluation").evaluate(model_dir, train, test, params)
