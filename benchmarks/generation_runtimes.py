@@ -28,9 +28,9 @@ from lmpipe.compress import compression
 from lmpipe.data import load_bbc_news, title_of
 from lmpipe.modeling.models import TASK_KEY, load_tokenizer, resolve_model_dir
 from lmpipe.params import EMBEDDED_DECODER
-from lmpipe.tasks import GENERATION
 from lmpipe.serve.generator import encode_prompts
 from lmpipe.serve.onnx_export import build_genai_folder, folder_mb
+from lmpipe.tasks import GENERATION
 from lmpipe.tasks.generation.evaluation import load_generator
 from lmpipe.tasks.generation.export import GenAIRunner, TorchRunner, time_runners, timing_prompt, token_parity
 
@@ -80,7 +80,7 @@ def main() -> None:
             if name != "pytorch fp32"
         }
         prompt = timing_prompt(prompts, args.tokens)
-        lat = SimpleNamespace(warmup=2, batch_repeats=args.repeats)
+        lat = SimpleNamespace(warmup=2, batch_repeats=args.repeats, threads=args.threads)
         timed = time_runners(runners, prompt, args.new, lat)
     base = timed["pytorch fp32"]
     rows = []

@@ -117,7 +117,7 @@ FILE_SECONDS = {
     "tests/e2e/test_strategies.py": 278,
     "tests/e2e/test_search.py": 178,
     "tests/e2e/test_ner_pipeline.py": 168,
-    "tests/e2e/test_generation_pipeline.py": 110,
+    "tests/e2e/test_generation_pipeline.py": 170,  # measured alone (serial), with compress, export and serving
     "tests/e2e/test_tracking_server.py": 119,
     "tests/e2e/test_distributed.py": 116,
     "tests/e2e/test_splits.py": 104,
@@ -128,6 +128,7 @@ FILE_SECONDS = {
     "tests/e2e/test_source_data.py": 56,
     "tests/code/test_compare.py": 44,
     "tests/code/test_generation.py": 35,
+    "tests/code/test_generator.py": 25,  # measured alone (serial), added with the file
     "tests/e2e/test_s3_remote.py": 37,
     "tests/e2e/test_analyze.py": 32,
     "tests/e2e/test_bad_services.py": 26,

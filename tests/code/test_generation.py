@@ -173,3 +173,34 @@ def test_generation_params_that_cannot_work_are_named(params, tmp_path, override
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("task", "section", "override", "key"),
+    [
+        ("generation", "export", {"registered_variant": "int8"}, "export.registered_variant"),
+        ("generation", "export", {"source": "pruned"}, "export.source"),
+        ("classification", "export", {"registered_variant": "int4"}, "export.registered_variant"),
+        ("generation", "generation", {"serve_max_new_tokens": 8}, "generation.serve_max_new_tokens"),
+        (
+            "generation",
+            "compress",
+            {"int4": {"enabled": True, "max_loss": None, "block_size": 48, "algo": "default"}},
+            "compress.int4.block_size",
+        ),
+    ],
+)
+def test_export_and_compress_settings_a_task_cannot_serve_are_named(tmp_path, task, section, override, key):
+    """A generator is served as fp32 or int4 from the trained model; a classifier has no int4."""
+    import yaml
+
+    from lmpipe.errors import ParamsError
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if task == "generation":
+        data["base"].update({"task": "generation", "model": "smollm2-135m"})
+    data[section].update(override)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        load_params(path)

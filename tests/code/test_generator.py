@@ -89,9 +89,12 @@ def test_genai_fp32_build_of_the_tiny_decoder_matches_pytorch(tiny_decoder, tmp_
         assert onnx.ids(prompt, 6) == generation.greedy_ids(model, tokenizer, prompt, 6)
         assert 0 < onnx.timed(prompt, 6) < 5
     targets = [[504, 7749, 2], [282, 2]]
-    ours, theirs = onnx.nll(prompts, targets), generation.reference_nll(model, tokenizer, prompts, targets, 2)
+    ours, theirs = (
+        onnx.nll(prompts, targets, "test"),
+        generation.reference_nll(model, tokenizer, prompts, targets, 2),
+    )
     assert np.allclose(ours[0], theirs[0], rtol=1e-4) and list(ours[1]) == list(theirs[1]) == [3, 2]
-    lat = SimpleNamespace(warmup=1, batch_repeats=2)
+    lat = SimpleNamespace(warmup=1, batch_repeats=2, threads=1)
     timed = time_runners({"pytorch": TorchRunner(model, tokenizer, 2), "fp32": onnx}, prompts[0], 4, lat)
     for row in timed.values():
         assert row["ttft_ms"] > 0 and row["tokens_per_s"] > 0 and row["generate_ms"] >= row["ttft_ms"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +426,40 @@ def fp32_steps(limit: int, layers: int) -> list[int]:
         steps.append(k)
         k *= 2
     return [*steps, top] if top > 0 else []
+
+
+@torch.inference_mode()
+def activation_sensitivity(model: nn.Module, run: Callable[[nn.Module], object]) -> list[dict[str, Any]]:
+    """Each Linear layer's error under dynamic int8's activations, from one fp32 pass (``run(model)``):
+    dynamic quantization maps a layer's whole input to 8 bits with one scale, so a few outlier features
+    (the "massive activations" of LLMs) leave the rest a handful of levels. Scored as the relative
+    squared error of that quantize-dequantize of the input, summed over the pass; the most sensitive
+    first. One forward pass instead of one per layer (``int8_sensitivity``'s way for classifiers)."""
+    error: dict[str, float] = {}
+    energy: dict[str, float] = {}
+
+    def hook(name):
+        def record(module, inputs):
+            x = inputs[0].detach().float()
+            low, high = float(x.min()), float(x.max())
+            scale = max(high - min(low, 0.0), 1e-12) / 255  # uint8, asymmetric, as dynamic int8 does
+            zero = round(-min(low, 0.0) / scale)
+            back = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+            error[name] = error.get(name, 0.0) + float(((x - back) ** 2).sum())
+            energy[name] = energy.get(name, 0.0) + float((x**2).sum())
+
+        return record
+
+    handles = [
+        m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    ]
+    try:
+        run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    scores = [{"layer": n, "input_error": error[n] / max(energy[n], 1e-30)} for n in error]
+    return sorted(scores, key=lambda s: -s["input_error"])
 
 
 def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:

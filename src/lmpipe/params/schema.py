@@ -504,6 +504,7 @@ class Int4Params(_Section):
     enabled: bool
     max_loss: float | None
     block_size: int
+    algo: Literal["default", "rtn", "k_quant", "k_quant_mixed"]
 
     def problems(self):
         yield from _budget_problem(self.max_loss, nullable=True)

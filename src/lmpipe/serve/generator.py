@@ -17,7 +17,6 @@ end ``keep`` says) and the bounds a request's ``max_new_tokens`` must respect.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -188,11 +187,6 @@ class GenAIGenerator:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
-    def generate(self, texts: Sequence[str], max_new_tokens: int | None = None, **options: Any) -> list[str]:
-        """Each text's generation from its prompt (``prompts``)."""
-        n = max_new_tokens or self.max_new_tokens
-        return [self.decode(self.generate_ids(p, n, **options)) for p in self.prompts(texts).ids]
-
     def reference_nll(self, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]):
         """Each reference's summed NLL (nats) given its prompt, and its token count (perplexity =
         exp(sum nll / sum tokens)): one prefill of prompt + target, scored from the returned logits."""
@@ -206,10 +200,6 @@ class GenAIGenerator:
             nll[i] = -scored[np.arange(len(target)), np.asarray(target)].sum()
             count[i] = len(target)
         return nll, count
-
-
-def perplexity(nll: np.ndarray, count: np.ndarray) -> float:
-    return math.exp(float(nll.sum()) / max(int(count.sum()), 1))
 
 
 def time_generation(first: Any, total: Any, new_tokens: int) -> dict[str, float]:
@@ -229,7 +219,8 @@ def time_generation(first: Any, total: Any, new_tokens: int) -> dict[str, float]
 # ------------------------------------------------------------------------------------------ serving
 def texts_from_input(model_input: Any) -> list[str]:
     """A list, Series, ndarray or DataFrame (a ``text`` column, or a single one) of input texts, each a
-    non-empty string."""
+    non-empty string. (``lmpipe.serve.serving`` reads a classifier's request alike: each file is logged
+    alone as its model's code, so neither may import the other.)"""
     if isinstance(model_input, pd.DataFrame):
         if TEXT_COLUMN in model_input.columns:
             values = model_input[TEXT_COLUMN].tolist()

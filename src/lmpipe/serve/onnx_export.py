@@ -369,11 +369,14 @@ def build_genai_folder(
     precision: str,
     generator_info: dict[str, Any],
     block_size: int = 32,
+    algo: str = "default",
 ) -> dict[str, Any]:
     """A causal LM (a ``save_pretrained`` folder) as an ONNX Runtime GenAI folder: ONNX Runtime GenAI's
     model builder writes the graph with its KV cache (``model.onnx`` + ``model.onnx.data``) and
     ``genai_config.json``, in ``precision`` fp32 or int4 (group-wise 4-bit weights of ``block_size``,
-    MatMulNBits, for the CPU). The model's own tokenizer and ``generator.json`` (how prompts are made,
+    MatMulNBits, for the CPU; ``algo`` is the builder's ``algo_config``: ``default``/``rtn`` round to
+    nearest, ``k_quant`` llama.cpp's k-quants, ``k_quant_mixed`` those with the most sensitive MatMuls in
+    int8, as llama.cpp's Q4_K_M). The model's own tokenizer and ``generator.json`` (how prompts are made,
     ``generator_info``) go beside it. Returns the build's recipe (also written as ``build.json``).
 
     The builder runs in its own process: it loads the whole model again, and its memory is given back
@@ -392,7 +395,7 @@ def build_genai_folder(
         "-p", precision, "-e", "cpu", "-c", str(out_dir / ".builder_cache"),
     ]  # fmt: skip
     if precision == "int4":
-        command += ["--extra_options", f"block_size={block_size}"]
+        command += ["--extra_options", f"block_size={block_size}", f"algo_config={algo}"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -410,7 +413,11 @@ def build_genai_folder(
         "precision": precision,
         "execution_provider": "cpu",
         **(
-            {"int4_block_size": block_size, "weights": "MatMulNBits, 4-bit, one scale per block"}
+            {
+                "int4_block_size": block_size,
+                "int4_algo": algo,
+                "weights": "MatMulNBits, 4-bit, a scale per block",
+            }
             if precision == "int4"
             else {}
         ),

@@ -50,7 +50,7 @@ HEAD_READING = {"mode": "head", "head_share": 0.5, "stride": 32, "pooling": "mea
 # this file is logged with the MLflow model and imports nothing of lmpipe (tests/code/test_reading.py)
 TEXT_TASK = "classification"
 TOKEN_TASK = "token_classification"
-GENERATION_TASK = "generation"  # not served yet: lmpipe predict refuses it in one line
+GENERATION_TASK = "generation"  # served by lmpipe.serve.generator (ONNX Runtime GenAI), not by this file
 OUTSIDE = "O"
 WORD = re.compile(r"\S+")
 

@@ -129,7 +129,7 @@ def read_records(params: Params, paths: Paths) -> dict[str, Any]:
 def run(params: Params, paths: Paths) -> str:
     task = tasks.for_stage(params.base.task, "export", TASK_PARTS)
     if "export" not in task.supports:
-        note = f"not yet for {task.name}: serving a causal LM (ONNX Runtime GenAI) is the next issue"
+        note = f"not available for {task.name}"
         return reports.not_applicable("export", note, paths.metrics, paths.report, [paths.out])
     model_dir = chosen_model(params, paths.source)
     records = read_records(params, paths)  # checks the source's budget before any work

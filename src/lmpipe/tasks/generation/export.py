@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,27 +39,15 @@ SKIPPED = {
 RUNTIMES = {"original": "pytorch", "int8": "pytorch", "int4": "onnxruntime-genai"}
 
 
-@dataclass
-class Scored:
-    """A predictor's generations on a split, their per-row scores and its perplexity of the references."""
-
-    texts: list[str]
-    rows: pd.DataFrame
-    perplexity: float
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}_{k}": round(float(v), 4) for k, v in self.rows.mean().items()}
-        out[f"{prefix}_perplexity"] = round(self.perplexity, 4)
-        return out
-
-
 class Runner:
     """One way of running a causal LM: generations, references' NLL, and the two timed calls."""
 
-    def texts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+    def texts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, desc: str) -> list[str]:
+        """Greedy generations (a progress bar named ``desc``)."""
         raise NotImplementedError
 
-    def nll(self, prompts, targets) -> tuple[np.ndarray, np.ndarray]:
+    def nll(self, prompts, targets, desc: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each reference's summed NLL given its prompt, and its token count."""
         raise NotImplementedError
 
     def ids(self, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -71,6 +58,10 @@ class Runner:
         """Exactly ``new_tokens`` new tokens; returns the seconds to the first (measured inside)."""
         raise NotImplementedError
 
+    def threaded(self, threads: int) -> Runner:
+        """The same model on ``threads`` intra-op threads, for timing (PyTorch's are set process-wide)."""
+        return self
+
 
 class TorchRunner(Runner):
     """A PyTorch causal LM: batched greedy generation (``lmpipe.modeling.generation``), batch 1 to time."""
@@ -78,15 +69,15 @@ class TorchRunner(Runner):
     def __init__(self, model, tokenizer, batch_size: int):
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
 
-    def texts(self, prompts, max_new_tokens):
+    def texts(self, prompts, max_new_tokens, desc):
         from lmpipe.modeling import generation
 
-        return generation.generate(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size)
+        return generation.generate(self.model, self.tokenizer, prompts, max_new_tokens, self.batch_size, desc)
 
-    def nll(self, prompts, targets):
+    def nll(self, prompts, targets, desc):
         from lmpipe.modeling import generation
 
-        return generation.reference_nll(self.model, self.tokenizer, prompts, targets, self.batch_size)
+        return generation.reference_nll(self.model, self.tokenizer, prompts, targets, self.batch_size, desc)
 
     def ids(self, prompt, max_new_tokens):
         from lmpipe.modeling import generation
@@ -105,13 +96,18 @@ class GenAIRunner(Runner):
     def __init__(self, folder, threads: int | None = None):
         from lmpipe.serve.generator import GenAIGenerator
 
-        self.generator = GenAIGenerator(folder, threads)
+        self.folder, self.generator = folder, GenAIGenerator(folder, threads)
 
-    def texts(self, prompts, max_new_tokens):
+    def threaded(self, threads):
+        return GenAIRunner(self.folder, threads)
+
+    def texts(self, prompts, max_new_tokens, desc):
+        from tqdm.auto import tqdm
+
         g = self.generator
-        return [g.decode(g.generate_ids(p, max_new_tokens)) for p in prompts]
+        return [g.decode(g.generate_ids(p, max_new_tokens)) for p in tqdm(prompts, desc=f"generate {desc}")]
 
-    def nll(self, prompts, targets):
+    def nll(self, prompts, targets, desc):
         return self.generator.reference_nll(prompts, targets)
 
     def ids(self, prompt, max_new_tokens):
@@ -121,12 +117,31 @@ class GenAIRunner(Runner):
         return self.generator.timed_ids(prompt, new_tokens)
 
 
-def score(runner: Runner, frame: pd.DataFrame, prompts, targets, max_new_tokens: int) -> Scored:
-    texts = runner.texts(prompts, max_new_tokens)
-    nll, count = runner.nll(prompts, targets)
-    return Scored(
-        texts, rouge_rows(frame["target"].tolist(), texts), math.exp(nll.sum() / max(count.sum(), 1))
-    )
+def score(runner: Runner, frame: pd.DataFrame, prompts, targets, max_new_tokens: int, desc: str):
+    """``runner``'s generations on a split, scored as evaluate scores them (``Generated``)."""
+    from lmpipe.tasks.generation.evaluation import Generated
+
+    texts = runner.texts(prompts, max_new_tokens, desc)
+    nll, count = runner.nll(prompts, targets, desc)
+    perplexity = math.exp(nll.sum() / max(count.sum(), 1))
+    return Generated(texts, rouge_rows(frame["target"].tolist(), texts), perplexity)
+
+
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def latency_setup(threads: int, prompt: list[int], new_tokens: int, lat) -> dict[str, Any]:
+    """How compress and export time a generator, for their reports."""
+    return {
+        "device": "cpu",
+        "threads": threads,
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "warmup": lat.warmup,
+        "repeats": lat.batch_repeats,
+        "batch_size": 1,
+    }
 
 
 def timing_prompt(prompts: Sequence[Sequence[int]], length: int) -> list[int]:
@@ -136,16 +151,24 @@ def timing_prompt(prompts: Sequence[Sequence[int]], length: int) -> list[int]:
 
 
 def time_runners(runners: dict[str, Runner], prompt: list[int], new_tokens: int, lat) -> dict[str, dict]:
-    """Time to the first token and tokens per second of each runner, interleaved (``lmpipe.latency``):
-    ``lat.batch_repeats`` generations of exactly ``new_tokens`` tokens per runner, each timed whole and
-    to its first token."""
+    """Time to the first token and tokens per second of each runner, interleaved (``lmpipe.latency``)
+    on ``lat.threads`` threads: ``lat.batch_repeats`` generations of exactly ``new_tokens`` tokens per
+    runner, each timed whole and to its first token."""
+    import torch
+
     from lmpipe.serve.generator import time_generation
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(lat.threads)
+    runners = {name: runner.threaded(lat.threads) for name, runner in runners.items()}
     calls: dict[str, Callable[[], object]] = {
         name: (lambda r=runner: r.timed(prompt, new_tokens)) for name, runner in runners.items()
     }
     first: dict[str, list] = {}
-    total = latency.time_interleaved(calls, lat.warmup, lat.batch_repeats, "generation latency", first)
+    try:
+        total = latency.time_interleaved(calls, lat.warmup, lat.batch_repeats, "generation latency", first)
+    finally:
+        torch.set_num_threads(threads)
     return {n: time_generation(first[n], total[n], new_tokens) for n in runners}
 
 
@@ -171,6 +194,59 @@ def generator_info(params) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- compress
+# int8's fp32 layers are chosen on val perplexity (one teacher-forced pass per trial: no generation):
+# the fewest of the most sensitive layers that bring it within this share of the original's
+PERPLEXITY_TOLERANCE = 0.05
+
+
+def int8_variant(fp32, tokenizer, folder: Path, job, prompts, targets, params) -> dict[str, Any]:
+    """Dynamic int8 of every Linear layer but ``lm_head`` (tied to the embeddings: int8 would store a
+    second copy, and the next-token distribution is where int8's error shows first), written to
+    ``folder``. When its val perplexity is more than ``PERPLEXITY_TOLERANCE`` above the original's, the
+    layers whose inputs int8 distorts most (``compression.activation_sensitivity``) stay fp32: 1, 2,
+    4, ... up to ``compress.quantize.max_fp32_layers``, until it is within. Returns the recipe."""
+    from lmpipe.compress import compression
+    from lmpipe.modeling import generation
+
+    batch = params.generation.batch_size
+
+    def perplexity(model) -> float:
+        nll, count = generation.reference_nll(model, tokenizer, prompts, targets, batch)
+        return round(math.exp(nll.sum() / max(count.sum(), 1)), 4)
+
+    keep = [n for n in compression.linear_names(fp32) if n.endswith("lm_head")]
+    reference = perplexity(fp32)
+    chosen = compression.quantize_dynamic_int8(fp32, keep)
+    trials = [{"fp32_layers": 0, "val_perplexity": perplexity(chosen)}]
+    limit = reference * (1 + PERPLEXITY_TOLERANCE)
+    steps = compression.fp32_steps(
+        params.compress.quantize.max_fp32_layers, len(compression.linear_names(fp32))
+    )
+    ranked: list[dict[str, Any]] = []
+    if trials[0]["val_perplexity"] > limit and steps:
+
+        def run(model):
+            return generation.reference_nll(
+                model, tokenizer, prompts, targets, batch, desc="int8 sensitivity"
+            )
+
+        ranked = [r for r in compression.activation_sensitivity(fp32, run) if r["layer"] not in keep]
+        for k in steps:
+            chosen = compression.quantize_dynamic_int8(fp32, keep + [r["layer"] for r in ranked[:k]])
+            trials.append({"fp32_layers": k, "val_perplexity": perplexity(chosen)})
+            if trials[-1]["val_perplexity"] <= limit:
+                break
+    compression.save_int8(chosen, tokenizer, folder, job.source)
+    kept = keep + [r["layer"] for r in ranked[: trials[-1]["fp32_layers"]]]
+    return {
+        "fp32_layers": kept,
+        "fp32_layer_count": len(kept),
+        "original_val_perplexity": reference,
+        "fp32_trials": trials,
+        **({"sensitivity": ranked[: max(params.compress.quantize.max_fp32_layers, 1)]} if ranked else {}),
+    }
+
+
 def compress(job) -> Compressed:
     from lmpipe.compress import compression
     from lmpipe.modeling import models
@@ -181,7 +257,9 @@ def compress(job) -> Compressed:
     base, out = params.base, Path(job.folder)
     tokenizer = models.load_tokenizer(job.model_dir)
     encoded = {}
-    for split, frame in (("val", job.val), ("test", job.test)):
+    # val: the rows train's epoch selection generates for (generation.val_rows), each variant alike
+    val = job.val if g.val_rows is None else job.val.head(g.val_rows)
+    for split, frame in (("val", val), ("test", job.test)):
         prompts = encode_prompts(tokenizer, frame, g, base.max_length, base.reading.mode).ids
         encoded[split] = (frame, prompts, encode_targets(tokenizer, frame["target"], g.max_target_tokens)[0])
     fp32 = load_generator(job.model_dir).cpu().eval()
@@ -189,32 +267,30 @@ def compress(job) -> Compressed:
     sizes = {"original": round(compression.weights_bytes(job.model_dir) / 2**20, 3)}
     recipes: dict[str, Any] = {}
     if cfg.quantize.enabled:
-        # lm_head shares its weights with the embeddings (tied): int8 would store a second copy, and
-        # the next-token distribution is where int8's error shows first
-        keep = [n for n in compression.linear_names(fp32) if n.endswith("lm_head")]
-        compression.save_int8(
-            compression.quantize_dynamic_int8(fp32, keep), tokenizer, out / "int8", job.source
-        )
-        runners["int8"] = TorchRunner(compression.load_int8(out / "int8"), tokenizer, g.batch_size)
+        recipes["int8"] = int8_variant(fp32, tokenizer, out / "int8", job, *encoded["val"][1:], params)
+        # batch 1: torch's dynamic int8 Linear runs a 16-row decoding step ~5x slower than one row here
+        # (1.9 s a row at batch 16, 0.8 s at batch 1, SmolLM2, 2 cores); fp32 is the other way round
+        runners["int8"] = TorchRunner(compression.load_int8(out / "int8"), tokenizer, 1)
         sizes["int8"] = round(compression.weights_bytes(out / "int8") / 2**20, 3)
-        recipes["int8"] = {"fp32_layers": keep}
     if cfg.int4.enabled:
         recipes["int4"] = onnx_export.build_genai_folder(
-            job.model_dir, out / "int4", "int4", generator_info(params), cfg.int4.block_size
+            job.model_dir, out / "int4", "int4", generator_info(params), cfg.int4.block_size, cfg.int4.algo
         )
-        runners["int4"] = GenAIRunner(out / "int4", cfg.latency.threads)
+        runners["int4"] = GenAIRunner(out / "int4")
         sizes["int4"] = onnx_export.folder_mb(out / "int4")
     rows, warnings, scored = {}, [], {}
     for name, runner in runners.items():
         with tracking.child_run(
             params, name, {"variant": name}, "compress-variant", {"variant": name}
         ) as child:
-            scored[name] = {s: score(runner, *encoded[s], g.max_new_tokens) for s in ("val", "test")}
+            scored[name] = {
+                s: score(runner, *encoded[s], g.max_new_tokens, f"{s} ({name})") for s in ("val", "test")
+            }
             rows[name] = {
                 "runtime": RUNTIMES[name],
                 "size_mb": sizes[name],
-                **scored[name]["val"].metrics("val"),
-                **scored[name]["test"].metrics("test"),
+                **prefixed(scored[name]["val"].metrics(), "val"),
+                **prefixed(scored[name]["test"].metrics(), "test"),
                 **recipes.get(name, {}),
             }
             rows[name]["run_id"] = child.info.run_id
@@ -238,9 +314,6 @@ def compress(job) -> Compressed:
                 f"{name} loses {100 * loss:.2f} pt of val ROUGE-L against the trained model, over its budget "
                 f"of {100 * budget:g} pt"
             )
-    import torch
-
-    torch.set_num_threads(cfg.latency.threads)
     prompt = timing_prompt(encoded["val"][1], base.max_length)
     timed = time_runners(runners, prompt, g.max_new_tokens, cfg.latency)
     for name, row in rows.items():
@@ -264,16 +337,8 @@ def compress(job) -> Compressed:
         "skipped": {
             k: SKIPPED[k] for k, on in (("pruned", cfg.prune.enabled), ("student", cfg.distill.enabled)) if on
         },
-        "latency_setup": {
-            "device": "cpu",
-            "threads": cfg.latency.threads,
-            "prompt_tokens": len(prompt),
-            "new_tokens": g.max_new_tokens,
-            "warmup": cfg.latency.warmup,
-            "repeats": cfg.latency.batch_repeats,
-            "batch_size": 1,
-        },
-        "val_rows": len(job.val),
+        "latency_setup": latency_setup(cfg.latency.threads, prompt, g.max_new_tokens, cfg.latency),
+        "val_rows": len(val),
         "test_rows": len(job.test),
         "source_model": str(job.model_dir),
     }
@@ -333,20 +398,20 @@ def export(job) -> Exported:
     g, base = params.generation, params.base
     info = generator_info(params)
     builds = {
-        p: onnx_export.build_genai_folder(job.model_dir, folder / p, p, info, params.compress.int4.block_size)
+        p: onnx_export.build_genai_folder(
+            job.model_dir, folder / p, p, info, params.compress.int4.block_size, params.compress.int4.algo
+        )
         for p in ("fp32", "int4")
     }
     tokenizer = models.load_tokenizer(job.model_dir)
     prompts = encode_prompts(tokenizer, test, g, base.max_length, base.reading.mode).ids
     runners: dict[str, Runner] = {
         "pytorch": TorchRunner(load_generator(job.model_dir).cpu().eval(), tokenizer, g.batch_size),
-        "fp32": GenAIRunner(folder / "fp32", cfg.latency.threads),
-        "int4": GenAIRunner(folder / "int4", cfg.latency.threads),
+        "fp32": GenAIRunner(folder / "fp32"),
+        "int4": GenAIRunner(folder / "int4"),
     }
-    import torch
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(cfg.latency.threads)
     tokens = {
         name: [r.ids(p, g.max_new_tokens) for p in tqdm(prompts, desc=f"greedy {name}", unit="prompt")]
         for name, r in runners.items()
@@ -382,7 +447,8 @@ def export(job) -> Exported:
         "rougeL_ci95_high": ci["ci95_high"],
         "baseline_rougeL": round(float(np.mean(lead_rouge)), 4),
     }
-    served = {**scores[variant], "variant": variant}
+    size = {n: onnx_export.folder_mb(folder / n) for n in ("fp32", "int4")}
+    served = {**scores[variant], **timed[variant], "size_mb": size[variant], "variant": variant}
     checks = []
     if variant == "int4":
         checks.append(
@@ -391,7 +457,6 @@ def export(job) -> Exported:
                 f"int4 test ROUGE-L loss vs PyTorch {100 * int4_loss:+.2f} pt within the budget of {100 * budget:g} pt",
             )
         )
-    size = {n: onnx_export.folder_mb(folder / n) for n in ("fp32", "int4")}
     report = {
         "test_rows": len(test),
         "max_new_tokens": g.max_new_tokens,
@@ -408,15 +473,7 @@ def export(job) -> Exported:
         "served": served,
         "size_mb": size,
         "builds": builds,
-        "latency_setup": {
-            "device": "cpu",
-            "threads": cfg.latency.threads,
-            "prompt_tokens": len(prompt),
-            "new_tokens": g.max_new_tokens,
-            "warmup": cfg.latency.warmup,
-            "repeats": cfg.latency.batch_repeats,
-            "batch_size": 1,
-        },
+        "latency_setup": latency_setup(cfg.latency.threads, prompt, g.max_new_tokens, cfg.latency),
     }
     texts = test["text"].tolist()
 
@@ -448,7 +505,7 @@ def export(job) -> Exported:
         metric="rougeL",
         package=package,
         checks=checks,
-        tags={"test_perplexity_pytorch": report["pytorch"].get("perplexity", "n/a")},
+        tags={"prompt_max_length": base.max_length, "max_new_tokens_limit": g.serve_max_new_tokens},
     )
 
 
