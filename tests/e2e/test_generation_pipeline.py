@@ -30,7 +30,12 @@ def gen_repo(tmp_path_factory, tiny_decoder):
             "val_rows": 8, "analyze_rows": 8, "max_new_tokens": 8, "max_target_tokens": 16,
             "serve_max_new_tokens": 32,
         },
-        "compress": {"max_loss": 1.0, "latency": {"threads": 1, "warmup": 1, "batch_repeats": 2}},
+        # rtn: k-quants need a real model's widths (the tiny decoder's 16-wide key-value head is not one)
+        "compress": {
+            "max_loss": 1.0,
+            "int4": {"algo": "rtn"},
+            "latency": {"threads": 1, "warmup": 1, "batch_repeats": 2},
+        },
         "export": {"registered_model": "tiny-gen", "latency": {"warmup": 1, "batch_repeats": 2, "threads": 1}},
     }  # fmt: skip
     repo = new_repo(tmp_path_factory.mktemp("generation"), overrides)

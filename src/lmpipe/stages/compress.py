@@ -119,7 +119,7 @@ def own(params: Params, paths: Paths, task) -> str:
         io.write_csv(
             paths.prune_curve, pd.DataFrame([], columns=CURVE_COLUMNS)
         )  # no pruning: its note says why
-        reports.write("compress", report, paths.metrics, paths.report)
+        reports.write("compress", report, paths.metrics, paths.report, task.headline.get("compress"))
     return done.summary
 
 

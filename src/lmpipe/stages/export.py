@@ -181,7 +181,7 @@ def record(
         }
     )
     tracking.log_dict(report, "export_report.json")
-    reports.write("export", report, paths.metrics, paths.report)
+    reports.write("export", report, paths.metrics, paths.report, task.headline.get("export"))
 
 
 def gate_line(gate: dict[str, Any]) -> str:

@@ -493,7 +493,7 @@ def export(job) -> Exported:
     def score_registered(uri: str) -> float | None:
         return score_registered_generator(uri, texts, targets)
 
-    logged = ("test_rows",)
+    logged = ("test_rows", "pytorch", "onnx_fp32", "onnx_int4", "served", "size_mb")
     return Exported(
         report=report,
         variant=variant,
