@@ -390,6 +390,7 @@ def token_parity(reference: list[list[int]], other: list[list[int]], ids: Sequen
 
 
 def export(job) -> Exported:
+    from lmpipe.compress import compression
     from lmpipe.modeling import models
     from lmpipe.serve import onnx_export
     from lmpipe.tasks.generation.evaluation import load_generator
@@ -417,10 +418,12 @@ def export(job) -> Exported:
         for name, r in runners.items()
     }
     targets = test["target"].tolist()
-    rows = {}
-    for name in runners:
-        texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens[name]]
-        rows[name] = {"rows": rouge_rows(targets, texts), "texts": texts}
+    rows = {
+        name: rouge_rows(
+            targets, [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens[name]]
+        )
+        for name in runners
+    }
     parity = {n: token_parity(tokens["pytorch"], tokens[n], test["id"]) for n in ("fp32", "int4")}
     fp32 = parity["fp32"]
     if fp32["identical_share"] < cfg.min_token_match:
@@ -430,14 +433,15 @@ def export(job) -> Exported:
             f"prompts, under export.min_token_match {cfg.min_token_match:g}; first divergence: row "
             f"{first['id']}, token {first['position']} (PyTorch {first['pytorch']}, ONNX {first['onnx']})"
         )
-    scores = {n: {k: round(float(v), 4) for k, v in r["rows"].mean().items()} for n, r in rows.items()}
+    scores = {n: {k: round(float(v), 4) for k, v in r.mean().items()} for n, r in rows.items()}
     budget = params.compress.budget("int4")
     int4_loss = round(scores["pytorch"]["rougeL"] - scores["int4"]["rougeL"], 4)
+    int4_within = compression.fits(int4_loss, budget)
     prompt = timing_prompt(prompts, base.max_length)
     timed = time_runners(runners, prompt, g.max_new_tokens, cfg.latency)
     with_speedups(timed, "pytorch")
     variant = cfg.registered_variant
-    served_rows = rows[variant]["rows"]
+    served_rows = rows[variant]
     lead = pd.read_csv(job.baseline_predictions, keep_default_na=False)
     lead_rouge = lead.set_index(lead["id"].astype(str)).loc[test["id"].astype(str), "lead_rougeL"].to_numpy()
     ci = paired_ci(served_rows["rougeL"].to_numpy(), lead_rouge, base.seed)
@@ -453,7 +457,7 @@ def export(job) -> Exported:
     if variant == "int4":
         checks.append(
             (
-                int4_loss <= budget + 1e-12,
+                int4_within,
                 f"int4 test ROUGE-L loss vs PyTorch {100 * int4_loss:+.2f} pt within the budget of {100 * budget:g} pt",
             )
         )
@@ -468,7 +472,7 @@ def export(job) -> Exported:
             **parity["int4"],
             "rougeL_loss_vs_pytorch": int4_loss,
             "max_loss": budget,
-            "within_budget": int4_loss <= budget + 1e-12,
+            "within_budget": int4_within,
         },
         "served": served,
         "size_mb": size,
