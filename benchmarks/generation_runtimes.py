@@ -80,8 +80,8 @@ def main() -> None:
             if name != "pytorch fp32"
         }
         prompt = timing_prompt(prompts, args.tokens)
-        lat = SimpleNamespace(warmup=2, batch_repeats=args.repeats, threads=args.threads)
-        timed = time_runners(runners, prompt, args.new, lat)
+        lat = SimpleNamespace(warmup=2, batch_repeats=args.repeats, threads=args.threads, max_other_load=0.25)
+        timed, _ = time_runners(runners, prompt, args.new, lat, "benchmark")
     base = timed["pytorch fp32"]
     rows = []
     for name, t in timed.items():

@@ -82,7 +82,7 @@ def main() -> None:
             features = encoder.encode([texts[i % len(texts)] for i in range(n)])
             calls = {name: (lambda r=run, f=features: r(f)) for name, run in runners.items()}
             alone = {name: latency.time_alone(fn, cfg.warmup, args.repeats) for name, fn in calls.items()}
-            fixed = latency.time_interleaved(calls, cfg.warmup, args.repeats, desc=f"fixed b{n}")
+            fixed = latency.time_interleaved(calls, cfg.warmup, args.repeats, desc=f"fixed b{n}").wall
             _, spinning = backends(spinning=True)
             old = old_timer(
                 {k: (lambda r=run, f=features: r(f)) for k, run in spinning.items()}, cfg.warmup, args.repeats

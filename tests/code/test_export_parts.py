@@ -135,13 +135,21 @@ def test_time_interleaved_warms_up_then_rotates_blocks_of_the_cases(monkeypatch)
 
     monkeypatch.setattr(latency, "SETTLE_S", 0.0)  # one settling call per block (they last >= SETTLE_S)
     calls = []
-    seconds = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 7)
+    timed = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, 7)
     assert BLOCK == 5
     # warm-up, then per round each case's settling call and its block (5, then the 2 left), rotated
     assert calls == ["a", "a", "b", "b"] + ["a"] * 6 + ["b"] * 6 + ["b"] * 3 + ["a"] * 3
-    assert set(seconds) == {"a", "b"} and all(len(s) == 7 and (s >= 0).all() for s in seconds.values())
-    ms = summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 1)
-    assert ms == {"latency_b1_p50_ms": 30.0, "latency_b1_p95_ms": 48.0, "throughput_b1_per_s": 33.33}
+    for measured in (timed.wall, timed.cpu):
+        assert set(measured) == {"a", "b"} and all(len(s) == 7 and (s >= 0).all() for s in measured.values())
+    assert timed.returned == {"a": [None] * 7, "b": [None] * 7}  # what each timed call returned
+    assert all(0 <= share <= 1 for share in timed.other_load.values())  # /proc/stat exists here
+    ms = summary(np.array([0.010, 0.020, 0.030, 0.040, 0.050]), 1, cpu=np.array([0.02, 0.04]))
+    assert ms == {
+        "latency_b1_p50_ms": 30.0,
+        "latency_b1_p95_ms": 48.0,
+        "throughput_b1_per_s": 33.33,
+        "cpu_b1_ms": 30.0,  # the mean CPU time per call
+    }
 
 
 def test_softmax_rows_sum_to_one():

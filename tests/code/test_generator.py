@@ -94,7 +94,10 @@ def test_genai_fp32_build_of_the_tiny_decoder_matches_pytorch(tiny_decoder, tmp_
         generation.reference_nll(model, tokenizer, prompts, targets, 2),
     )
     assert np.allclose(ours[0], theirs[0], rtol=1e-4) and list(ours[1]) == list(theirs[1]) == [3, 2]
-    lat = SimpleNamespace(warmup=1, batch_repeats=2, threads=1)
-    timed = time_runners({"pytorch": TorchRunner(model, tokenizer, 2), "fp32": onnx}, prompts[0], 4, lat)
+    lat = SimpleNamespace(warmup=1, batch_repeats=2, threads=1, max_other_load=1.0)
+    runners = {"pytorch": TorchRunner(model, tokenizer, 2), "fp32": onnx}
+    timed, timing = time_runners(runners, prompts[0], 4, lat, "test")
     for row in timed.values():
         assert row["ttft_ms"] > 0 and row["tokens_per_s"] > 0 and row["generate_ms"] >= row["ttft_ms"]
+        assert row["cpu_generate_ms"] > 0
+    assert timing["latency_reliable"] is True and timing["speedup_basis"] == "wall"  # nothing is over 100%

@@ -510,9 +510,9 @@ def time_models(
     repeats: int,
     threads: int,
     desc: str = "latency",
-) -> dict[str, np.ndarray]:
-    """Seconds per forward pass of each model on ``batch``, on the CPU with ``threads`` threads, timed
-    round by round (``latency.time_interleaved``)."""
+) -> latency.Timings:
+    """Each model's forward passes on ``batch``, on the CPU with ``threads`` threads, timed round by round
+    (``latency.time_interleaved``: wall and CPU seconds per pass, and the other processes' load)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     calls = {name: (lambda m=model: m(**batch)) for name, model in models.items()}

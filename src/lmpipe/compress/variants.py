@@ -416,22 +416,30 @@ def student(inputs: Inputs, folder: Path) -> Variant:
     return Variant(row, model.cpu())
 
 
-def time_variants(inputs: Inputs, variants: dict[str, Variant]) -> None:
-    """CPU latency of every variant, in the same interleaved rounds, at batch 1 and the larger batch."""
+def time_variants(inputs: Inputs, variants: dict[str, Variant]) -> dict[str, Any]:
+    """CPU latency of every variant, in the same interleaved rounds, at batch 1 and the larger batch: wall
+    p50/p95 and CPU cost per call into each row. Returns the busy check's verdict (``latency.reliability``)."""
     lat, max_length = inputs.params.compress.latency, inputs.params.base.max_length
     texts = inputs.test["text"].tolist()
     loaded = {name: v.model for name, v in variants.items()}
+    shares = []
     for batch_size, repeats in ((1, lat.repeats), (lat.batch_size, lat.batch_repeats)):
         batch = compression.fixed_batch(inputs.tokenizer, texts, batch_size, max_length)
-        seconds = compression.time_models(
+        timed = compression.time_models(
             loaded, batch, lat.warmup, repeats, lat.threads, desc=f"latency batch {batch_size}"
         )
-        for name, values in seconds.items():
-            variants[name].row.update(latency.summary(values, batch_size))
+        for name in loaded:
+            variants[name].row.update(timed.summary(name, batch_size))
+        shares += timed.other_load.values()
+    return latency.reliability(shares, lat.max_other_load, "compress")
 
 
-def comparison(variants: dict[str, Variant], batch_size: int) -> dict[str, dict[str, Any]]:
-    """Each variant's row with its change against the original: scores, speed-ups, size ratio."""
+def comparison(
+    variants: dict[str, Variant], batch_size: int, basis: str = "wall"
+) -> dict[str, dict[str, Any]]:
+    """Each variant's row with its change against the original: scores, size ratio, and speed-ups from
+    wall-clock p50 (``wall_speedup_b<n>``) and from CPU cost per call (``cpu_speedup_b<n>``), of which
+    ``basis`` gives ``speedup_b<n>`` (cpu when the timing was disturbed: ``latency.reliability``)."""
     first = variants["original"].row
     rows = {}
     for name, variant in variants.items():
@@ -440,7 +448,9 @@ def comparison(variants: dict[str, Variant], batch_size: int) -> dict[str, dict[
         row["delta_accuracy"] = row["accuracy"] - first["accuracy"]
         row["delta_macro_f1"] = row["macro_f1"] - first["macro_f1"]
         for n in (1, batch_size):
-            row[f"speedup_b{n}"] = round(first[f"latency_b{n}_p50_ms"] / row[f"latency_b{n}_p50_ms"], 3)
+            row[f"wall_speedup_b{n}"] = latency.speedup(first, row, n, "wall")
+            row[f"cpu_speedup_b{n}"] = latency.speedup(first, row, n, "cpu")
+            row[f"speedup_b{n}"] = row[f"{basis}_speedup_b{n}"]
         row["size_ratio"] = round(row["size_mb"] / round(first["size_mb"], 3), 3)
         row["mlflow_run_id"] = variant.run_id
         rows[name] = row

@@ -582,6 +582,11 @@ class DistillParams(_Section):
             yield "learning_rate", f"must be > 0 and < 1, got {self.learning_rate}"
 
 
+def _other_load_problem(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        yield "max_other_load", f"must be a share of the machine's cores, > 0 and <= 1, got {value!r}"
+
+
 @dataclass(frozen=True)
 class LatencyParams(_Section):
     threads: int
@@ -589,8 +594,10 @@ class LatencyParams(_Section):
     repeats: int
     batch_size: int
     batch_repeats: int
+    max_other_load: float
 
     def problems(self):
+        yield from _other_load_problem(self.max_other_load)
         if self.threads < 1:
             yield "threads", f"must be >= 1, got {self.threads}"
         if self.warmup < 0:
@@ -758,8 +765,10 @@ class ExportLatencyParams(_Section):
     repeats: int
     batch_repeats: int
     threads: int
+    max_other_load: float
 
     def problems(self):
+        yield from _other_load_problem(self.max_other_load)
         if not self.batch_sizes or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.batch_sizes
         ):

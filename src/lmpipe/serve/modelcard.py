@@ -30,22 +30,50 @@ def training_params(params: Params) -> str:
     )
 
 
+def timing_note(record: dict) -> str:
+    """One sentence on how far a stage's timings can be trusted (``latency.reliability``'s verdict) and
+    which figure its speed-ups come from."""
+    load, reliable = record.get("other_load"), record.get("latency_reliable")
+    if reliable is None:
+        return (
+            "Other processes' load was not measured here (no /proc/stat): speed-ups are from wall-clock p50."
+        )
+    if reliable:
+        return (
+            f"Timed on a quiet machine (other processes used {100 * load:.0f}% of its cores): speed-ups are "
+            "from wall-clock p50."
+        )
+    return (
+        f"**Timed on a busy machine** (other processes used {100 * load:.0f}% of its cores): the wall-clock "
+        "latencies are not reliable, and the speed-ups here come from CPU cost per call "
+        "(the process's CPU time over the timed calls). Re-run export alone for wall-clock figures."
+    )
+
+
 def latency_table(params: Params, export: dict) -> list[str]:
-    """The latency of every timed backend, p50 and p95 per batch size."""
+    """The latency of every timed backend: p50, p95 and CPU cost per call for each batch size, and the
+    speed-up over PyTorch fp32 at batch 1 (from whichever figure the busy check trusts)."""
     timing = params.export.latency
     lines = [
         f"Latency (ms, CPU, {timing.threads} threads, {timing.warmup} warm-up and {timing.repeats} timed "
         f"runs, inputs padded to the longest text of the batch and at most {params.base.max_length} tokens; "
-        f"1-minute load average {export.get('latency_load_average', 'n/a')} while timing):",
+        f"1-minute load average {export.get('latency_load_average', 'n/a')} while timing). "
+        + timing_note(export),
         "",
-        "| backend | " + " | ".join(f"batch {n} p50 | batch {n} p95" for n in timing.batch_sizes) + " |",
-        "|---|" + "---|---|" * len(timing.batch_sizes),
+        "| backend | "
+        + " | ".join(f"batch {n} p50 | batch {n} p95 | batch {n} CPU" for n in timing.batch_sizes)
+        + f" | speed-up b1 ({export.get('speedup_basis', 'wall')}) |",
+        "|---|" + "---|---|---|" * len(timing.batch_sizes) + "---|",
     ]
     for backend, cases in export.get("latency", {}).items():
         cells = []
         for n in timing.batch_sizes:
             cells += [fmt(cases.get(f"latency_b{n}_p50_ms"), 2), fmt(cases.get(f"latency_b{n}_p95_ms"), 2)]
-        lines.append(f"| {backend} | " + " | ".join(cells) + " |")
+            cells.append(fmt(cases.get(f"cpu_b{n}_ms"), 2))
+        ratio = (
+            1.0 if backend == "pytorch_fp32" else export.get("speedup", {}).get(f"{backend}_vs_pytorch_b1")
+        )
+        lines.append(f"| {backend} | " + " | ".join(cells) + f" | {fmt(ratio, 2)}x |")
     return lines
 
 
@@ -66,11 +94,16 @@ def compression_section(params: Params, export: dict, compression: dict | None) 
     variants = (compression or {}).get("variants", {})
     if not variants:
         return lines
+    basis = (
+        "CPU cost per call, as compress was timed on a busy machine"
+        if compression.get("latency_reliable") is False
+        else "wall-clock p50"
+    )
     lines += [
         "",
         "The compress stage's variants: their val macro-F1 loss against the trained model, judged against "
         f"the quality budget (`compress.max_loss`, {100 * compression.get('max_loss', 0):g} pt by default), "
-        "and their test scores (CPU, batch 1):",
+        f"and their test scores (CPU, batch 1; speed-ups from {basis}):",
         "",
         "| variant | val loss (pt) | within budget | test macro-F1 | change | size (MB) | non-zero params "
         "| p50 latency (ms) | speed-up |",

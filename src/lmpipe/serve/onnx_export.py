@@ -28,6 +28,7 @@ from lmpipe.modeling import families
 from lmpipe.modeling.encoding import model_reading
 from lmpipe.modeling.inference import batches_logits
 from lmpipe.modeling.models import SOFT_PROMPT_KEY, load_model, load_tokenizer, model_task
+from lmpipe.params import ExportLatencyParams
 from lmpipe.serve.serving import (
     CLASSIFIER_FILE,
     FP32_FILE,
@@ -307,24 +308,44 @@ def latency_benchmark(
     runners: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]],
     classifier: OnnxTextClassifier,
     texts: Sequence[str],
-    batch_sizes: Sequence[int],
-    warmup: int,
-    repeats: int,
-    batch_repeats: int,
-) -> dict[str, dict[str, float]]:
-    """``{backend: {latency_b<n>_p50_ms, latency_b<n>_p95_ms, throughput_b<n>_per_s, ...}}`` (the shape of
-    ``latency.summary``, as in compress) for each batch size ``n``. Each batch is the first ``n`` test texts
-    (cycled if the split is smaller), tokenised once at ``max_length`` and padded to its longest text;
-    the backends are timed in rotating rounds on it (``latency.time_interleaved``): ``repeats`` rounds at
-    batch 1, ``batch_repeats`` at larger batches, whose every call costs ~n times more."""
+    cfg: ExportLatencyParams,
+) -> dict[str, Any]:
+    """Every backend timed on the same inputs (``cfg``: ``export.latency``) and its speed-ups over the
+    ``pytorch_fp32`` runner: ``latency`` is ``{backend: {latency_b<n>_p50_ms, latency_b<n>_p95_ms, throughput_b<n>_per_s,
+    cpu_b<n>_ms}}`` (``latency.summary``, as in compress) for each batch size ``n``; ``speedup_wall`` and
+    ``speedup_cpu`` are ``{<backend>_vs_pytorch_b<n>: ratio}`` from wall-clock p50 and from CPU cost per
+    call, and ``speedup`` is the one the busy check trusts (``latency.reliability``, whose verdict is
+    merged in). Each batch is the first ``n`` test texts (cycled if the split is smaller), tokenised once
+    at ``max_length`` and padded to its longest text; the backends are timed in rotating rounds on it
+    (``latency.time_interleaved``): ``cfg.repeats`` rounds at batch 1, ``cfg.batch_repeats`` at larger
+    batches, whose every call costs ~n times more."""
     out: dict[str, dict[str, float]] = {name: {} for name in runners}
-    for n in batch_sizes:
+    shares = []
+    for n in cfg.batch_sizes:
         features = classifier.encode([texts[i % len(texts)] for i in range(n)])
         calls = {name: (lambda r=run, f=features: r(f)) for name, run in runners.items()}
-        rounds = repeats if n == 1 else batch_repeats
-        for name, seconds in latency.time_interleaved(calls, warmup, rounds, f"latency batch {n}").items():
-            out[name].update(latency.summary(seconds, n))
-    return out
+        rounds = cfg.repeats if n == 1 else cfg.batch_repeats
+        timed = latency.time_interleaved(calls, cfg.warmup, rounds, f"latency batch {n}")
+        for name in runners:
+            out[name].update(timed.summary(name, n))
+        shares += timed.other_load.values()
+    verdict = latency.reliability(shares, cfg.max_other_load, "export")
+    ratios = {
+        basis: {
+            f"{name}_vs_pytorch_b{n}": latency.speedup(out["pytorch_fp32"], out[name], n, basis)
+            for name in runners
+            if name != "pytorch_fp32"
+            for n in cfg.batch_sizes
+        }
+        for basis in ("wall", "cpu")
+    }
+    return {
+        "latency": out,
+        "speedup": dict(ratios[verdict["speedup_basis"]]),
+        "speedup_wall": ratios["wall"],
+        "speedup_cpu": ratios["cpu"],
+        **verdict,
+    }
 
 
 # ------------------------------------------------------------------------------------------ the registry

@@ -95,9 +95,9 @@ def run(params: Params, paths: Paths) -> str:
                     variants[name].run_id = child.info.run_id
                     if name != "original":
                         judge(params, variants["original"], name, variants[name])
-        time_variants(inputs, variants)
-        rows, warned = record(params, paths, inputs, variants, parent.info.run_id)
-    return summary(params, rows, warned)
+        timing = time_variants(inputs, variants)
+        rows, warned = record(params, paths, inputs, variants, parent.info.run_id, timing)
+    return summary(params, rows, warned, timing)
 
 
 def own(params: Params, paths: Paths, task) -> str:
@@ -123,11 +123,13 @@ def own(params: Params, paths: Paths, task) -> str:
     return done.summary
 
 
-def record(params: Params, paths: Paths, inputs: Inputs, variants: dict[str, Variant], run_id: str):
+def record(
+    params: Params, paths: Paths, inputs: Inputs, variants: dict[str, Variant], run_id: str, timing: dict
+):
     """The comparison table (each variant's row also on its own MLflow run), the pruning curve and the
     Pareto points (DVC plots), the report and its DVC metrics. Returns the rows and the budget warnings."""
     cfg = params.compress
-    rows = comparison(variants, cfg.latency.batch_size)
+    rows = comparison(variants, cfg.latency.batch_size, timing["speedup_basis"])
     curve = variants["pruned"].row.pop("curve") if "pruned" in variants else []
     for name, variant in variants.items():
         tracking.log_metrics_to(variant.run_id, rows[name])
@@ -151,6 +153,7 @@ def record(params: Params, paths: Paths, inputs: Inputs, variants: dict[str, Var
         "budget_warnings": warned,
         "prune_curve": curve,
         "pareto": [n for n, f in zip(names, front, strict=True) if f],
+        **timing,
         "latency_setup": {
             "device": "cpu",
             "threads": lat.threads,
@@ -158,6 +161,7 @@ def record(params: Params, paths: Paths, inputs: Inputs, variants: dict[str, Var
             "warmup": lat.warmup,
             "repeats_b1": lat.repeats,
             f"repeats_b{lat.batch_size}": lat.batch_repeats,
+            "max_other_load": lat.max_other_load,
         },
         "test_rows": len(inputs.test),
         "source_model": str(inputs.model_dir),
@@ -173,19 +177,21 @@ def record(params: Params, paths: Paths, inputs: Inputs, variants: dict[str, Var
     return rows, warned
 
 
-def summary(params: Params, rows: dict[str, dict], warned: list[str]) -> str:
-    """The stage's printed table: each variant's test score, val loss against its budget, size and speed."""
+def summary(params: Params, rows: dict[str, dict], warned: list[str], timing: dict) -> str:
+    """The stage's printed table: each variant's test score, val loss against its budget, size and speed
+    (wall-clock p50 and CPU cost at batch 1; the speed-up from whichever the busy check trusts)."""
     cfg, b1 = params.compress, "latency_b1_p50_ms"
     lines = [
         f"compress: budget {100 * cfg.max_loss:g} pt of val macro-F1 (per-variant budgets in the report)",
-        "compress: variant      test F1  (delta)   val loss  budget   size MB  b1 p50 ms  speed-up",
+        "compress: variant      test F1  (delta)   val loss  budget   size MB  b1 p50 ms  b1 cpu ms  "
+        f"speed-up ({timing['speedup_basis']})",
     ]
     for name, row in rows.items():
         verdict = "" if name == "original" else ("ok" if row["within_budget"] else "MISSED")
         lines.append(
             f"compress: {name:<10} {row['macro_f1']:.4f}  ({row['delta_macro_f1']:+.4f})  "
             f"{100 * row['val_f1_loss']:+6.2f} pt  {verdict:<6}  {row['size_mb']:7.1f}  {row[b1]:9.2f}  "
-            f"{row['speedup_b1']:.2f}x"
+            f"{row['cpu_b1_ms']:9.2f}  {row['speedup_b1']:.2f}x"
         )
     if "pruned" in rows:
         lines.append(

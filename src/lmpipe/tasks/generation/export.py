@@ -141,6 +141,7 @@ def latency_setup(threads: int, prompt: list[int], new_tokens: int, lat) -> dict
         "warmup": lat.warmup,
         "repeats": lat.batch_repeats,
         "batch_size": 1,
+        "max_other_load": lat.max_other_load,
     }
 
 
@@ -150,10 +151,13 @@ def timing_prompt(prompts: Sequence[Sequence[int]], length: int) -> list[int]:
     return (longest * (length // len(longest) + 1))[:length]
 
 
-def time_runners(runners: dict[str, Runner], prompt: list[int], new_tokens: int, lat) -> dict[str, dict]:
-    """Time to the first token and tokens per second of each runner, interleaved (``lmpipe.latency``)
-    on ``lat.threads`` threads: ``lat.batch_repeats`` generations of exactly ``new_tokens`` tokens per
-    runner, each timed whole and to its first token."""
+def time_runners(
+    runners: dict[str, Runner], prompt: list[int], new_tokens: int, lat, where: str
+) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Time to the first token, tokens per second and CPU cost per generation (``cpu_generate_ms``) of
+    each runner, interleaved (``lmpipe.latency``) on ``lat.threads`` threads: ``lat.batch_repeats``
+    generations of exactly ``new_tokens`` tokens per runner, each timed whole and to its first token.
+    Returns the rows and the busy check's verdict (``latency.reliability``)."""
     import torch
 
     from lmpipe.serve.generator import time_generation
@@ -164,18 +168,30 @@ def time_runners(runners: dict[str, Runner], prompt: list[int], new_tokens: int,
     calls: dict[str, Callable[[], object]] = {
         name: (lambda r=runner: r.timed(prompt, new_tokens)) for name, runner in runners.items()
     }
-    first: dict[str, list] = {}
     try:
-        total = latency.time_interleaved(calls, lat.warmup, lat.batch_repeats, "generation latency", first)
+        timed = latency.time_interleaved(calls, lat.warmup, lat.batch_repeats, "generation latency")
     finally:
         torch.set_num_threads(threads)
-    return {n: time_generation(first[n], total[n], new_tokens) for n in runners}
+    rows = {
+        n: {
+            **time_generation(timed.returned[n], timed.wall[n], new_tokens),
+            "cpu_generate_ms": round(1000 * float(np.mean(timed.cpu[n])), 2),
+        }
+        for n in runners
+    }
+    return rows, latency.reliability(list(timed.other_load.values()), lat.max_other_load, where)
 
 
-def with_speedups(rows: dict[str, dict], reference: str) -> None:
+def with_speedups(rows: dict[str, dict], reference: str, basis: str) -> None:
+    """Each row's speed-up over ``reference``: decoding (tokens per second, or with ``basis`` cpu the CPU
+    cost of a generation of the same length) and the time to the first token (wall-clock only)."""
     ref = rows[reference]
     for row in rows.values():
-        row["speedup_tokens_per_s"] = round(row["tokens_per_s"] / ref["tokens_per_s"], 3)
+        row["wall_speedup_tokens_per_s"] = round(row["tokens_per_s"] / ref["tokens_per_s"], 3)
+        row["cpu_speedup_generate"] = round(ref["cpu_generate_ms"] / row["cpu_generate_ms"], 3)
+        row["speedup_tokens_per_s"] = row[
+            "wall_speedup_tokens_per_s" if basis == "wall" else "cpu_speedup_generate"
+        ]
         row["speedup_ttft"] = round(ref["ttft_ms"] / row["ttft_ms"], 3)
 
 
@@ -315,10 +331,10 @@ def compress(job) -> Compressed:
                 f"of {100 * budget:g} pt"
             )
     prompt = timing_prompt(encoded["val"][1], base.max_length)
-    timed = time_runners(runners, prompt, g.max_new_tokens, cfg.latency)
+    timed, timing = time_runners(runners, prompt, g.max_new_tokens, cfg.latency, "compress")
     for name, row in rows.items():
         row.update(timed[name])
-    with_speedups(rows, "original")
+    with_speedups(rows, "original", timing["speedup_basis"])
     for row in rows.values():
         tracking.log_metrics_to(row.pop("run_id"), row)
     points = pd.DataFrame(
@@ -337,6 +353,7 @@ def compress(job) -> Compressed:
         "skipped": {
             k: SKIPPED[k] for k, on in (("pruned", cfg.prune.enabled), ("student", cfg.distill.enabled)) if on
         },
+        **timing,
         "latency_setup": latency_setup(cfg.latency.threads, prompt, g.max_new_tokens, cfg.latency),
         "val_rows": len(val),
         "test_rows": len(job.test),
@@ -438,8 +455,8 @@ def export(job) -> Exported:
     int4_loss = round(scores["pytorch"]["rougeL"] - scores["int4"]["rougeL"], 4)
     int4_within = compression.fits(int4_loss, budget)
     prompt = timing_prompt(prompts, base.max_length)
-    timed = time_runners(runners, prompt, g.max_new_tokens, cfg.latency)
-    with_speedups(timed, "pytorch")
+    timed, timing = time_runners(runners, prompt, g.max_new_tokens, cfg.latency, "export")
+    with_speedups(timed, "pytorch", timing["speedup_basis"])
     variant = cfg.registered_variant
     served_rows = rows[variant]
     lead = pd.read_csv(job.baseline_predictions, keep_default_na=False)
@@ -477,6 +494,7 @@ def export(job) -> Exported:
         "served": served,
         "size_mb": size,
         "builds": builds,
+        **timing,
         "latency_setup": latency_setup(cfg.latency.threads, prompt, g.max_new_tokens, cfg.latency),
     }
     texts = test["text"].tolist()
@@ -558,8 +576,9 @@ def export_summary(report) -> str:
 
 
 def model_card(params, records: dict, export: dict) -> str:
-    from lmpipe.serve.modelcard import fmt
+    from lmpipe.serve.modelcard import fmt, timing_note
 
+    basis = "CPU cost" if export.get("speedup_basis") == "cpu" else "tokens/s"
     evaluate, train = records["evaluate"], records["train"]
     p, f, q = export["pytorch"], export["onnx_fp32"], export["onnx_int4"]
     gate = export.get("gate", {})
@@ -600,13 +619,13 @@ def model_card(params, records: dict, export: dict) -> str:
         f"{fmt(q['rougeL_loss_vs_pytorch'])} below PyTorch (budget {fmt(q['max_loss'])}: "
         f"{'within' if q['within_budget'] else 'over'}).",
         f"- {export['latency_setup']['prompt_tokens']}-token prompt, {export['latency_setup']['new_tokens']} new tokens, "
-        f"{export['latency_setup']['threads']} thread(s):",
+        f"{export['latency_setup']['threads']} thread(s). {timing_note(export)}",
         "",
-        "| runtime | time to first token (ms) | tokens/s | speed-up (tokens/s) | size (MB) |",
-        "|---|---|---|---|---|",
-        f"| PyTorch fp32 | {fmt(p['ttft_ms'], 1)} | {fmt(p['tokens_per_s'], 1)} | 1.00x | |",
-        f"| ONNX Runtime GenAI fp32 | {fmt(f['ttft_ms'], 1)} | {fmt(f['tokens_per_s'], 1)} | {fmt(f['speedup_tokens_per_s'], 2)}x | {fmt(export['size_mb']['fp32'], 0)} |",
-        f"| ONNX Runtime GenAI int4 | {fmt(q['ttft_ms'], 1)} | {fmt(q['tokens_per_s'], 1)} | {fmt(q['speedup_tokens_per_s'], 2)}x | {fmt(export['size_mb']['int4'], 0)} |",
+        f"| runtime | time to first token (ms) | tokens/s | CPU ms per generation | speed-up ({basis}) | size (MB) |",
+        "|---|---|---|---|---|---|",
+        f"| PyTorch fp32 | {fmt(p['ttft_ms'], 1)} | {fmt(p['tokens_per_s'], 1)} | {fmt(p.get('cpu_generate_ms'), 0)} | 1.00x | |",
+        f"| ONNX Runtime GenAI fp32 | {fmt(f['ttft_ms'], 1)} | {fmt(f['tokens_per_s'], 1)} | {fmt(f.get('cpu_generate_ms'), 0)} | {fmt(f['speedup_tokens_per_s'], 2)}x | {fmt(export['size_mb']['fp32'], 0)} |",
+        f"| ONNX Runtime GenAI int4 | {fmt(q['ttft_ms'], 1)} | {fmt(q['tokens_per_s'], 1)} | {fmt(q.get('cpu_generate_ms'), 0)} | {fmt(q['speedup_tokens_per_s'], 2)}x | {fmt(export['size_mb']['int4'], 0)} |",
         "",
         "## Use and limits",
         "",

@@ -185,7 +185,8 @@ def export(job):
             f"export: export.registered_variant '{cfg.registered_variant}': no optimised graph for token "
             f"classification yet; serving '{variant}'"
         )
-    latency, speedup = time_taggers(job, taggers)
+    timed = time_taggers(job, taggers)
+    latency = timed["latency"]
     baseline_tags = tags_from_predictions(read_predictions(job.baseline_predictions), test)
     versus = versus_baseline(true, predicted[variant], baseline_tags, params.base.seed)
     versus["baseline_macro_f1"] = float(job.records["evaluate"]["baseline"]["macro_f1"])
@@ -207,8 +208,7 @@ def export(job):
             "size_mb": sizes[variant],
             "example": {"text": example, "entities": taggers[variant].entities([example])[0]},
         },
-        "latency": latency,
-        "speedup": speedup,
+        **timed,
         "latency_threads": cfg.latency.threads,
         "latency_load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "size_mb": sizes,
@@ -281,24 +281,12 @@ def check_taggers(job, taggers: dict) -> tuple[dict, dict, dict, list[str]]:
     return rows, predicted, pytorch, names
 
 
-def time_taggers(job, taggers: dict) -> tuple[dict, dict]:
-    """PyTorch fp32 and each ONNX tagger timed on the same test texts; each one's speed-up over PyTorch."""
+def time_taggers(job, taggers: dict) -> dict:
+    """PyTorch fp32 and each ONNX tagger timed on the same test texts; each one's speed-up over PyTorch
+    (``onnx_export.latency_benchmark``: wall and CPU cost, the busy check's verdict)."""
     from lmpipe.serve import onnx_export
 
-    test, cfg = job.test, job.params.export
     runners = {"pytorch_fp32": onnx_export.torch_runner(job.model_dir)}
     runners |= {f"onnx_{v}": tagger.logits for v, tagger in taggers.items()}
-    timing = cfg.latency
-    latency = onnx_export.latency_benchmark(
-        runners, taggers["fp32"], test["text"].tolist(), timing.batch_sizes, timing.warmup, timing.repeats,
-        timing.batch_repeats,
-    )  # fmt: skip
-    speedup = {
-        f"{name}_vs_pytorch_b{n}": round(
-            latency["pytorch_fp32"][f"latency_b{n}_p50_ms"] / latency[name][f"latency_b{n}_p50_ms"], 3
-        )
-        for name in runners
-        if name != "pytorch_fp32"
-        for n in timing.batch_sizes
-    }
-    return latency, speedup
+    texts = job.test["text"].tolist()
+    return onnx_export.latency_benchmark(runners, taggers["fp32"], texts, job.params.export.latency)
