@@ -213,11 +213,18 @@ def benchmark(
     from wall-clock p50 or, when other processes disturbed the timing, from CPU cost per call
     (``onnx_export.latency_benchmark``)."""
     cfg = params.export.latency
-    runners = {"pytorch_fp32": checked.pytorch_runner}
-    runners |= {f"onnx_{v}": checked.sessions[v].logits for v in VARIANT_FILES if v in checked.sessions}
-    for name, other in (others or {}).items():
-        runners[f"{name}_onnx_int8"] = other.sessions[other.int8_variant].logits
-    timed = onnx_export.latency_benchmark(runners, checked.fp32, texts, cfg)
+
+    def runners(threads: int | None = None) -> dict[str, Any]:
+        def session(s):  # the checked session, or the same graph on ``threads``
+            return (s if threads is None else s.threaded(threads)).logits
+
+        out = {"pytorch_fp32": checked.pytorch_runner}  # PyTorch's threads are set process-wide
+        out |= {f"onnx_{v}": session(checked.sessions[v]) for v in VARIANT_FILES if v in checked.sessions}
+        for name, other in (others or {}).items():
+            out[f"{name}_onnx_int8"] = session(other.sessions[other.int8_variant])
+        return out
+
+    timed = onnx_export.latency_benchmark(runners(), checked.fp32, texts, cfg, lambda: runners(1))
     for basis in ("wall", "cpu"):
         for n in cfg.batch_sizes:
             for variant in ("fp32", "int8"):

@@ -309,27 +309,50 @@ def latency_benchmark(
     classifier: OnnxTextClassifier,
     texts: Sequence[str],
     cfg: ExportLatencyParams,
+    one_thread: Callable[[], dict[str, Callable]] | None = None,
 ) -> dict[str, Any]:
     """Every backend timed on the same inputs (``cfg``: ``export.latency``) and its speed-ups over the
-    ``pytorch_fp32`` runner: ``latency`` is ``{backend: {latency_b<n>_p50_ms, latency_b<n>_p95_ms, throughput_b<n>_per_s,
-    cpu_b<n>_ms}}`` (``latency.summary``, as in compress) for each batch size ``n``; ``speedup_wall`` and
-    ``speedup_cpu`` are ``{<backend>_vs_pytorch_b<n>: ratio}`` from wall-clock p50 and from CPU cost per
-    call, and ``speedup`` is the one the busy check trusts (``latency.reliability``, whose verdict is
-    merged in). Each batch is the first ``n`` test texts (cycled if the split is smaller), tokenised once
-    at ``max_length`` and padded to its longest text; the backends are timed in rotating rounds on it
-    (``latency.time_interleaved``): ``cfg.repeats`` rounds at batch 1, ``cfg.batch_repeats`` at larger
-    batches, whose every call costs ~n times more."""
-    out: dict[str, dict[str, float]] = {name: {} for name in runners}
-    shares = []
-    for n in cfg.batch_sizes:
-        features = classifier.encode([texts[i % len(texts)] for i in range(n)])
-        calls = {name: (lambda r=run, f=features: r(f)) for name, run in runners.items()}
-        rounds = cfg.repeats if n == 1 else cfg.batch_repeats
-        timed = latency.time_interleaved(calls, cfg.warmup, rounds, f"latency batch {n}")
-        for name in runners:
-            out[name].update(timed.summary(name, n))
-        shares += timed.other_load.values()
+    ``pytorch_fp32`` runner: ``latency`` is ``{backend: {latency_b<n>_p50_ms, latency_b<n>_p95_ms,
+    throughput_b<n>_per_s, cpu_b<n>_ms}}`` (``latency.summary``, as in compress) for each batch size ``n``;
+    ``speedup_wall`` and ``speedup_cpu`` are ``{<backend>_vs_pytorch_b<n>: ratio}`` from wall-clock p50 and
+    from CPU cost per call, and ``speedup`` is the one the busy check trusts (``latency.reliability``,
+    whose verdict is merged in). Each batch is the first ``n`` test texts (cycled if the split is
+    smaller), tokenised once at ``max_length`` and padded to its longest text; the backends are timed in
+    rotating rounds on it (``latency.time_interleaved``): ``cfg.repeats`` rounds at batch 1,
+    ``cfg.batch_repeats`` at larger batches, whose every call costs ~n times more.
+
+    When other processes disturbed the timing and ``cfg.threads`` > 1, the CPU cost is measured again
+    on one thread (``one_thread`` builds the runners so; ``cpu_threads`` says which): a thread pool's
+    threads spin-wait for each other, and while another process holds a core that waiting is CPU time too
+    (PyTorch's OpenMP pool tripled its CPU cost per call beside a training job; one thread held within 5%)."""
+
+    def timed(cases: dict[str, Callable], desc: str) -> tuple[dict[str, dict[str, float]], list]:
+        rows: dict[str, dict[str, float]] = {name: {} for name in cases}
+        shares = []
+        for n in cfg.batch_sizes:
+            features = classifier.encode([texts[i % len(texts)] for i in range(n)])
+            calls = {name: (lambda r=run, f=features: r(f)) for name, run in cases.items()}
+            rounds = cfg.repeats if n == 1 else cfg.batch_repeats
+            measured = latency.time_interleaved(calls, cfg.warmup, rounds, f"{desc} batch {n}")
+            for name in cases:
+                rows[name].update(measured.summary(name, n))
+            shares += measured.other_load.values()
+        return rows, shares
+
+    out, shares = timed(runners, "latency")
     verdict = latency.reliability(shares, cfg.max_other_load, "export")
+    cpu_threads = cfg.threads
+    if verdict["latency_reliable"] is False and cfg.threads > 1 and one_thread is not None:
+        print("export: timing the CPU cost per call again on one thread, where no thread waits on another")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            single, _ = timed(one_thread(), "cpu cost, 1 thread")
+        finally:
+            torch.set_num_threads(previous)
+        for name, row in single.items():
+            out[name].update({k: v for k, v in row.items() if k.startswith("cpu_")})
+        cpu_threads = 1
     ratios = {
         basis: {
             f"{name}_vs_pytorch_b{n}": latency.speedup(out["pytorch_fp32"], out[name], n, basis)
@@ -345,6 +368,7 @@ def latency_benchmark(
         "speedup_wall": ratios["wall"],
         "speedup_cpu": ratios["cpu"],
         **verdict,
+        "cpu_threads": cpu_threads,
     }
 
 

@@ -286,7 +286,15 @@ def time_taggers(job, taggers: dict) -> dict:
     (``onnx_export.latency_benchmark``: wall and CPU cost, the busy check's verdict)."""
     from lmpipe.serve import onnx_export
 
-    runners = {"pytorch_fp32": onnx_export.torch_runner(job.model_dir)}
-    runners |= {f"onnx_{v}": tagger.logits for v, tagger in taggers.items()}
+    pytorch = onnx_export.torch_runner(job.model_dir)  # its threads are set process-wide
+
+    def runners(threads: int | None = None) -> dict:
+        out = {"pytorch_fp32": pytorch}
+        out |= {
+            f"onnx_{v}": (t if threads is None else t.threaded(threads)).logits for v, t in taggers.items()
+        }
+        return out
+
     texts = job.test["text"].tolist()
-    return onnx_export.latency_benchmark(runners, taggers["fp32"], texts, job.params.export.latency)
+    cfg = job.params.export.latency
+    return onnx_export.latency_benchmark(runners(), taggers["fp32"], texts, cfg, lambda: runners(1))
