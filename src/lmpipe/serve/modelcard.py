@@ -43,10 +43,12 @@ def timing_note(record: dict) -> str:
             f"Timed on a quiet machine (other processes used {100 * load:.0f}% of its cores): speed-ups are "
             "from wall-clock p50."
         )
+    threads = record.get("cpu_threads")
     return (
         f"**Timed on a busy machine** (other processes used {100 * load:.0f}% of its cores): the wall-clock "
-        "latencies are not reliable, and the speed-ups here come from CPU cost per call "
-        "(the process's CPU time over the timed calls). Re-run export alone for wall-clock figures."
+        "latencies are not reliable, and the speed-ups here come from CPU cost per call (the process's "
+        f"CPU time over the timed calls{f', measured on {threads} thread(s)' if threads else ''}). "
+        "Re-run export alone for wall-clock figures."
     )
 
 
@@ -61,7 +63,7 @@ def latency_table(params: Params, export: dict) -> list[str]:
         + timing_note(export),
         "",
         "| backend | "
-        + " | ".join(f"batch {n} p50 | batch {n} p95 | batch {n} CPU" for n in timing.batch_sizes)
+        + " | ".join(f"batch {n} p50 | batch {n} p95 | batch {n} CPU per call" for n in timing.batch_sizes)
         + f" | speed-up b1 ({export.get('speedup_basis', 'wall')}) |",
         "|---|" + "---|---|---|" * len(timing.batch_sizes) + "---|",
     ]
