@@ -109,6 +109,8 @@ def test_budget_helpers():
     assert compression.next_up([0.3, 0.5], 0.5) is None
     assert compression.fp32_steps(8, 38) == [1, 2, 4, 8] and compression.fp32_steps(6, 38) == [1, 2, 4, 6]
     assert compression.fp32_steps(8, 3) == [1, 2, 3] and compression.fp32_steps(0, 38) == []
+    # the rule: the bound when there is one, else the point loss
+    assert compression.within(0.004, 0.012, 0.01) is False and compression.within(0.004, None, 0.01) is True
     same = np.array([[1.0, 2.0, 0.5]])
     assert compression.mean_kl(same, same) == pytest.approx(0.0, abs=1e-12)
     assert compression.mean_kl(same, same[:, ::-1].copy()) > 0.01
@@ -264,6 +266,7 @@ def test_compress_params_are_checked(tmp_path):
         ("distill", "alpha", 1.5, "must be in [0, 1]"),
         ("distill", "keep_layers", [1, 1], "must not repeat"),
         ("latency", "repeats", 1, "must be >= 2"),
+        ("latency", "max_other_load", 0, "a share of the machine's cores"),
     ]:
         path = write_params(
             tmp_path / "params.yaml", {f"compress.{section}.{key}": value}, ROOT / "params.yaml"
@@ -289,3 +292,37 @@ def test_the_compress_budget_is_checked_and_resolved(tmp_path):
     )
     cfg = load_params(path).compress
     assert cfg.budget("pruned") == 0.05 and cfg.budget("int8") == 0.02 and cfg.budget("student") == 0.02
+    for key, value, fragment in [
+        ("confidence", 1.0, "from 0.5 to below 1"),
+        ("confidence", 0.3, "from 0.5 to below 1"),
+        ("resamples", 10, "must be >= 100"),
+    ]:
+        path = write_params(tmp_path / "params.yaml", {f"compress.{key}": value}, ROOT / "params.yaml")
+        with pytest.raises(ParamsError) as err:
+            load_params(path)
+        assert err.value.key == f"compress.{key}" and fragment in str(err.value)
+    path = write_params(tmp_path / "params.yaml", {"compress.confidence": None}, ROOT / "params.yaml")
+    assert load_params(path).compress.confidence is None  # the point rule
+
+
+def test_the_paired_bound_is_tight_for_a_copy_and_wide_for_a_few_rows():
+    """The budget's evidence (``compression.paired_loss``): the reference minus the candidate, resampled
+    over the same rows. A copy of the reference has no loss in any resample; a candidate that is wrong on
+    2 of 200 rows loses 1 pt, and its 90% bound is above that (the same 2 rows drawn more often)."""
+    from lmpipe.experiments.compare import weighted_scores
+
+    y = np.arange(200) % 4
+    wrong = y.copy()
+    wrong[[0, 1]] = (y[[0, 1]] + 1) % 4
+
+    def loss_of(candidate):
+        return lambda w: (
+            weighted_scores(w, y, y, 4)["accuracy"] - weighted_scores(w, y, candidate, 4)["accuracy"]
+        )
+
+    copy = compression.paired_loss(loss_of(y.copy()), 200, 500, 0, 0.9)
+    assert copy["bound"] == 0 and copy["ci95"] == [0, 0]
+    few = compression.paired_loss(loss_of(wrong), 200, 500, 0, 0.9)
+    assert 0.01 < few["bound"] <= 0.03 and few["ci95"][0] >= 0 and few["ci95"][1] > 0.01
+    assert compression.paired_loss(loss_of(wrong), 200, 500, 0, 0.9) == few  # seeded
+    assert compression.paired_loss(loss_of(wrong), 200, 500, 0, None)["bound"] is None

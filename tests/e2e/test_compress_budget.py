@@ -61,7 +61,14 @@ def test_each_variant_is_judged_on_val_against_its_budget(repo):
         row = rows[name]
         assert row["max_loss"] == BUDGET
         assert row["val_f1_loss"] == pytest.approx(reference - row["val_f1"])
-        assert row["within_budget"] == (row["val_f1_loss"] <= BUDGET + 1e-9), name
+        # the rule (compress.confidence 0.9): the one-sided upper bound of the paired bootstrap loss
+        assert m["confidence"] == 0.9 and row["val_f1_loss_bound"] is not None
+        assert row["within_budget"] == (row["val_f1_loss_bound"] <= BUDGET + 1e-9), name
+        # the test loss with its 95% CI, reported beside the decision (never used to choose)
+        low, high = row["test_f1_loss_ci95"]
+        assert low <= high and row["test_f1_loss"] == pytest.approx(
+            rows["original"]["macro_f1"] - row["macro_f1"]
+        )
     # int8 meets the budget, or keeps every layer it may in fp32 and is flagged
     int8 = rows["int8"]
     assert int8["within_budget"] or int8["fp32_layer_count"] == 2
@@ -101,11 +108,12 @@ def test_export_refuses_a_variant_outside_the_budget_unless_allowed(repo, tmp_pa
     result = run(cmd, repo, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
-    loss = 100 * report(repo)["variants"]["pruned"]["val_f1_loss"]
+    row = report(repo)["variants"]["pruned"]
+    loss, bound = 100 * row["val_f1_loss"], 100 * row["val_f1_loss_bound"]
     assert lines == [
-        f"error: export.source: 'pruned' loses {loss:.2f} pt of val macro-F1 against the trained model, over "
-        "compress's budget of 0.5 pt; ship another model, or add 'pruned' to export.allow_over_budget to ship "
-        "it anyway"
+        f"error: export.source: 'pruned' loses {loss:.2f} pt of val macro-F1 (at most {bound:.2f} pt with 90% "
+        "confidence) against the trained model, over compress's budget of 0.5 pt; ship another model, or add "
+        "'pruned' to export.allow_over_budget to ship it anyway"
     ]
     assert not out.exists() and not (tmp_path / "m.json").exists()
 

@@ -404,6 +404,27 @@ def fits(loss: float, budget: float) -> bool:
     return loss <= budget + 1e-9
 
 
+def paired_loss(
+    score: Callable[[np.ndarray], np.ndarray], n: int, resamples: int, seed: int, confidence: float | None
+) -> dict[str, Any]:
+    """A loss's paired bootstrap over ``n`` rows: ``score(weights)`` gives, for each row of ``weights``
+    (how often each row is drawn; the same draws for both models, as ``lmpipe compare`` resamples), the
+    reference's metric minus the candidate's. Returns the one-sided upper bound at ``confidence`` (the
+    loss is at most this with that confidence; None with ``confidence`` None) and the two-sided 95% CI."""
+    from lmpipe.experiments.compare import bootstrap_weights
+
+    draws = np.concatenate([score(w) for w in bootstrap_weights(n, resamples, seed)])
+    low, high = (float(x) for x in np.percentile(draws, [2.5, 97.5]))
+    bound = None if confidence is None else float(np.quantile(draws, confidence))
+    return {"bound": bound, "ci95": [round(low, 6), round(high, 6)]}
+
+
+def within(loss: float, bound: float | None, budget: float) -> bool:
+    """The budget rule: the loss's upper bound fits the budget (``compress.confidence``); the point loss
+    when there is no bound (``compress.confidence: null``, the rule before issue 35)."""
+    return fits(loss if bound is None else bound, budget)
+
+
 def largest_fitting(curve: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The point of a sparsity curve with the largest sparsity whose val loss fits its budget (each point
     has ``sparsity`` and ``within_budget``), or None when none does."""

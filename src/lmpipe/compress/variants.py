@@ -21,6 +21,7 @@ from lmpipe.compress import compression
 from lmpipe.modeling import models
 from lmpipe.modeling.training import TrainResult, train_model
 from lmpipe.params import Params, TrainParams
+from lmpipe.tasks.base import Outputs
 
 
 @dataclass
@@ -35,17 +36,21 @@ class Inputs:
     tokenizer: Any
     label2id: dict[str, int]
     source: dict[str, str]  # the original's path and weights hash, recorded with the int8 recipe
-    reference: float | None = None  # the original's val macro-F1, the budgets' reference (computed once)
+    reference: dict[str, Outputs] = dataclasses.field(default_factory=dict)  # the original's, by split
 
     @property
     def task(self):
         return tasks.get(self.params.base.task)
 
-    def reference_val_macro_f1(self) -> float:
-        if self.reference is None:
+    def reference_outputs(self, split: str) -> Outputs:
+        """The trained model's outputs on ``split``: what every loss is measured against (computed once)."""
+        if split not in self.reference:
             model = models.load_model(self.model_dir).to(models.device())
-            self.reference = self.val_macro_f1(model, "original")
-        return self.reference
+            self.reference[split] = self.outputs(model, split, "original")
+        return self.reference[split]
+
+    def reference_val_macro_f1(self) -> float:
+        return float(self.reference_outputs("val").scores["macro_f1"])
 
     def datasets(self, max_train_samples: int | None = None):
         base = self.params.base
@@ -58,19 +63,56 @@ class Inputs:
             self.task.dataset(self.tokenizer, self.val, self.label2id, base.max_length, reading),
         )
 
-    def outputs(self, model: nn.Module, split: str, desc: str) -> tuple[np.ndarray, dict[str, float]]:
+    def outputs(self, model: nn.Module, split: str, desc: str) -> Outputs:
         """The model's logits on the val or test split through the one inference loop (a row per text; per
-        word read, for token classification) and its scores there, ``macro_f1`` the task's headline."""
+        word read, for token classification), its scores there (``macro_f1`` the task's headline), and
+        each row's prediction and truth (``Outputs``)."""
         frame = {"val": self.val, "test": self.test}[split]
         base, batch_size = self.params.base, self.params.train.eval_batch_size
         return self.task.val_outputs(
             model, self.tokenizer, frame, base.max_length, batch_size, desc=f"{desc} ({split})"
         )
 
-    def val_macro_f1(self, model: nn.Module, desc: str) -> float:
-        """What every budget decision is made on: macro-F1 on the val split (entity macro-F1, for token
-        classification)."""
-        return float(self.outputs(model, "val", desc)[1]["macro_f1"])
+    def loss(self, split: str, candidate: Outputs) -> dict[str, Any]:
+        """``candidate``'s macro-F1 loss against the trained model on ``split`` (original minus candidate:
+        negative = it did better), with its paired bootstrap over the split's rows: the one-sided upper
+        bound at ``compress.confidence`` and the 95% CI (``compression.paired_loss``)."""
+        reference, cfg = self.reference_outputs(split), self.params.compress
+        loss = float(reference.scores["macro_f1"] - candidate.scores["macro_f1"])
+        classes = sorted(set(reference.truth) | set(reference.predicted) | set(candidate.predicted))
+        code = {c: i for i, c in enumerate(classes)}
+        truth = np.array([code[t] for t in reference.truth])
+        preds = [np.array([code[p] for p in o.predicted]) for o in (reference, candidate)]
+        score, _ = self.task.bootstrap_scorer([truth, truth], preds, classes, ["macro_f1"])
+        paired = compression.paired_loss(
+            lambda w: score(0, w)["macro_f1"] - score(1, w)["macro_f1"],
+            len(truth),
+            cfg.resamples,
+            self.params.base.seed,
+            cfg.confidence,
+        )
+        return {"loss": loss, **paired}
+
+    def judge_val(self, model: nn.Module, desc: str, budget: float) -> ValScore:
+        """What every budget decision is made on: the model's val macro-F1 (entity macro-F1, for token
+        classification), its loss against the trained model and that loss's bound, and the rule's verdict
+        (``compression.within``)."""
+        outputs = self.outputs(model, "val", desc)
+        loss = self.loss("val", outputs)
+        within = compression.within(loss["loss"], loss["bound"], budget)
+        return ValScore(float(outputs.scores["macro_f1"]), loss["loss"], loss["bound"], within, outputs)
+
+
+@dataclass
+class ValScore:
+    """A model judged on val: its macro-F1, its loss against the trained model (point, and the upper
+    bound at ``compress.confidence``, None without one) and whether that is within its budget."""
+
+    f1: float
+    loss: float
+    bound: float | None
+    within: bool
+    outputs: Outputs
 
 
 @dataclass
@@ -81,31 +123,46 @@ class Variant:
     model: nn.Module
     run_id: str = ""
     warnings: list[str] = dataclasses.field(default_factory=list)  # budget misses, printed and logged
+    val: ValScore | None = None  # judged on val (the budget's evidence)
+    test: Outputs | None = None  # scored on test (reported, never used to choose)
 
 
-CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_f1_loss", "within_budget"]
+CURVE_COLUMNS = ["sparsity", "recovered", "val_macro_f1", "val_f1_loss", "val_f1_loss_bound", "within_budget"]
 
 
-def curve_point(sparsity: float, recovered: bool, f1: float, reference: float, budget: float) -> dict:
+def curve_point(sparsity: float, recovered: bool, judged: ValScore) -> dict:
     """One point of the pruning curve (a row of ``CURVE_COLUMNS``)."""
-    loss = reference - f1
-    return dict(
-        zip(CURVE_COLUMNS, (sparsity, recovered, f1, loss, compression.fits(loss, budget)), strict=True)
+    values = (sparsity, recovered, judged.f1, judged.loss, judged.bound, judged.within)
+    return dict(zip(CURVE_COLUMNS, values, strict=True))
+
+
+def judge(inputs: Inputs, name: str, variant: Variant) -> None:
+    """The variant's val loss against the original (point and bound), its budget and the rule's flag,
+    and its test loss with the 95% CI (reported beside, so that a user sees when val and test disagree),
+    in its row; a miss warns."""
+    cfg = inputs.params.compress
+    budget, val = cfg.budget(name), variant.val
+    test = inputs.loss("test", variant.test)
+    variant.row.update(
+        val_f1_loss=val.loss,
+        val_f1_loss_bound=val.bound,
+        max_loss=budget,
+        within_budget=val.within,
+        test_f1_loss=test["loss"],
+        test_f1_loss_ci95=test["ci95"],
     )
-
-
-def judge(params: Params, original: Variant, name: str, variant: Variant) -> None:
-    """The variant's val loss against the original, its budget and the flag, in its row; a miss warns."""
-    budget = params.compress.budget(name)
-    loss = original.row["val_f1"] - variant.row["val_f1"]
-    ok = compression.fits(loss, budget)
-    variant.row.update(val_f1_loss=loss, max_loss=budget, within_budget=ok)
-    tracking.log_metrics({"within_budget": int(ok)})  # a bool; the row's numbers reach the run with the row
-    tracking.set_tags({"within_budget": str(ok).lower()})
-    if not ok:
+    tracking.log_metrics({"within_budget": int(val.within)})  # the row's numbers reach the run with the row
+    tracking.set_tags({"within_budget": str(val.within).lower()})
+    if not val.within:
+        evidence = (
+            f"its {100 * cfg.confidence:g}% upper bound {100 * val.bound:.2f} pt"
+            if val.bound is not None
+            else f"{100 * val.loss:.2f} pt"
+        )
         variant.warnings.append(
-            f"{name} loses {100 * loss:.2f} pt of val macro-F1, over its budget of {100 * budget:g} pt "
-            "(flagged within_budget: false; export refuses it unless export.allow_over_budget names it)"
+            f"{name} loses {100 * val.loss:.2f} pt of val macro-F1 ({evidence}), over its budget of "
+            f"{100 * budget:g} pt (flagged within_budget: false; export refuses it unless "
+            "export.allow_over_budget names it)"
         )
 
 
@@ -148,20 +205,20 @@ def student_params(params: Params) -> TrainParams:
     return dataclasses.replace(plain_train(params), epochs=d.epochs, learning_rate=d.learning_rate)
 
 
-def measure(inputs: Inputs, model: nn.Module, folder: Path, desc: str, val_macro_f1: float | None = None):
+def measure(
+    inputs: Inputs, model: nn.Module, folder: Path, desc: str, val: ValScore, test: Outputs | None = None
+) -> tuple[dict[str, Any], Outputs]:
     """Test accuracy and macro-F1 (reported, never used to choose), val macro-F1 (what the budget is
-    judged on; pass it when already known), weight size and parameters."""
-    _, m = inputs.outputs(model, "test", desc)
-    if val_macro_f1 is None:
-        val_macro_f1 = inputs.val_macro_f1(model, desc)
+    judged on: ``val``), weight size and parameters; and the test outputs (``test`` when already known)."""
+    test = test or inputs.outputs(model, "test", desc)
     return {
-        "accuracy": m["accuracy"],
-        "macro_f1": m["macro_f1"],
-        "val_f1": val_macro_f1,  # val macro-F1 (not val_macro_f1: a fine-tune logs that per epoch)
+        "accuracy": test.scores["accuracy"],
+        "macro_f1": test.scores["macro_f1"],
+        "val_f1": val.f1,  # val macro-F1 (not val_macro_f1: a fine-tune logs that per epoch)
         "size_mb": compression.weights_bytes(folder) / 2**20,
         "layers": model.config.num_hidden_layers,
         **compression.parameter_counts(model),
-    }
+    }, test
 
 
 def log_training(result: TrainResult) -> None:
@@ -174,9 +231,11 @@ def log_training(result: TrainResult) -> None:
 def original(inputs: Inputs, folder: Path) -> Variant:
     """The trained model itself, scored the same way as the variants (nothing is written to ``folder``)."""
     model = models.load_model(inputs.model_dir).to(models.device())
-    row = measure(inputs, model, inputs.model_dir, "original", inputs.reference_val_macro_f1())
+    reference = inputs.reference_outputs("val")
+    val = ValScore(float(reference.scores["macro_f1"]), 0.0, None, True, reference)
+    row, test = measure(inputs, model, inputs.model_dir, "original", val, inputs.reference_outputs("test"))
     row["val_f1_loss"] = 0.0
-    return Variant(row, model.cpu().eval())
+    return Variant(row, model.cpu().eval(), val=val, test=test)
 
 
 def quantized(inputs: Inputs, folder: Path) -> Variant:
@@ -186,44 +245,43 @@ def quantized(inputs: Inputs, folder: Path) -> Variant:
     reloaded from what was saved."""
     cfg = inputs.params.compress
     fp32 = models.load_model(inputs.model_dir).cpu().eval()
-    reference = inputs.reference_val_macro_f1()
     budget = cfg.budget("int8")
     fp32_layers: list[str] = []
     chosen = compression.quantize_dynamic_int8(fp32)
-    val_f1 = inputs.val_macro_f1(chosen, "int8")
-    trials = [{"fp32_layers": 0, "val_macro_f1": val_f1}]
+    judged = inputs.judge_val(chosen, "int8", budget)
+    trials = [{"fp32_layers": 0, "val_macro_f1": judged.f1, "val_f1_loss_bound": judged.bound}]
     sensitivity: list[dict[str, Any]] = []
     steps = compression.fp32_steps(cfg.quantize.max_fp32_layers, len(compression.linear_names(fp32)))
-    if not compression.fits(reference - val_f1, budget) and steps:
+    if not judged.within and steps:
         sensitivity = int8_sensitivity(inputs, fp32)
         ranked = [s["layer"] for s in sensitivity]
         for k in steps:
             fp32_layers = ranked[:k]
             chosen = compression.quantize_dynamic_int8(fp32, fp32_layers)
-            val_f1 = inputs.val_macro_f1(chosen, f"int8, {k} fp32")
-            trials.append({"fp32_layers": k, "val_macro_f1": val_f1})
-            if compression.fits(reference - val_f1, budget):
+            judged = inputs.judge_val(chosen, f"int8, {k} fp32", budget)
+            trials.append({"fp32_layers": k, "val_macro_f1": judged.f1, "val_f1_loss_bound": judged.bound})
+            if judged.within:
                 break
     compression.save_int8(chosen, inputs.tokenizer, folder, inputs.source)
     model = compression.load_int8(folder)
     tracking.log_artifact(folder / compression.INT8_RECIPE)
-    row = measure(inputs, model, folder, "int8", val_f1)
+    row, test = measure(inputs, model, folder, "int8", judged)
     row.update(fp32_layer_count=len(fp32_layers), fp32_layers=fp32_layers, fp32_trials=trials)
     if sensitivity:
         row["sensitivity"] = sensitivity[: max(cfg.quantize.max_fp32_layers, 1)]
         tracking.log_dict(sensitivity, "int8_sensitivity.json")
-    return Variant(row, model)
+    return Variant(row, model, val=judged, test=test)
 
 
 def int8_sensitivity(inputs: Inputs, fp32: nn.Module) -> list[dict[str, Any]]:
     """Each Linear layer quantized alone, ranked by how far it moves the val outputs (mean KL of the
     softmax against fp32's): the most sensitive first."""
-    reference, _ = inputs.outputs(fp32, "val", "sensitivity: fp32")
+    reference = inputs.outputs(fp32, "val", "sensitivity: fp32").logits
     scores, layers = [], compression.linear_names(fp32)
     for name in tqdm(layers, desc="int8 sensitivity", unit="layer"):
         others = [n for n in layers if n != name]
         alone = compression.quantize_dynamic_int8(fp32, others)
-        logits, _ = inputs.outputs(alone, "val", name)
+        logits = inputs.outputs(alone, "val", name).logits
         scores.append({"layer": name, "val_kl": compression.mean_kl(reference, logits)})
     return sorted(scores, key=lambda s: -s["val_kl"])
 
@@ -272,8 +330,9 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
     def score(sparsity: float) -> None:
         pruned_copy = copy.deepcopy(model)
         compression.magnitude_prune(pruned_copy, sparsity)
-        f1 = inputs.val_macro_f1(pruned_copy, f"sparsity {sparsity:g}")
-        curve.append(curve_point(sparsity, False, f1, reference, budget))
+        curve.append(
+            curve_point(sparsity, False, inputs.judge_val(pruned_copy, f"sparsity {sparsity:g}", budget))
+        )
 
     # up the grid, stopping after two misses in a row: the pruned sets are nested (a larger sparsity
     # zeroes a superset of the weights), so the loss rarely comes back, and each point is a val pass
@@ -344,25 +403,25 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
     budget = inputs.params.compress.budget("pruned")
     model, extra = prune_and_recover(inputs, plan.sparsity, plan.recover)
     sparsity, chosen_by = plan.sparsity, plan.chosen_by
-    val_f1 = inputs.val_macro_f1(model, f"sparsity {sparsity:g}, recovered" if plan.recover else "pruned")
+    judged = inputs.judge_val(
+        model, f"sparsity {sparsity:g}, recovered" if plan.recover else "pruned", budget
+    )
     if plan.recover:
-        plan.curve.append(curve_point(sparsity, True, val_f1, plan.reference, budget))
-        if (
-            not plan.curve[-1]["within_budget"] and plan.fallback is not None
-        ):  # the fine-tune did not earn the higher sparsity
+        plan.curve.append(curve_point(sparsity, True, judged))
+        if not judged.within and plan.fallback is not None:  # the fine-tune did not earn the higher sparsity
             sparsity = plan.fallback
             chosen_by = (
                 "largest grid sparsity within the budget on val (a recovery fine-tune one step up missed)"
             )
             model, extra = prune_and_recover(inputs, sparsity, recover=False)
             extra["recovery_tried_at"] = plan.sparsity
-            val_f1 = next(c["val_macro_f1"] for c in plan.curve if c["sparsity"] == sparsity)
+            judged = inputs.judge_val(model, f"sparsity {sparsity:g}", budget)
     tracking.log_metrics(
         {f"val_macro_f1_at_{c['sparsity']:g}": c["val_macro_f1"] for c in plan.curve if not c["recovered"]}
     )
     models.write_model(model, inputs.tokenizer, folder)
     model = models.load_model(folder).to(models.device()).eval()
-    row = measure(inputs, model, folder, "pruned", val_f1)
+    row, test = measure(inputs, model, folder, "pruned", judged)
     row.update(
         sparsity=sparsity,
         chosen_by=chosen_by,
@@ -371,7 +430,7 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
         curve=plan.curve,
         **extra,
     )
-    return Variant(row, model.cpu())
+    return Variant(row, model.cpu(), val=judged, test=test)
 
 
 def distill(inputs: Inputs) -> tuple[nn.Module, TrainResult]:
@@ -407,13 +466,14 @@ def student(inputs: Inputs, folder: Path) -> Variant:
     models.write_model(model, inputs.tokenizer, folder)
     tracking.log_artifact(folder, "model")
     model = models.load_model(folder).to(models.device()).eval()
-    row = measure(inputs, model, folder, "student")
+    judged = inputs.judge_val(model, "student", inputs.params.compress.budget("student"))
+    row, test = measure(inputs, model, folder, "student", judged)
     row.update(
         kept_layers=",".join(map(str, model.config.distilled_from_layers)),
         best_val_macro_f1=result.best_val_macro_f1,
         best_epoch=result.best_epoch,
     )
-    return Variant(row, model.cpu())
+    return Variant(row, model.cpu(), val=judged, test=test)
 
 
 def time_variants(inputs: Inputs, variants: dict[str, Variant]) -> dict[str, Any]:

@@ -612,6 +612,8 @@ class LatencyParams(_Section):
 @dataclass(frozen=True)
 class CompressParams(_Section):
     max_loss: float
+    confidence: float | None
+    resamples: int
     quantize: QuantizeParams
     int4: Int4Params
     prune: PruneParams
@@ -620,6 +622,11 @@ class CompressParams(_Section):
 
     def problems(self):
         yield from _budget_problem(self.max_loss, nullable=False)
+        c = self.confidence
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int | float) or not 0.5 <= c < 1):
+            yield "confidence", f"must be null (the point loss) or from 0.5 to below 1, got {c!r}"
+        if self.resamples < 100:
+            yield "resamples", f"must be >= 100 (the bound is a tail quantile), got {self.resamples}"
 
     def budget(self, variant: str) -> float:
         """The largest val loss (macro-F1; ROUGE-L for generation) against the trained model that

@@ -103,19 +103,30 @@ def compression_section(params: Params, export: dict, compression: dict | None) 
     )
     lines += [
         "",
-        "The compress stage's variants: their val macro-F1 loss against the trained model, judged against "
-        f"the quality budget (`compress.max_loss`, {100 * compression.get('max_loss', 0):g} pt by default), "
+        "The compress stage's variants: their val macro-F1 loss against the trained model and its "
+        + (
+            f"{100 * compression['confidence']:g}% upper bound (paired bootstrap over val rows), the bound "
+            if compression.get("confidence") is not None
+            else "point value, "
+        )
+        + f"judged against the quality budget (`compress.max_loss`, {100 * compression.get('max_loss', 0):g} "
+        "pt by default); their test loss with its 95% CI (reported, never used to choose), "
         f"and their test scores (CPU, batch 1; speed-ups from {basis}):",
         "",
-        "| variant | val loss (pt) | within budget | test macro-F1 | change | size (MB) | non-zero params "
-        "| p50 latency (ms) | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | val loss (pt) | its upper bound (pt) | within budget | test loss (pt) [95% CI] "
+        "| test macro-F1 | change | size (MB) | non-zero params | p50 latency (ms) | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def pt(value):
+        return fmt(None if value is None else 100 * value, 2)
+
     for name, v in variants.items():
-        loss = v.get("val_f1_loss")
         flag = {True: "yes", False: "**no**"}.get(v.get("within_budget"), "")
+        ci = v.get("test_f1_loss_ci95")
+        test = f"{pt(v.get('test_f1_loss'))} [{pt(ci[0])}, {pt(ci[1])}]" if ci else ""
         lines.append(
-            f"| {name} | {fmt(None if loss is None else 100 * loss, 2)} | {flag} | "
+            f"| {name} | {pt(v.get('val_f1_loss'))} | {pt(v.get('val_f1_loss_bound'))} | {flag} | {test} | "
             f"{fmt(v.get('macro_f1'), 4)} | {fmt(v.get('delta_macro_f1'), 4)} | "
             f"{fmt(v.get('size_mb'), 1)} | {v.get('nonzero_parameters', 'n/a')} | "
             f"{fmt(v.get('latency_b1_p50_ms'), 1)} | {fmt(v.get('speedup_b1'), 2)} |"

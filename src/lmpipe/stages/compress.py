@@ -94,7 +94,7 @@ def run(params: Params, paths: Paths) -> str:
                     variants[name] = build(inputs, out / name)
                     variants[name].run_id = child.info.run_id
                     if name != "original":
-                        judge(params, variants["original"], name, variants[name])
+                        judge(inputs, name, variants[name])
         timing = time_variants(inputs, variants)
         rows, warned = record(params, paths, inputs, variants, parent.info.run_id, timing)
     return summary(params, rows, warned, timing)
@@ -150,6 +150,8 @@ def record(
     metrics = {
         "variants": rows,
         "max_loss": cfg.max_loss,
+        "confidence": cfg.confidence,  # the budget rule: the val loss's one-sided upper bound at this level
+        "resamples": cfg.resamples,
         "budget_warnings": warned,
         "prune_curve": curve,
         "pareto": [n for n, f in zip(names, front, strict=True) if f],
@@ -181,17 +183,29 @@ def summary(params: Params, rows: dict[str, dict], warned: list[str], timing: di
     """The stage's printed table: each variant's test score, val loss against its budget, size and speed
     (wall-clock p50 and CPU cost at batch 1; the speed-up from whichever the busy check trusts)."""
     cfg, b1 = params.compress, "latency_b1_p50_ms"
+    rule = (
+        f"its val loss's {100 * cfg.confidence:g}% upper bound (paired bootstrap over val rows)"
+        if cfg.confidence is not None
+        else "its val loss (compress.confidence: null)"
+    )
     lines = [
-        f"compress: budget {100 * cfg.max_loss:g} pt of val macro-F1 (per-variant budgets in the report)",
-        "compress: variant      test F1  (delta)   val loss  budget   size MB  b1 p50 ms  b1 cpu ms  "
-        f"speed-up ({timing['speedup_basis']})",
+        f"compress: budget {100 * cfg.max_loss:g} pt of val macro-F1, judged on {rule}; per-variant budgets "
+        "in the report",
+        "compress: variant      test F1  (delta)   val loss  bound     budget  test loss [95% CI]        "
+        f"size MB  b1 p50 ms  b1 cpu ms  speed-up ({timing['speedup_basis']})",
     ]
     for name, row in rows.items():
         verdict = "" if name == "original" else ("ok" if row["within_budget"] else "MISSED")
+        bound = row.get("val_f1_loss_bound")
+        bound_text = f"{100 * bound:+6.2f}" if bound is not None else "   n/a"
+        test = row.get("test_f1_loss_ci95")
+        test_text = (
+            f"{100 * row['test_f1_loss']:+6.2f} [{100 * test[0]:+.2f}, {100 * test[1]:+.2f}]" if test else ""
+        )
         lines.append(
             f"compress: {name:<10} {row['macro_f1']:.4f}  ({row['delta_macro_f1']:+.4f})  "
-            f"{100 * row['val_f1_loss']:+6.2f} pt  {verdict:<6}  {row['size_mb']:7.1f}  {row[b1]:9.2f}  "
-            f"{row['cpu_b1_ms']:9.2f}  {row['speedup_b1']:.2f}x"
+            f"{100 * row['val_f1_loss']:+6.2f} pt  {bound_text}  {verdict:<6}  {test_text:<24}  "
+            f"{row['size_mb']:7.1f}  {row[b1]:9.2f}  {row['cpu_b1_ms']:9.2f}  {row['speedup_b1']:.2f}x"
         )
     if "pruned" in rows:
         lines.append(

@@ -71,21 +71,28 @@ def budget_check(params: Params, compression: dict | None) -> dict[str, Any]:
     row = (compression or {}).get("variants", {}).get(source)
     if source == "model" or row is None or "within_budget" not in row:
         return {"source_within_budget": None}
-    loss, budget = row["val_f1_loss"], row["max_loss"]
+    loss, budget, bound = row["val_f1_loss"], row["max_loss"], row.get("val_f1_loss_bound")
+    conf = (compression or {}).get("confidence")
+    how = f"loses {100 * loss:.2f} pt of val macro-F1" + (
+        f" (at most {100 * bound:.2f} pt with {100 * conf:g}% confidence)"
+        if bound is not None and conf
+        else ""
+    )
     if not row["within_budget"]:
         if source not in params.export.allow_over_budget:
             raise UserError(
-                f"export.source: '{source}' loses {100 * loss:.2f} pt of val macro-F1 against the trained "
-                f"model, over compress's budget of {100 * budget:g} pt; ship another model, or add "
-                f"'{source}' to export.allow_over_budget to ship it anyway"
+                f"export.source: '{source}' {how} against the trained model, over compress's budget of "
+                f"{100 * budget:g} pt; ship another model, or add '{source}' to export.allow_over_budget to "
+                "ship it anyway"
             )
         print(
-            f"export: WARNING: shipping '{source}' although it loses {100 * loss:.2f} pt of val macro-F1, "
-            f"over the budget of {100 * budget:g} pt (export.allow_over_budget)"
+            f"export: WARNING: shipping '{source}' although it {how}, over the budget of {100 * budget:g} pt "
+            "(export.allow_over_budget)"
         )
     return {
         "source_within_budget": row["within_budget"],
         "source_val_f1_loss": loss,
+        "source_val_f1_loss_bound": bound,
         "source_max_loss": budget,
     }
 

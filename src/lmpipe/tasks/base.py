@@ -58,6 +58,19 @@ class Baseline:
 
 
 @dataclass
+class Outputs:
+    """A model on a split frame (compress): its logits (a row per unit read), its scores (``macro_f1`` the
+    task's headline), and per frame row what it predicted and the truth, each as one string (a label; a
+    sentence's tags joined by spaces): what a paired bootstrap over the rows resamples
+    (``Task.bootstrap_scorer``)."""
+
+    logits: np.ndarray
+    scores: dict[str, float]
+    predicted: list[str]
+    truth: list[str]
+
+
+@dataclass
 class Pass:
     """The trained model on a split frame, unit by unit (analyze): what calibration, robustness and the
     slices start from, computed once."""
@@ -267,8 +280,11 @@ class Task:
         carry what a task's rows need beyond these (generation: its prompt template)."""
         return self.part("model").dataset(tokenizer, frame, label2id, max_length, reading, train, seed)
 
-    def val_outputs(self, model, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None):
-        """compress: the model's logits on a split (a row per unit read) and its scores there."""
+    def val_outputs(
+        self, model, tokenizer, frame: pd.DataFrame, max_length: int, batch_size: int, desc=None
+    ) -> Outputs:
+        """compress: the model's logits on a split (a row per unit read), its scores there, and each row's
+        prediction and truth (``Outputs``)."""
         return self.part("model").val_outputs(model, tokenizer, frame, max_length, batch_size, desc)
 
     def param_problems(self, params: Params) -> Iterator[tuple[str, str]]:

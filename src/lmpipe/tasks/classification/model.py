@@ -18,5 +18,9 @@ def val_outputs(model, tokenizer, frame, max_length, batch_size, desc=None):
     logits, names = predict_logits_model(
         model, tokenizer, frame["text"].tolist(), max_length, batch_size, desc=desc
     )
+    from lmpipe.tasks.base import Outputs
+
     y_true = data.encode_labels(frame["label"], data.model_label2id(names), "the model's labels")
-    return logits, classification_metrics(y_true, logits.argmax(axis=1))
+    pred = logits.argmax(axis=1)
+    scores = classification_metrics(y_true, pred)
+    return Outputs(logits, scores, [names[i] for i in pred], [str(v) for v in frame["label"]])

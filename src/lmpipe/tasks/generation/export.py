@@ -328,20 +328,29 @@ def compress(job) -> Compressed:
         if name == "original":
             continue
         budget, loss = cfg.budget(name), round(reference - row["val_rougeL"], 4)
+        # the budget rule (compression.within): the val loss's one-sided upper bound, paired over val rows
+        diff = np.asarray(scored["original"]["val"].rows["rougeL"], float) - np.asarray(
+            scored[name]["val"].rows["rougeL"], float
+        )
+        paired = compression.paired_loss(
+            lambda w, d=diff: (w @ d) / w.sum(axis=1), len(diff), cfg.resamples, base.seed, cfg.confidence
+        )
         ci = paired_ci(
             scored[name]["test"].rows["rougeL"], scored["original"]["test"].rows["rougeL"], base.seed
         )
         row.update(
             val_rougeL_loss=loss,
+            val_rougeL_loss_bound=None if paired["bound"] is None else round(paired["bound"], 4),
             max_loss=budget,
-            within_budget=compression.fits(loss, budget),
+            within_budget=compression.within(loss, paired["bound"], budget),
             test_rougeL_delta=ci["mean"],
             test_rougeL_delta_ci95=[ci["ci95_low"], ci["ci95_high"]],
         )
         if not row["within_budget"]:
+            bound = "" if paired["bound"] is None else f" (upper bound {100 * paired['bound']:.2f} pt)"
             warnings.append(
-                f"{name} loses {100 * loss:.2f} pt of val ROUGE-L against the trained model, over its budget "
-                f"of {100 * budget:g} pt"
+                f"{name} loses {100 * loss:.2f} pt of val ROUGE-L{bound} against the trained model, over its "
+                f"budget of {100 * budget:g} pt"
             )
     prompt = timing_prompt(encoded["val"][1], base.max_length)
     timed, timing = time_runners(runners, prompt, g.max_new_tokens, cfg.latency, "compress")
@@ -363,6 +372,7 @@ def compress(job) -> Compressed:
         "task": "generation",
         "variants": rows,
         "max_loss": cfg.max_loss,
+        "confidence": cfg.confidence,
         "skipped": {
             k: SKIPPED[k] for k, on in (("pruned", cfg.prune.enabled), ("student", cfg.distill.enabled)) if on
         },
