@@ -309,6 +309,7 @@ class PrunePlan:
     recover: bool
     chosen_by: str
     fallback: float | None = None
+    fallback_chosen_by: str = ""  # why the fallback, when it is kept
 
 
 def plan_pruning(inputs: Inputs) -> PrunePlan:
@@ -357,8 +358,13 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
     up = compression.next_up(p.grid, best["sparsity"] if best else None)
     point = next((c for c in curve if c["sparsity"] == up), None)
     if p.recovery == "auto" and point is not None and point["val_f1_loss"] <= RECOVERABLE * budget:
-        how = "next grid sparsity up, after a recovery fine-tune"
-        return PrunePlan(reference, curve, up, True, how, chosen)
+        missed = f"{how} (a recovery fine-tune at {up:g} missed)"
+        how = (
+            "next grid sparsity up, after a recovery fine-tune"
+            if best
+            else f"{how}, after a recovery fine-tune"
+        )
+        return PrunePlan(reference, curve, up, True, how, chosen, missed)
     if p.recovery == "auto" and point is not None:
         how += f" (no recovery tried: {up:g} loses more than {RECOVERABLE:g}x the budget without one)"
     return PrunePlan(reference, curve, chosen, False, how)
@@ -409,10 +415,7 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
     if plan.recover:
         plan.curve.append(curve_point(sparsity, True, judged))
         if not judged.within and plan.fallback is not None:  # the fine-tune did not earn the higher sparsity
-            sparsity = plan.fallback
-            chosen_by = (
-                "largest grid sparsity within the budget on val (a recovery fine-tune one step up missed)"
-            )
+            sparsity, chosen_by = plan.fallback, plan.fallback_chosen_by
             model, extra = prune_and_recover(inputs, sparsity, recover=False)
             extra["recovery_tried_at"] = plan.sparsity
             judged = inputs.judge_val(model, f"sparsity {sparsity:g}", budget)
