@@ -184,26 +184,43 @@ def speedup(reference: Mapping[str, float], row: Mapping[str, float], batch_size
     return round(slow / fast, 3) if slow and fast else None
 
 
-def reliability(shares: list[float | None], threshold: float, where: str) -> dict[str, object]:
+def reliability(
+    shares: list[float | None],
+    threshold: float,
+    where: str,
+    threads: int = 1,
+    one_thread: Callable[[], object] | None = None,
+) -> dict[str, object]:
     """The busy check's verdict over every timed case of a stage: the largest share of the machine's
     cores other processes used while one ran (``other_load``), whether it stayed within ``threshold``
     (``latency_reliable``: None where the counters are unavailable) and which figure the stage's
     speed-ups therefore come from (``speedup_basis``: wall, or cpu when the timing was disturbed). A
-    disturbed timing prints one warning line."""
+    disturbed timing prints one warning line.
+
+    A disturbed timing on ``threads`` > 1 also calls ``one_thread``, which measures the CPU cost again on
+    one thread (``cpu_threads`` says on how many it was measured): a thread pool's threads spin-wait for
+    each other, and while another process holds a core that waiting is CPU time too (PyTorch's OpenMP
+    pool tripled its CPU cost per call beside a training job; on one thread it held within 5%)."""
     known = [s for s in shares if s is not None]
     worst = max(known) if known else None
     reliable = None if worst is None else worst <= threshold
+    verdict = {
+        "other_load": worst,
+        "latency_reliable": reliable,
+        "speedup_basis": "cpu" if reliable is False else "wall",
+        "cpu_threads": threads,
+    }
     if reliable is False:
         print(
             f"{where}: WARNING: other processes used {100 * worst:.0f}% of the machine's cores while timing "
             f"(threshold {100 * threshold:.0f}%): wall-clock latencies are not reliable, speed-ups come from "
             "CPU cost per call (latency_reliable: false; docs/compression.md, 'Latency on a busy machine')"
         )
-    return {
-        "other_load": worst,
-        "latency_reliable": reliable,
-        "speedup_basis": "cpu" if reliable is False else "wall",
-    }
+        if threads > 1 and one_thread is not None:
+            print(f"{where}: timing the CPU cost again on one thread, where no thread waits on another")
+            one_thread()
+            verdict["cpu_threads"] = 1
+    return verdict
 
 
 def agreement(

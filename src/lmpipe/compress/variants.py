@@ -49,9 +49,6 @@ class Inputs:
             self.reference[split] = self.outputs(model, split, "original")
         return self.reference[split]
 
-    def reference_val_macro_f1(self) -> float:
-        return float(self.reference_outputs("val").scores["macro_f1"])
-
     def datasets(self, max_train_samples: int | None = None):
         base = self.params.base
         train = data.stratified_sample(self.train, max_train_samples, base.seed)
@@ -303,7 +300,7 @@ class PrunePlan:
     """The val curve of magnitude pruning without recovery, and what to build: ``sparsity``, fine-tuned
     or not; ``fallback`` is the no-recovery choice kept if an ``auto`` recovery still misses the budget."""
 
-    reference: float  # the original's val macro-F1
+    judged: dict[float, ValScore]  # each sparsity scored without recovery (the curve's points)
     curve: list[dict[str, Any]]
     sparsity: float
     recover: bool
@@ -325,15 +322,14 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
     p, budget = inputs.params.compress.prune, inputs.params.compress.budget("pruned")
     models.seed_everything(inputs.params.base.seed)
     model = models.load_model(inputs.model_dir).to(models.device())
-    reference = inputs.reference_val_macro_f1()
+    judged: dict[float, ValScore] = {}
     curve: list[dict[str, Any]] = []
 
     def score(sparsity: float) -> None:
         pruned_copy = copy.deepcopy(model)
         compression.magnitude_prune(pruned_copy, sparsity)
-        curve.append(
-            curve_point(sparsity, False, inputs.judge_val(pruned_copy, f"sparsity {sparsity:g}", budget))
-        )
+        judged[sparsity] = inputs.judge_val(pruned_copy, f"sparsity {sparsity:g}", budget)
+        curve.append(curve_point(sparsity, False, judged[sparsity]))
 
     # up the grid, stopping after two misses in a row: the pruned sets are nested (a larger sparsity
     # zeroes a superset of the weights), so the loss rarely comes back, and each point is a val pass
@@ -347,14 +343,14 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
     if p.sparsity is not None:
         target = next(c for c in curve if c["sparsity"] == p.sparsity)
         recover = p.recovery == "always" or (p.recovery == "auto" and not target["within_budget"])
-        return PrunePlan(reference, curve, p.sparsity, recover, "prune.sparsity, set by the user")
+        return PrunePlan(judged, curve, p.sparsity, recover, "prune.sparsity, set by the user")
     best = compression.largest_fitting(
         [c for c in curve if c["sparsity"] in p.grid]
     )  # (a target is not a choice)
     chosen = best["sparsity"] if best else min(p.grid)
     how = "largest grid sparsity within the budget on val" if best else "no grid sparsity fits: the smallest"
     if p.recovery == "always":
-        return PrunePlan(reference, curve, chosen, True, f"{how}, then fine-tuned")
+        return PrunePlan(judged, curve, chosen, True, f"{how}, then fine-tuned")
     up = compression.next_up(p.grid, best["sparsity"] if best else None)
     point = next((c for c in curve if c["sparsity"] == up), None)
     if p.recovery == "auto" and point is not None and point["val_f1_loss"] <= RECOVERABLE * budget:
@@ -364,10 +360,10 @@ def plan_pruning(inputs: Inputs) -> PrunePlan:
             if best
             else f"{how}, after a recovery fine-tune"
         )
-        return PrunePlan(reference, curve, up, True, how, chosen, missed)
+        return PrunePlan(judged, curve, up, True, how, chosen, missed)
     if p.recovery == "auto" and point is not None:
         how += f" (no recovery tried: {up:g} loses more than {RECOVERABLE:g}x the budget without one)"
-    return PrunePlan(reference, curve, chosen, False, how)
+    return PrunePlan(judged, curve, chosen, False, how)
 
 
 # auto recovery is tried only where the loss without it is at most this many budgets: a short, bounded
@@ -409,16 +405,16 @@ def pruned(inputs: Inputs, folder: Path) -> Variant:
     budget = inputs.params.compress.budget("pruned")
     model, extra = prune_and_recover(inputs, plan.sparsity, plan.recover)
     sparsity, chosen_by = plan.sparsity, plan.chosen_by
-    judged = inputs.judge_val(
-        model, f"sparsity {sparsity:g}, recovered" if plan.recover else "pruned", budget
-    )
+    # without recovery the model is the one the plan scored (pruning is deterministic): its val judgement
+    judged = plan.judged[sparsity]
     if plan.recover:
+        judged = inputs.judge_val(model, f"sparsity {sparsity:g}, recovered", budget)
         plan.curve.append(curve_point(sparsity, True, judged))
         if not judged.within and plan.fallback is not None:  # the fine-tune did not earn the higher sparsity
             sparsity, chosen_by = plan.fallback, plan.fallback_chosen_by
             model, extra = prune_and_recover(inputs, sparsity, recover=False)
             extra["recovery_tried_at"] = plan.sparsity
-            judged = inputs.judge_val(model, f"sparsity {sparsity:g}", budget)
+            judged = plan.judged[sparsity]
     tracking.log_metrics(
         {f"val_macro_f1_at_{c['sparsity']:g}": c["val_macro_f1"] for c in plan.curve if not c["recovered"]}
     )
@@ -501,13 +497,10 @@ def time_variants(inputs: Inputs, variants: dict[str, Variant]) -> dict[str, Any
             shares += measured.other_load.values()
         return shares
 
-    verdict = latency.reliability(timed(lat.threads, False), lat.max_other_load, "compress")
-    verdict["cpu_threads"] = lat.threads
-    if verdict["latency_reliable"] is False and lat.threads > 1:
-        print("compress: timing the CPU cost per call again on one thread, where no thread waits on another")
-        timed(1, cpu_only=True)
-        verdict["cpu_threads"] = 1
-    return verdict
+    shares = timed(lat.threads, cpu_only=False)
+    return latency.reliability(
+        shares, lat.max_other_load, "compress", lat.threads, lambda: timed(1, cpu_only=True)
+    )
 
 
 def comparison(

@@ -322,9 +322,7 @@ def latency_benchmark(
     ``cfg.batch_repeats`` at larger batches, whose every call costs ~n times more.
 
     When other processes disturbed the timing and ``cfg.threads`` > 1, the CPU cost is measured again
-    on one thread (``one_thread`` builds the runners so; ``cpu_threads`` says which): a thread pool's
-    threads spin-wait for each other, and while another process holds a core that waiting is CPU time too
-    (PyTorch's OpenMP pool tripled its CPU cost per call beside a training job; one thread held within 5%)."""
+    on one thread (``one_thread`` builds the runners so; ``latency.reliability`` says why)."""
 
     def timed(cases: dict[str, Callable], desc: str) -> tuple[dict[str, dict[str, float]], list]:
         rows: dict[str, dict[str, float]] = {name: {} for name in cases}
@@ -339,11 +337,7 @@ def latency_benchmark(
             shares += measured.other_load.values()
         return rows, shares
 
-    out, shares = timed(runners, "latency")
-    verdict = latency.reliability(shares, cfg.max_other_load, "export")
-    cpu_threads = cfg.threads
-    if verdict["latency_reliable"] is False and cfg.threads > 1 and one_thread is not None:
-        print("export: timing the CPU cost per call again on one thread, where no thread waits on another")
+    def cpu_on_one_thread() -> None:
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -352,7 +346,11 @@ def latency_benchmark(
             torch.set_num_threads(previous)
         for name, row in single.items():
             out[name].update({k: v for k, v in row.items() if k.startswith("cpu_")})
-        cpu_threads = 1
+
+    out, shares = timed(runners, "latency")
+    verdict = latency.reliability(
+        shares, cfg.max_other_load, "export", cfg.threads, cpu_on_one_thread if one_thread else None
+    )
     ratios = {
         basis: {
             f"{name}_vs_pytorch_b{n}": latency.speedup(out["pytorch_fp32"], out[name], n, basis)
@@ -368,7 +366,6 @@ def latency_benchmark(
         "speedup_wall": ratios["wall"],
         "speedup_cpu": ratios["cpu"],
         **verdict,
-        "cpu_threads": cpu_threads,
     }
 
 

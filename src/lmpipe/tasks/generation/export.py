@@ -178,13 +178,14 @@ def time_runners(
             torch.set_num_threads(previous)
 
     first = timed(lat.threads)
-    verdict = latency.reliability(list(first.other_load.values()), lat.max_other_load, where)
-    cpu, verdict["cpu_threads"] = first.cpu, lat.threads
-    if verdict["latency_reliable"] is False and lat.threads > 1:
-        print(
-            f"{where}: timing the CPU cost per generation again on one thread, where no thread waits on another"
-        )
-        cpu, verdict["cpu_threads"] = timed(1).cpu, 1
+    cpu = dict(first.cpu)  # replaced by one thread's when the timing was disturbed
+    verdict = latency.reliability(
+        list(first.other_load.values()),
+        lat.max_other_load,
+        where,
+        lat.threads,
+        lambda: cpu.update(timed(1).cpu),
+    )
     rows = {
         n: {
             **time_generation(first.returned[n], first.wall[n], new_tokens),
