@@ -19,6 +19,15 @@ def main(argv: list[str] | None = None) -> None:
     add_predict_parser(sub)
     _add_experiment_commands(sub)
     _add_search_worker_parser(sub)
+    fetch = sub.add_parser(
+        "fetch-model",
+        help="download a Hugging Face model at a revision into the local cache (needs a network)",
+        description="For a machine with a network: downloads MODEL (org/name) at --revision into the "
+        "Hugging Face cache (HF_HOME), then prints the commit hash to pin as base.revision. Copy the cache "
+        "(its models--org--name folder) to machines without a network; stages read it offline.",
+    )
+    fetch.add_argument("model", help="a Hugging Face model id, e.g. bert-base-cased or org/name")
+    fetch.add_argument("--revision", help="a commit hash, branch or tag (default: main)")
     args = parser.parse_args(argv)
 
     def check_params() -> None:
@@ -34,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         "splits": lambda: splits(args),
         "queue-check": queue_check,
         "search-worker": lambda: search_worker(args),
+        "fetch-model": lambda: fetch_model(args),
     }
     run_stage(commands[args.command])
 
@@ -278,6 +288,14 @@ def _add_search_worker_parser(sub) -> None:
         help="wait up to this long for the search stage to open the study (default: 0, join now or fail)",
     )
     w.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # local workers' index: their seed
+
+
+def fetch_model(args: argparse.Namespace) -> None:
+    from lmpipe.modeling import hub
+
+    folder = hub.fetch(args.model, args.revision)
+    print(f"fetch-model: {args.model} in {folder.parent.parent}")
+    print(f"  base.model: {args.model}\n  base.revision: {folder.name}")
 
 
 def search_worker(args: argparse.Namespace) -> None:

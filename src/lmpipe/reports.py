@@ -99,9 +99,14 @@ def write(
     metrics_path: str | Path,
     report_path: str | Path,
     paths: Sequence[str] | None = None,
+    model: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the full report and its headline metrics (``headline``), each atomically; the report first,
-    so that a metrics file never describes a report that is not there."""
+    so that a metrics file never describes a report that is not there. ``model`` is the base model's
+    record (``lmpipe.modeling.hub.record_of``: its id, source and resolved revision), kept as
+    ``base_model`` by every stage that reads the model or what was trained from it."""
+    if model is not None:
+        report = {**report, "base_model": dict(model)}
     io.write_json(report_path, report)
     io.write_json(metrics_path, headline(stage, report, paths))
 
@@ -113,6 +118,7 @@ def not_applicable(
     report_path: str | Path,
     folders: Sequence[str | Path] = (),
     tables: Sequence[str | Path] = (),
+    model: Mapping[str, Any] | None = None,
 ) -> str:
     """A stage that does not apply to this pipeline's task or model still writes every output it declares
     in dvc.yaml (DVC wants them): each folder with a NOTE.md, each table one ``note`` row, and a report
@@ -123,5 +129,5 @@ def not_applicable(
     for table in tables:
         Path(table).parent.mkdir(parents=True, exist_ok=True)
         io.write_csv(table, pd.DataFrame({"note": [note]}))
-    write(stage, {"applicable": False, "note": note}, metrics_path, report_path, ("applicable",))
+    write(stage, {"applicable": False, "note": note}, metrics_path, report_path, ("applicable",), model=model)
     return f"{stage}: {note}"

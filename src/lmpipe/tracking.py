@@ -289,8 +289,18 @@ def run(
 
 
 def stage_run(params: Any, stage: str, run_name: str | None = None, tags: Mapping[str, str] | None = None):
-    """The MLflow run of a stage: in ``mlflow.experiment``, with every resolved param and their hash."""
+    """The MLflow run of a stage: in ``mlflow.experiment``, with every resolved param and their hash, and
+    tags naming the base model and its resolved revision (``model_tags``)."""
+    tags = {**model_tags(params), **(tags or {})}
     return run(params.mlflow.experiment, run_name or stage, params.to_dict(), params.digest(), stage, tags)
+
+
+def model_tags(params: Any) -> dict[str, str]:
+    """``base_model``, ``base_model_revision`` (a hub model's resolved commit) and ``base_model_source``:
+    on every run a stage starts, its children included."""
+    from lmpipe.modeling import hub
+
+    return hub.tags_of(params.base)
 
 
 def child_run(
@@ -302,7 +312,8 @@ def child_run(
     parent_run_id: str | None = None,
 ):
     """A child of the active stage run (a search trial, a compressed variant), or of ``parent_run_id``,
-    with its own params ``section``, tagged with the stage's params hash."""
+    with its own params ``section``, tagged with the stage's params hash and the base model."""
+    tags = {**model_tags(params), **(tags or {})}
     return run(params.mlflow.experiment, run_name, section, params.digest(), stage, tags, True, parent_run_id)
 
 

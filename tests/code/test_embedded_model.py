@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from lmpipe.modeling.models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve_model_dir
-from lmpipe.params import load_params
+from lmpipe.modeling.models import load_model, load_tokenizer, resolve_model_dir
+from lmpipe.params import EMBEDDED_MODEL, load_params
 from tests.conftest import ROOT
 
 TEXTS = [

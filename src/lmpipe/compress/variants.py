@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class Inputs:
     label2id: dict[str, int]
     source: dict[str, str]  # the original's path and weights hash, recorded with the int8 recipe
     reference: dict[str, Outputs] = dataclasses.field(default_factory=dict)  # the original's, by split
+    bootstrap_seconds: float = 0.0  # what the losses' bootstraps (bounds, CIs) have cost so far
 
     @property
     def task(self):
@@ -80,6 +82,7 @@ class Inputs:
         code = {c: i for i, c in enumerate(classes)}
         truth = np.array([code[t] for t in reference.truth])
         preds = [np.array([code[p] for p in o.predicted]) for o in (reference, candidate)]
+        start = time.perf_counter()
         score, _ = self.task.bootstrap_scorer([truth, truth], preds, classes, ["macro_f1"])
         paired = compression.paired_loss(
             lambda w: score(0, w)["macro_f1"] - score(1, w)["macro_f1"],
@@ -88,6 +91,7 @@ class Inputs:
             self.params.base.seed,
             cfg.confidence,
         )
+        self.bootstrap_seconds += time.perf_counter() - start
         return {"loss": loss, **paired}
 
     def judge_val(self, model: nn.Module, desc: str, budget: float) -> ValScore:

@@ -12,26 +12,15 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from lmpipe import distributed, tasks
 from lmpipe.errors import UserError
-from lmpipe.modeling import embedded
-from lmpipe.params import EMBEDDED_DECODER, EMBEDDED_MODEL
+from lmpipe.modeling import embedded, hub
 
 
-def resolve_model_dir(name: str) -> Path:
-    """``all-MiniLM-L6-v2`` and ``smollm2-135m`` are the models shipped in PyPI packages
-    (``lmpipe.modeling.embedded``); anything else must be a local ``save_pretrained`` folder (hub ids
-    are refused: this pipeline runs offline)."""
-    if name == EMBEDDED_MODEL:
-        return embedded.minilm_dir()
-    if name == EMBEDDED_DECODER:
-        return embedded.smollm2_dir()
-    path = Path(name).expanduser()
-    if not (path / "config.json").is_file():
-        raise UserError(
-            f"base.model: '{name}' is not a local model folder (no config.json); use "
-            f"'{EMBEDDED_MODEL}', '{EMBEDDED_DECODER}' or a path to a save_pretrained folder "
-            "(hub downloads are disabled)"
-        )
-    return path
+def resolve_model_dir(name: str, revision: str | None = None) -> Path:
+    """The folder to load ``base.model`` (at ``base.revision``) from: an embedded model's
+    (``lmpipe.modeling.embedded``), a local ``save_pretrained`` folder, or a hub model's snapshot in the
+    Hugging Face cache (``lmpipe.modeling.hub``: never downloaded)."""
+    source = hub.describe(name, revision)
+    return embedded.smollm2_dir() if source.path is None else source.path
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
@@ -162,6 +151,20 @@ def precision_flags(precision: str) -> dict[str, bool]:
     if precision == "fp16" and not cuda:
         raise UserError("train.precision: fp16 needs a CUDA GPU; use auto or fp32 on the CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def precision_name(precision: str) -> str:
+    """What ``precision`` (``train.precision``) trains in here: bf16, fp16 or fp32."""
+    flags = precision_flags(precision)
+    return "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
+
+
+def peak_gpu_memory_mb() -> float | None:
+    """The most GPU memory this process's tensors held (MiB, ``torch.cuda.max_memory_allocated``); None on
+    the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def seed_everything(seed: int) -> None:

@@ -55,6 +55,7 @@ class BaseParams(_Section):
     task: str  # a name of lmpipe.tasks.SUPPORTED
     seed: int
     model: str
+    revision: str | None  # a hub model's commit hash (a branch or tag is resolved and warned about)
     max_length: int
     reading: ReadingParams
 
@@ -71,6 +72,8 @@ class BaseParams(_Section):
             )
         if not self.model.strip():
             yield "model", "must not be empty"
+        if self.revision is not None and not self.revision.strip():
+            yield "revision", "must be null or a commit hash (or a branch or tag name), not empty"
         if not 8 <= self.max_length <= 8192:
             yield "max_length", f"must be between 8 and 8192, got {self.max_length}"
         if self.seed < 0:

@@ -22,6 +22,17 @@ def registered(export: dict) -> str:
     )
 
 
+def base_model(params: Params) -> str:
+    """The base model as the card names it: its id and the exact version the pipeline resolved (a hub
+    model's commit hash, an embedded model's package version)."""
+    from lmpipe.modeling import hub
+
+    record = hub.record_of(params.base)
+    return f"`{params.base.model}`" + (
+        f" (revision `{record['revision']}`)" if record.get("revision") else ""
+    )
+
+
 def training_params(params: Params) -> str:
     return (
         "- Training params: "

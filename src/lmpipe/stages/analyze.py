@@ -20,6 +20,7 @@ import pandas as pd
 from lmpipe import data, io, plots, reports, tasks, tracking
 from lmpipe.analysis import calibration
 from lmpipe.errors import ParamsError
+from lmpipe.modeling import hub
 from lmpipe.modeling.models import device, load_model, load_tokenizer
 from lmpipe.params import Params
 from lmpipe.tasks.base import Analysis, Part
@@ -101,6 +102,7 @@ def run(params: Params, paths: Paths) -> str:
         _write_outputs(
             paths, report, tables, reliab, figures, html, temperature, len(val),
             cfg.calibration.enabled and "calibration" in task.supports, task.selection_metric,
+            model=hub.record_of(params.base),
         )  # fmt: skip
     return _summary(report)
 
@@ -182,6 +184,7 @@ def _write_outputs(
     val_rows: int,
     fitted: bool,
     metric: str = "macro_f1",
+    model: dict | None = None,
 ) -> None:
     """Every output the stage declares, together or not at all, the same in the active MLflow run, and
     the temperature export serves (``paths.calibration``). A table no part filled gets one row saying
@@ -211,7 +214,7 @@ def _write_outputs(
             if entry.is_file():
                 tracking.log_artifact(entry, "analysis")
         tracking.log_metrics(tracking.flatten(reports.headline("analyze", report)))
-        reports.write("analyze", report, out / "metrics.json", out / "report.json")
+        reports.write("analyze", report, out / "metrics.json", out / "report.json", model=model)
         tracking.log_dict(report, "analyze_report.json")
     io.write_json(
         paths.calibration,

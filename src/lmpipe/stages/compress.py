@@ -34,7 +34,7 @@ from lmpipe.compress.variants import (
     time_variants,
     variant_params,
 )
-from lmpipe.modeling import models
+from lmpipe.modeling import hub, models
 from lmpipe.params import Params
 from lmpipe.tasks.base import Compress
 
@@ -60,7 +60,7 @@ def run(params: Params, paths: Paths) -> str:
     if "compress" not in task.supports:
         return reports.not_applicable(
             "compress", NOT_YET.format(task=task.name), paths.metrics, paths.report, [paths.out],
-            [paths.plot, paths.prune_curve],
+            [paths.plot, paths.prune_curve], model=hub.record_of(params.base),
         )  # fmt: skip
     if task.own_compression:
         return own(params, paths, task)
@@ -119,7 +119,14 @@ def own(params: Params, paths: Paths, task) -> str:
         io.write_csv(
             paths.prune_curve, pd.DataFrame([], columns=CURVE_COLUMNS)
         )  # no pruning: its note says why
-        reports.write("compress", report, paths.metrics, paths.report, task.headline.get("compress"))
+        reports.write(
+            "compress",
+            report,
+            paths.metrics,
+            paths.report,
+            task.headline.get("compress"),
+            model=hub.record_of(params.base),
+        )
     return done.summary
 
 
@@ -152,6 +159,7 @@ def record(
         "max_loss": cfg.max_loss,
         "confidence": cfg.confidence,  # the budget rule: the val loss's one-sided upper bound at this level
         "resamples": cfg.resamples,
+        "bootstrap_seconds": round(inputs.bootstrap_seconds, 2),  # what the bounds and CIs cost (issue 35)
         "budget_warnings": warned,
         "prune_curve": curve,
         "pareto": [n for n, f in zip(names, front, strict=True) if f],
@@ -175,7 +183,7 @@ def record(
     io.write_csv(paths.prune_curve, pd.DataFrame(curve, columns=CURVE_COLUMNS))
     if warned:
         tracking.set_tags({"budget_warnings": " | ".join(warned)[:5000]})
-    reports.write("compress", metrics, paths.metrics, paths.report)
+    reports.write("compress", metrics, paths.metrics, paths.report, model=hub.record_of(params.base))
     return rows, warned
 
 

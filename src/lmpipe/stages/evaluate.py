@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmpipe import data, io, plots, reports, tasks, tracking
+from lmpipe.modeling import hub
 from lmpipe.params import Params
 from lmpipe.tasks.base import Evaluation
 
@@ -36,11 +37,18 @@ def run(params: Params, paths: Paths) -> str:
     train_run_id = io.read_json(paths.train_report).get("mlflow_run_id", "")
     with tracking.stage_run(params, "evaluate", tags={"train_run_id": train_run_id}) as run:
         result = task.evaluate(paths.model, train, test, params)
-        record(paths.out, result, task.headline.get("evaluate"), run.info.run_id, train_run_id)
+        record(
+            paths.out,
+            result,
+            task.headline.get("evaluate"),
+            run.info.run_id,
+            train_run_id,
+            hub.record_of(params.base),
+        )
     return task.evaluate_summary(result.scores)
 
 
-def record(out_dir: str, result: Evaluation, headline, run_id: str, train_run_id: str) -> None:
+def record(out_dir: str, result: Evaluation, headline, run_id: str, train_run_id: str, model: dict) -> None:
     """Write every output together (or none), and log the same to MLflow: the headline scores on the
     evaluate run (and the model's on its train run), the tables and figures, ``scores.json``, the report
     and its DVC metrics."""
@@ -69,5 +77,5 @@ def record(out_dir: str, result: Evaluation, headline, run_id: str, train_run_id
                 "the test scores are logged on the evaluate run only"
             )
         io.write_json(out / SCORES, result.scores)
-        reports.write("evaluate", metrics, out / "metrics.json", out / "report.json", headline)
+        reports.write("evaluate", metrics, out / "metrics.json", out / "report.json", headline, model=model)
         tracking.log_dict(metrics, "evaluate_report.json")

@@ -17,6 +17,7 @@ import torch
 
 from lmpipe import data, io, reports, tasks, tracking
 from lmpipe.errors import UserError
+from lmpipe.modeling import hub
 from lmpipe.params import Params
 from lmpipe.serve import onnx_export, promotion, serving
 from lmpipe.serve.serving import CLASSIFIER_FILE, FP32_FILE, VARIANT_FILES
@@ -137,7 +138,9 @@ def run(params: Params, paths: Paths) -> str:
     task = tasks.for_stage(params.base.task, "export", TASK_PARTS)
     if "export" not in task.supports:
         note = f"not available for {task.name}"
-        return reports.not_applicable("export", note, paths.metrics, paths.report, [paths.out])
+        return reports.not_applicable(
+            "export", note, paths.metrics, paths.report, [paths.out], model=hub.record_of(params.base)
+        )
     model_dir = chosen_model(params, paths.source)
     records = read_records(params, paths)  # checks the source's budget before any work
     test = data.read_split(paths.data, "test")
@@ -188,7 +191,14 @@ def record(
         }
     )
     tracking.log_dict(report, "export_report.json")
-    reports.write("export", report, paths.metrics, paths.report, task.headline.get("export"))
+    reports.write(
+        "export",
+        report,
+        paths.metrics,
+        paths.report,
+        task.headline.get("export"),
+        model=hub.record_of(params.base),
+    )
 
 
 def gate_line(gate: dict[str, Any]) -> str:

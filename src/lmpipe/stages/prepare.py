@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmpipe import data, io, reports, tasks
-from lmpipe.modeling import embedded
+from lmpipe.modeling import embedded, hub
 from lmpipe.modeling.models import load_tokenizer, resolve_model_dir
 from lmpipe.params import Params
 
@@ -24,7 +24,8 @@ class Paths:
 
 
 def run(params: Params, paths: Paths) -> str:
-    model_dir = resolve_model_dir(params.base.model)  # a wrong base.model fails before any data is read
+    # a wrong base.model or base.revision fails before any data is read
+    model_dir = resolve_model_dir(params.base.model, params.base.revision)
     tokenizer = load_tokenizer(model_dir)
     task = tasks.for_stage(params.base.task, "prepare", TASK_PARTS)
     raw, description = task.load_source(params.prepare)
@@ -38,7 +39,7 @@ def run(params: Params, paths: Paths) -> str:
 
     io.write_parquet(f"{paths.out}/data.parquet", frame)
     io.write_json(f"{paths.out}/labels.json", labels)
-    reports.write("prepare", report, paths.metrics, paths.report)
+    reports.write("prepare", report, paths.metrics, paths.report, model=hub.record_of(params.base))
     what = task.prepare_summary(report, labels, params.prepare)
     return (
         f"prepare: {report['rows_in']} rows in, {report['rows_out']} out "

@@ -20,6 +20,7 @@ import pandas as pd
 
 from lmpipe import io, reports, tasks
 from lmpipe.errors import UserError
+from lmpipe.modeling import hub
 from lmpipe.params import Params
 
 # the modules of the task's package this stage uses (dvc.yaml: src/lmpipe/tasks/${base.task}/<part>.py)
@@ -45,7 +46,7 @@ def run(params: Params, paths: Paths) -> str:
     cfg = params.search
     tasks.for_stage(params.base.task, "search", TASK_PARTS)  # the trials build the task's datasets
     if not cfg.enabled:
-        return disabled(paths)
+        return disabled(paths, hub.record_of(params.base))
 
     import optuna
     import torch
@@ -56,7 +57,7 @@ def run(params: Params, paths: Paths) -> str:
 
     name = optuna_study.study_name(params)
     label2id = data.read_label_map(paths.labels)
-    model_dir = models.resolve_model_dir(params.base.model)
+    model_dir = models.resolve_model_dir(params.base.model, params.base.revision)
     train, val = data.read_split(paths.data, "train"), data.read_split(paths.data, "val")
     n_trials = optuna_study.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -109,7 +110,7 @@ def run(params: Params, paths: Paths) -> str:
             metrics, best_params = results(
                 study, trials, name, cfg, seconds, shown_storage, parent.info.run_id
             )
-            record(study, trials, metrics, best_params, out, db)
+            record(study, trials, metrics, best_params, out, db, hub.record_of(params.base))
     best = study.best_trial
     return (
         f"search: best val macro-F1 {best.value:.4f} (trial {best.number}: {best.params}); "
@@ -183,7 +184,7 @@ def worker(
         train,
         val,
         data.read_label_map(paths.labels),
-        models.resolve_model_dir(params.base.model),
+        models.resolve_model_dir(params.base.model, params.base.revision),
         parent_run_id=study.user_attrs.get("mlflow_run_id"),
     )
     n_trials = optuna_study.grid_size(cfg) if cfg.strategy == "grid" else cfg.n_trials
@@ -193,11 +194,11 @@ def worker(
     return f"search-worker: ran {ran} trial(s) of study {study.study_name} on {optuna_study.shown_url(url)}"
 
 
-def disabled(paths: Paths) -> str:
+def disabled(paths: Paths, model: dict) -> str:
     """What a disabled search writes: its declared outputs, empty, saying so (train uses its own params)."""
     with io.staged_outputs(paths.out) as out:
         io.write_json(out / "best_params.json", {"enabled": False, "params": {}})
-        reports.write("search", {"enabled": False}, out / "metrics.json", out / "report.json")
+        reports.write("search", {"enabled": False}, out / "metrics.json", out / "report.json", model=model)
         pd.DataFrame(columns=["number", "state", "value"]).to_csv(out / "trials.csv", index=False)
         pd.DataFrame(columns=["trial", "value", "best_so_far"]).to_csv(out / "history.csv", index=False)
         pd.DataFrame(columns=["param", "importance"]).to_csv(out / "importance.csv", index=False)
@@ -245,7 +246,9 @@ def results(
     return metrics, best_params
 
 
-def record(study, trials: pd.DataFrame, metrics: dict, best_params: dict, out: Path, db: Path) -> None:
+def record(
+    study, trials: pd.DataFrame, metrics: dict, best_params: dict, out: Path, db: Path, model: dict
+) -> None:
     """The tables, the report and its DVC metrics, ``best_params.json`` and ``study.json``; the same in
     the active MLflow run, with the optimisation history and the params' importance as figures."""
     from lmpipe import plots, tracking
@@ -255,7 +258,7 @@ def record(study, trials: pd.DataFrame, metrics: dict, best_params: dict, out: P
     trials.to_csv(out / "trials.csv", index=False)
     history.to_csv(out / "history.csv", index=False)
     importance.to_csv(out / "importance.csv", index=False)
-    reports.write("search", metrics, out / "metrics.json", out / "report.json")
+    reports.write("search", metrics, out / "metrics.json", out / "report.json", model=model)
     tracking.log_dict(metrics, "search_report.json")
     io.write_json(out / "best_params.json", best_params)
     storage = best_params["storage"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from lmpipe import data, distributed, io, plots, reports, tasks, tracking
-from lmpipe.modeling import augment, checkpoints, models, strategies
+from lmpipe.modeling import augment, checkpoints, hub, models, strategies
 from lmpipe.modeling.training import train_model
 from lmpipe.params import Params
 
@@ -41,7 +41,7 @@ def run(params: Params, paths: Paths) -> str:
         return f"train: {launched.message}"
     searched = io.read_json(paths.search)
     label2id = data.read_label_map(paths.labels)
-    model_dir = models.resolve_model_dir(base.model)
+    model_dir = models.resolve_model_dir(base.model, base.revision)
     models.seed_everything(base.seed)  # before the head is created: its init is random
     tokenizer = models.load_tokenizer(model_dir)
     model = models.load_model(model_dir, label2id, task=base.task)
@@ -167,6 +167,8 @@ def record(
             "resumed_from_step": result.resumed_from_step,
             "phases": {str(p["phase"]): {k: v for k, v in p.items() if k != "phase"} for p in result.phases},
             "device": str(models.device()),
+            "precision": models.precision_name(cfg.precision),
+            "peak_gpu_memory_mb": models.peak_gpu_memory_mb(),
             "mlflow_run_id": run_id,
         }
         tracking.log_metrics(result.summary())
@@ -178,7 +180,12 @@ def record(
         plots.close(fig)
         io.write_csv(paths.history, pd.DataFrame(result.history))
         reports.write(
-            "train", summary, paths.metrics, paths.report, tasks.get(params.base.task).headline.get("train")
+            "train",
+            summary,
+            paths.metrics,
+            paths.report,
+            tasks.get(params.base.task).headline.get("train"),
+            model=hub.record_of(params.base),
         )
         tracking.log_dict(summary, "train_report.json")
     return summary

@@ -30,13 +30,14 @@ def _card_data(params, records: dict) -> list[str]:
 
 
 def _card_training(params, records: dict, export: dict) -> list[str]:
+    from lmpipe.serve import modelcard as card
     from lmpipe.serve.modelcard import fmt, training_params
 
     train = records["train"]
     return [
         "## Model and training",
         "",
-        f"- Base model: `{params.base.model}`; {train.get('parameters', 'n/a')} parameters.",
+        f"- Base model: {card.base_model(params)}; {train.get('parameters', 'n/a')} parameters.",
         f"- Exported source: `{params.export.source}`.",
         f"- Probabilities: softmax(logits / T) with T = {export.get('temperature', 1.0):g}, fit on val by "
         "the analyze stage (temperature scaling: it changes no prediction, only how sure the model says it is).",
@@ -199,7 +200,7 @@ def model_card(params, records, export):
         [
             f"# Model card: {params.export.registered_model}",
             "",
-            f"{_sentence(TASK.describe(export.get('labels', [])))}, fine-tuned from `{params.base.model}` "
+            f"{_sentence(TASK.describe(export.get('labels', [])))}, fine-tuned from {card.base_model(params)} "
             f"and exported to ONNX. {card.registered(export)}",
             "",
             *_card_data(params, records),

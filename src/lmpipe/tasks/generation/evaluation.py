@@ -100,7 +100,7 @@ def evaluate(model_dir, train: pd.DataFrame, test: pd.DataFrame, params) -> Eval
     tuned = load_generator(model_dir).to(models.device())
     ours = run_model(tuned, tokenizer, test, prompts, targets, params, "test (tuned)")
     del tuned
-    untuned = load_generator(models.resolve_model_dir(base.model)).to(models.device())
+    untuned = load_generator(models.resolve_model_dir(base.model, base.revision)).to(models.device())
     zero = run_model(untuned, tokenizer, test, prompts, targets, params, "test (zero-shot)")
     del untuned
     lead = fit_baseline(train, params, [])

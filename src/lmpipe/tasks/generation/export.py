@@ -600,6 +600,7 @@ def export_summary(report) -> str:
 
 
 def model_card(params, records: dict, export: dict) -> str:
+    from lmpipe.serve import modelcard as card
     from lmpipe.serve.modelcard import fmt, timing_note
 
     basis = "CPU cost" if export.get("speedup_basis") == "cpu" else "tokens/s"
@@ -611,7 +612,7 @@ def model_card(params, records: dict, export: dict) -> str:
         f"# {params.export.registered_model}: headline generator",
         "",
         "A causal language model fine-tuned to write a short text from an input (here: a headline for a news "
-        f"article), from `{params.base.model}`, served by ONNX Runtime GenAI ({export['served']['variant']}).",
+        f"article), from {card.base_model(params)}, served by ONNX Runtime GenAI ({export['served']['variant']}).",
         "",
         "## Data and training",
         "",

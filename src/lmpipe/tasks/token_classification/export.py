@@ -63,6 +63,7 @@ def score_registered(uri: str, frame: pd.DataFrame, labels: list[str]) -> float 
 def model_card(params, records: dict, export: dict) -> str:
     """The model card of a token classifier (named-entity recognition): data, training, entity scores
     against the CRF baseline, export parity and latency, the served output, the gate, use and limits."""
+    from lmpipe.serve import modelcard as card
     from lmpipe.serve.modelcard import fmt, gate_lines
 
     prepare, split, train = records["prepare"], records["split"], records["train"]
@@ -77,7 +78,7 @@ def model_card(params, records: dict, export: dict) -> str:
         f"# Model card: {params.export.registered_model}",
         "",
         f"A named-entity tagger (token classification, BIO tags over {len(types)} entity types: "
-        f"{', '.join(types)}), fine-tuned from `{params.base.model}` and exported to ONNX. Registered in "
+        f"{', '.join(types)}), fine-tuned from {card.base_model(params)} and exported to ONNX. Registered in "
         f"MLflow as `{reg.get('name', 'n/a')}` version {reg.get('version', 'n/a')} (aliases: "
         f"{', '.join(gate.get('aliases', [])) or 'none'}).",
         "",
@@ -90,7 +91,7 @@ def model_card(params, records: dict, export: dict) -> str:
         "",
         "## Model and training",
         "",
-        f"- Base model: `{params.base.model}`; {train.get('parameters', 'n/a')} parameters; labels on each "
+        f"- Base model: {card.base_model(params)}; {train.get('parameters', 'n/a')} parameters; labels on each "
         "word's first subword.",
         "- Training params: "
         + ", ".join(f"{k}={v}" for k, v in params.to_dict()["train"].items())
