@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup repro test test-all test-fast test-services lint docs clean-venv queue-check queue-start tracking-server
+.PHONY: setup repro test test-all test-fast test-services lint docs clean-venv queue-check queue-start tracking-server gpu-check
 
 setup: $(STAMP)
 
@@ -90,6 +90,12 @@ test-services: setup
 # ARTIFACTS_DESTINATION (and the S3 endpoint and keys) as scripts/tracking_server.sh says
 tracking-server: setup
 	scripts/tracking_server.sh
+
+# The GPU path on a machine with CUDA: a short default pipeline on the GPU (precision, train examples/s
+# against the CPU, peak memory) and a 1-process NCCL group; PASS/FAIL per check. Without CUDA: one line,
+# exit 0. Install a CUDA torch first: make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" setup
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)
