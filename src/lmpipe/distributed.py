@@ -13,13 +13,16 @@ Only rank 0 writes: ``tracking`` does nothing on the other ranks (``main_only``:
 logging), and a stage returns on them (``is_worker``) as soon as their share of the training is over,
 before it writes anything. When one process dies, torchrun stops the others (no restarts): rank 0's MLflow
 run ends FAILED (a collective that loses its peer raises) or KILLED (SIGTERM from the launcher), and the
-launcher exits with the failed worker's code.
+launcher exits with the failed worker's code. Several machines meet at torchrun's static rendezvous on
+machine 0 (``rdzv_endpoint``); one that is not there within ``rdzv_timeout`` fails the launch with one line
+(``rendezvous_error``) before any worker starts.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,7 +94,31 @@ def torchrun_args(cfg: DistributedParams, command: list[str]) -> list[str]:
     else:  # static rendezvous: node_rank 0 holds global rank 0, the one that writes
         args += ["--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank)]
         args += ["--rdzv-backend", "static", "--rdzv-endpoint", cfg.rdzv_endpoint]
+        # the static rendezvous's TCPStore: machine 0 waits this long for the others to connect, and the
+        # others this long for machine 0 to listen
+        args += ["--rdzv-conf", f"timeout={cfg.rdzv_timeout}"]
     return [*args, *command]
+
+
+def rendezvous_error(cfg: DistributedParams, err: Exception) -> UserError:
+    """One line for a rendezvous that failed (``torch.distributed.DistError`` from the TCPStore): who
+    never came, where, and after how long."""
+    where = f"the rendezvous at {cfg.rdzv_endpoint}"
+    waited = f"within {cfg.rdzv_timeout} s (train.distributed.rdzv_timeout)"
+    text = str(err).strip()
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if joined:  # machine 0, whose TCPStore server counted the machines that connected
+        missing = int(joined.group(2)) - int(joined.group(1))
+        return UserError(
+            f"train.distributed: {missing} of {cfg.nnodes} machines never joined {where} {waited}"
+        )
+    if "timed out" in text and "connect" in text:  # another machine, which never reached machine 0
+        return UserError(
+            f"train.distributed: machine 0 never opened {where} {waited}; "
+            "is node_rank 0 running, and reachable from this machine?"
+        )
+    first = text.splitlines()[0] if text else type(err).__name__
+    return UserError(f"train.distributed: {where} failed: {first}")
 
 
 def launch(cfg: DistributedParams, command: list[str] | None = None) -> Launched | None:
@@ -101,6 +128,7 @@ def launch(cfg: DistributedParams, command: list[str] | None = None) -> Launched
     if cfg.world_size == 1 or under_launcher():
         return None
     check(cfg)
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -125,6 +153,8 @@ def launch(cfg: DistributedParams, command: list[str] | None = None) -> Launched
                 file=sys.stderr,
             )
         raise SystemExit(code if code > 0 else 128 - code) from None
+    except DistError as err:  # the machines never met: no worker started, nothing was written
+        raise rendezvous_error(cfg, err) from None
     except SignalException as err:  # the launcher itself was stopped; it stopped the workers first
         raise SystemExit(128 + int(err.sigval)) from None
     return Launched(cfg.world_size, f"{cfg.world_size} processes finished")

@@ -4,21 +4,31 @@ as torchrun sets it)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed import DistError, TCPStore
 
 from lmpipe import distributed, tracking
 from lmpipe.errors import UserError
 from lmpipe.modeling import checkpoints
 from lmpipe.params import DistributedParams, load_params
+from tests.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg(**overrides) -> DistributedParams:
-    values = {"processes": 2, "nnodes": 1, "node_rank": 0, "rdzv_endpoint": "localhost:29500"}
+    values = {
+        "processes": 2,
+        "nnodes": 1,
+        "node_rank": 0,
+        "rdzv_endpoint": "localhost:29500",
+        "rdzv_timeout": 600,
+    }
     return DistributedParams(**{**values, **overrides})
 
 
@@ -26,15 +36,38 @@ def test_one_machine_is_standalone_and_several_use_a_static_rendezvous():
     one = distributed.torchrun_args(cfg(), ["stages/train.py", "--out", "m"])
     assert one[-3:] == ["stages/train.py", "--out", "m"] and "--standalone" in one
     assert one[one.index("--nproc-per-node") + 1] == "2" and one[one.index("--max-restarts") + 1] == "0"
-    two = distributed.torchrun_args(cfg(nnodes=3, node_rank=1, rdzv_endpoint="10.0.0.1:29400"), ["s.py"])
+    assert "--rdzv-conf" not in one
+    two = distributed.torchrun_args(
+        cfg(nnodes=3, node_rank=1, rdzv_endpoint="10.0.0.1:29400", rdzv_timeout=45), ["s.py"]
+    )
     assert "--standalone" not in two
     for flag, value in {
         "--nnodes": "3",
         "--node-rank": "1",
         "--rdzv-backend": "static",
         "--rdzv-endpoint": "10.0.0.1:29400",
+        "--rdzv-conf": "timeout=45",  # the static rendezvous's TCPStore timeout, on every machine
     }.items():
         assert two[two.index(flag) + 1] == value
+
+
+def test_a_rendezvous_nobody_joins_is_one_line():
+    """torchrun's static rendezvous is a TCPStore on machine 0: the real store's errors, on machine 0 when
+    the others never connect and on another machine when machine 0 never listens, become one line each."""
+    port = free_port()
+    two = cfg(processes=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_timeout=1)
+    with pytest.raises(DistError) as server:
+        TCPStore("127.0.0.1", port, 2, True, timedelta(seconds=1))
+    assert str(distributed.rendezvous_error(two, server.value)) == (
+        f"train.distributed: 1 of 2 machines never joined the rendezvous at 127.0.0.1:{port} within 1 s "
+        "(train.distributed.rdzv_timeout)"
+    )
+    with pytest.raises(DistError) as client:
+        TCPStore("127.0.0.1", port, 2, False, timedelta(seconds=1))
+    assert str(distributed.rendezvous_error(replace(two, node_rank=1), client.value)) == (
+        f"train.distributed: machine 0 never opened the rendezvous at 127.0.0.1:{port} within 1 s "
+        "(train.distributed.rdzv_timeout); is node_rank 0 running, and reachable from this machine?"
+    )
 
 
 def test_one_process_or_a_worker_does_not_launch(monkeypatch):

@@ -98,6 +98,7 @@ def test_every_key_in_params_yaml_has_a_comment():
             "train.distributed.rdzv_endpoint",
             "host:port",
         ),
+        case({"train.distributed.rdzv_timeout": 0}, "train.distributed.rdzv_timeout", "must be >= 1"),
         case(
             {"train.distributed.processes": 2, "train.strategy": "gradual_unfreezing"},
             "train.strategy",

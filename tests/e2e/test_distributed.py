@@ -1,5 +1,6 @@
 """Several training processes: the real train stage launching 2 processes on the CPU (gloo, DDP) on the
-tiny encoder, against a real MLflow store.
+tiny encoder, against a real MLflow store; and two machines on one host, two launchers that meet at a
+static rendezvous on a loopback port.
 
 One temporary repo runs ``dvc repro train`` once (one process); each test then runs a stage script there
 with its own params file and output folder, as ``test_strategies.py`` does.
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +21,19 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lmpipe.params import write_params
-from tests.conftest import new_repo, remove, run, train_cmd, train_until_checkpoint
+from tests.conftest import new_repo, pipeline_env, remove, run, train_cmd, train_until_checkpoint
+from tests.services import free_port, stop_process
 
 pytestmark = [pytest.mark.extended, pytest.mark.distributed]
 
 ROWS = 64  # 80 rows sampled, 80% to train
-TWO = {"processes": 2, "nnodes": 1, "node_rank": 0, "rdzv_endpoint": "localhost:29500"}
+TWO = {"processes": 2, "nnodes": 1, "node_rank": 0, "rdzv_endpoint": "localhost:29500", "rdzv_timeout": 600}
+# the per-step train loss of two machines of one process each against one machine of two processes, at the
+# same global batch: the same shards, seeds and gloo all-reduce of 2 ranks (a + b, the same sum on both
+# ranks either way), each process on one thread. It came out identical (difference 0.0 at every logged
+# step, docs/distributed.md); the tolerance only leaves room for a float32 sum that another torch or gloo
+# build may order differently, and is far below the loss's own change between logged steps (~1e-2)
+LOSS_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +60,31 @@ def repo(tmp_path_factory, tiny_encoder) -> Iterator[Path]:
 
 def write_train_params(repo: Path, name: str, **train_params) -> None:
     write_params(repo / f"params-{name}.yaml", {"train": train_params}, repo / "params.yaml")
+
+
+def machine_cmd(name: str) -> list[str]:
+    """``train_cmd(name)`` with its own checkpoints folder too, as on a machine of its own: every machine
+    saves its copy of each checkpoint (``save_on_each_node``), and two on one host must not share one."""
+    cmd = train_cmd(name)
+    cmd[cmd.index("--checkpoints") + 1] = f"checkpoints/{name}"
+    return cmd
+
+
+def machine_env() -> dict[str, str]:
+    """One thread per process, as each of the two processes on one 2-core machine gets: the machines'
+    runs then sum in the same order as that machine's, and two launchers do not oversubscribe the CPU."""
+    return {**pipeline_env(), "OMP_NUM_THREADS": "1"}
+
+
+def start_machine(repo: Path, name: str, logs: Path) -> subprocess.Popen:
+    """``machine_cmd(name)`` started in ``repo``, its stdout and stderr in ``logs/<name>.out|.err``."""
+    with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+        return subprocess.Popen(machine_cmd(name), cwd=repo, env=machine_env(), stdout=out, stderr=err)
+
+
+def curve(repo: Path, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """A metric's history in an MLflow run, as (step, value) in step order."""
+    return sorted((h.step, h.value) for h in client(repo).get_metric_history(run_id, metric))
 
 
 def client(repo: Path) -> MlflowClient:
@@ -161,3 +196,99 @@ def test_compress_fine_tunes_with_two_processes(repo):
         (child,) = [r for r in children if r.data.tags["variant"] == name]
         assert child.data.metrics["global_batch_size"] == 8 and child.data.metrics["processes"] == 2
         assert child.data.metrics["val_rows"] == len(pd.read_parquet(repo / "data/split/val.parquet"))
+
+
+def test_two_machines_meet_and_train_as_one_machine_of_two_processes(repo, tmp_path):
+    """Two launchers of one process each (``nnodes: 2``, node_rank 0 and 1), started together on this host
+    as two machines (each with its own outputs and checkpoints, the same data and params), meet at a static
+    rendezvous on a loopback port and train one model with a world of 2: node 0 alone writes the outputs
+    and the one MLflow run, and its per-step loss is that of one machine with 2 processes at the same
+    global batch of 8."""
+    val_rows = len(pd.read_parquet(repo / "data/split/val.parquet"))
+    endpoint = f"127.0.0.1:{free_port()}"
+    machine = {"processes": 1, "nnodes": 2, "rdzv_endpoint": endpoint, "rdzv_timeout": 120}
+    for node in (0, 1):
+        write_train_params(repo, f"node{node}", epochs=1, distributed={**machine, "node_rank": node})
+    write_train_params(repo, "pair", epochs=1, distributed=TWO)
+    before = {r.info.run_id for r in runs_of(repo, "train")}
+
+    procs = [start_machine(repo, f"node{node}", tmp_path) for node in (0, 1)]
+    try:
+        for proc in procs:
+            proc.wait(timeout=600)
+    finally:  # a machine that hangs is not left behind
+        for proc in procs:
+            stop_process(proc)
+    out = {n: (tmp_path / f"node{n}.out").read_text() for n in (0, 1)}
+    err = {n: (tmp_path / f"node{n}.err").read_text() for n in (0, 1)}
+    assert [p.returncode for p in procs] == [0, 0], err
+
+    for node in (0, 1):
+        assert f"launching 1 processes on this machine (2 in all, node {node} of 2, gloo)" in out[node]
+    (summary,) = [line for line in out[0].splitlines() if line.startswith("train: full")]
+    assert "2 process(es), global batch 8" in summary  # the world both machines' processes formed
+    assert "train: full" not in out[1]
+    m = metrics_of(repo / "runs/node0")
+    assert m["processes"] == 2 and m["global_batch_size"] == 8 and m["global_steps"] == ROWS // 8
+    assert (repo / "runs/node0/model/model.safetensors").is_file()
+    assert not (repo / "runs/node1").exists()  # node 1 trained its share and wrote nothing
+    assert not list((repo / "checkpoints/node0").iterdir())  # rank 0 removes its machine's checkpoints
+    # node 1 keeps checkpoints/node1 (without the weights, which transformers saves on global rank 0 only):
+    # docs/distributed.md, "Several machines"
+
+    (new,) = [r for r in runs_of(repo, "train") if r.info.run_id not in before]  # one run, not one per node
+    assert new.info.run_id == m["mlflow_run_id"] and new.info.status == "FINISHED"
+    assert new.data.params["train.distributed.nnodes"] == "2" and new.data.metrics["processes"] == 2
+    # val scored on all of val: each machine's process scored its half, gathered over the rendezvous
+    assert [v for _, v in curve(repo, new.info.run_id, "val_rows")] == [val_rows]
+
+    pair = run(machine_cmd("pair"), repo, env=machine_env(), timeout=600)
+    assert "launching 2 processes on this machine (2 in all, node 0 of 1, gloo)" in pair.stdout
+    p = metrics_of(repo / "runs/pair")
+    assert p["processes"] == 2 and p["global_batch_size"] == 8 and p["global_steps"] == m["global_steps"]
+    machines, one = curve(repo, new.info.run_id, "train_loss"), curve(repo, p["mlflow_run_id"], "train_loss")
+    assert [s for s, _ in machines] == [s for s, _ in one] == [1, 2, 4, 6, 8]  # logging_steps 2, and step 1
+    assert [v for _, v in machines] == pytest.approx([v for _, v in one], rel=LOSS_RTOL)
+    (val_machines,), (val_one,) = (
+        curve(repo, new.info.run_id, "val_loss"),
+        curve(repo, p["mlflow_run_id"], "val_loss"),
+    )
+    assert val_machines == pytest.approx(val_one, rel=LOSS_RTOL)
+    print(
+        "loss (step, two machines, one machine):",
+        [(s, a, b) for (s, a), (_, b) in zip(machines, one, strict=True)],
+    )
+    print("val_loss:", val_machines, val_one)
+
+
+def test_a_machine_that_never_joins_fails_in_one_line(repo):
+    """Node 0 of 2 alone: it waits ``rdzv_timeout`` at the rendezvous, then fails with one line naming the
+    endpoint and the missing machine, no traceback, no outputs, no checkpoints and no MLflow run."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    timeout = 5
+    write_train_params(
+        repo,
+        "alone",
+        epochs=1,
+        distributed={
+            "processes": 1,
+            "nnodes": 2,
+            "node_rank": 0,
+            "rdzv_endpoint": endpoint,
+            "rdzv_timeout": timeout,
+        },
+    )
+    before = {r.info.run_id for r in runs_of(repo, "train")}
+    start = time.monotonic()
+    result = run(machine_cmd("alone"), repo, check=False, env=machine_env(), timeout=120)
+    seconds = time.monotonic() - start
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: train.distributed: 1 of 2 machines never joined the rendezvous at {endpoint} within {timeout} s "
+        "(train.distributed.rdzv_timeout)"
+    ]
+    assert timeout <= seconds < timeout + 60, seconds  # it waited the timeout, then stopped (start-up aside)
+    assert not (repo / "runs/alone").exists() and not (repo / "checkpoints/alone").exists()
+    assert {r.info.run_id for r in runs_of(repo, "train")} == before
+    print(f"failed after {seconds:.1f} s: {result.stderr.strip()}")

@@ -239,6 +239,7 @@ class DistributedParams(_Section):
     nnodes: int
     node_rank: int
     rdzv_endpoint: str
+    rdzv_timeout: int  # seconds the machines wait for each other at the rendezvous
 
     @property
     def world_size(self) -> int:
@@ -257,6 +258,8 @@ class DistributedParams(_Section):
                 "rdzv_endpoint",
                 f"must be host:port of machine 0, e.g. 10.0.0.1:29500, got {self.rdzv_endpoint!r}",
             )
+        if self.rdzv_timeout < 1:
+            yield "rdzv_timeout", f"must be >= 1 (seconds), got {self.rdzv_timeout}"
 
 
 @dataclass(frozen=True)
