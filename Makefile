@@ -82,12 +82,14 @@ queue-check: setup
 queue-start: queue-check
 	OMP_NUM_THREADS=$(THREADS) $(BIN)/dvc queue start --jobs $(JOBS)
 
-# The tests that start real PostgreSQL, S3 (moto) and MLflow servers on loopback ports (docs/team.md)
+# The tests that start real PostgreSQL, S3 (moto) and MLflow servers (one behind basic auth) on loopback
+# ports (docs/team.md)
 test-services: setup
 	$(BIN)/python -m pytest -m services
 
-# A team's tracking server (PostgreSQL store, S3 artefacts): set BACKEND_STORE_URI and
-# ARTIFACTS_DESTINATION (and the S3 endpoint and keys) as scripts/tracking_server.sh says
+# A team's tracking server (PostgreSQL store, S3 artefacts, MLflow's basic auth): set BACKEND_STORE_URI,
+# ARTIFACTS_DESTINATION (and the S3 endpoint and keys) and MLFLOW_AUTH_ADMIN_PASSWORD. It serves this
+# machine only; HOST=0.0.0.0 with ALLOWED_HOSTS=<names> serves others (scripts/tracking_server.sh, docs/team.md)
 tracking-server: setup
 	scripts/tracking_server.sh
 

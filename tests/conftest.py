@@ -115,6 +115,9 @@ def log_command(cmd: list[str], seconds: float) -> None:
 FILE_SECONDS = {
     "tests/e2e/test_experiments.py": 326,
     "tests/e2e/test_strategies.py": 278,
+    # alone (serial), on 2 cores busy with other jobs (load 4-7): 367 and 507 s, where test_tracking_server.py
+    # took 279 s (119 above): about 200 s on a quiet machine
+    "tests/e2e/test_tracking_auth.py": 200,
     "tests/e2e/test_search.py": 178,
     # 116 before the two-machine tests, scaled by what they added alone (serial, on a busy CPU): 196 -> 306 s
     "tests/e2e/test_distributed.py": 170,
@@ -352,6 +355,28 @@ def new_repo(dest: Path, overrides: dict, message: str = "test params") -> Path:
     write_params(repo / "params.yaml", overrides)
     git_commit(repo, message)
     return repo
+
+
+def wait_for_queue(repo: Path, timeout: float = 900) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; its last output."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
+        time.sleep(3)
+
+
+def experiments_in(show: list) -> dict[str, dict]:
+    """name -> data, from `dvc exp show --json` (baseline entries hold their experiments)."""
+    out = {}
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                out[rev["name"]] = rev["data"]
+    return out
 
 
 def shared_root(factory: pytest.TempPathFactory) -> Path:
@@ -649,6 +674,17 @@ def mlflow_server(postgres, s3) -> Iterator:
 
     server = MlflowServer(postgres.create_database("mlflow"), s3, s3.create_bucket("mlflow")).start()
     yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_mlflow_server(postgres, s3) -> Iterator:
+    """``mlflow_server``'s stores behind MLflow's basic auth, started by ``scripts/tracking_server.sh``;
+    ``admin`` is its admin's user and password."""
+    from tests.services import AuthMlflowServer
+
+    server = AuthMlflowServer(postgres.create_database("mlflow_auth"), s3, s3.create_bucket("mlflow-auth"))
+    yield server.start()
     server.stop()
 
 

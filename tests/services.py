@@ -6,6 +6,8 @@
   boto is never patched in-process.
 * ``MlflowServer``: ``mlflow server`` with a PostgreSQL backend store and artefacts proxied to a bucket
   of that S3 endpoint.
+* ``AuthMlflowServer``: the same stores behind MLflow's basic auth, started as a team starts it, by
+  ``scripts/tracking_server.sh`` (its auth config and users database in a temporary folder).
 
 The fixtures in ``tests/conftest.py`` start each once per session and stop it at the end.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,6 +27,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # the S3 credentials moto accepts (any non-empty pair); the region keeps botocore from asking for one
 S3_ENV = {
@@ -220,14 +225,8 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> MlflowServer:
-        self.log = Path(tempfile.mkdtemp(prefix="lmpipe-mlflow-")) / "server.log"
-        env = {**os.environ, **self.s3.env()}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        # no job runner: MLflow 3 otherwise starts four huey consumers that poll, ~10% of a core each, for
-        # jobs (trace roll-ups, ...) these tests never submit, on a 2-core machine that trains beside it
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             str(Path(sys.executable).parent / "mlflow"),
             "server",
             "--backend-store-uri",
@@ -241,9 +240,21 @@ class MlflowServer:
             "--workers",
             "1",
         ]
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, **self.s3.env()}
+        for key in [k for k in env if k.startswith("MLFLOW_") and k != "MLFLOW_S3_ENDPOINT_URL"]:
+            env.pop(key)  # the test process's own MLflow settings (a tracking URI, credentials)
+        # no job runner: MLflow 3 otherwise starts four huey consumers that poll, ~10% of a core each, for
+        # jobs (trace roll-ups, ...) these tests never submit, on a 2-core machine that trains beside it
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        return env
+
+    def start(self) -> MlflowServer:
+        self.log = Path(tempfile.mkdtemp(prefix="lmpipe-mlflow-")) / "server.log"
         self.proc = subprocess.Popen(
-            cmd,
-            env=env,
+            self.command(),
+            env=self.env(),
             stdout=open(self.log, "w"),  # noqa: SIM115 - the server holds it
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its worker processes are stopped with it
@@ -267,6 +278,42 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+@dataclass
+class AuthMlflowServer(MlflowServer):
+    """``scripts/tracking_server.sh``: ``MlflowServer``'s stores behind ``--app-name basic-auth``, on
+    loopback with ``allowed_hosts`` named, the admin's password generated (``admin``), the auth config
+    and users database in the server's temporary folder (``state``)."""
+
+    allowed_hosts: str = "mlflow.test"
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+
+    @property
+    def admin(self) -> tuple[str, str]:
+        return ("admin", self.admin_password)
+
+    @property
+    def state(self) -> Path:
+        assert self.log is not None, "not started"
+        return self.log.parent / "state"
+
+    def command(self) -> list[str]:
+        return ["bash", str(ROOT / "scripts" / "tracking_server.sh")]
+
+    def env(self) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)
+        return {
+            **super().env(),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the script's `mlflow`
+            "BACKEND_STORE_URI": self.backend_uri,
+            "ARTIFACTS_DESTINATION": f"s3://{self.bucket}/mlflow",
+            "PORT": str(self.port),
+            "WORKERS": "1",
+            "ALLOWED_HOSTS": self.allowed_hosts,
+            "STATE_DIR": str(self.state),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+        }
 
 
 @contextlib.contextmanager

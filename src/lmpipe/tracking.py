@@ -12,6 +12,9 @@
   the pipeline's own outputs and ``dvc.lock`` do not count), a hash of the resolved params,
   the stage, and the DVC experiment name when DVC runs the stage as an experiment.
 * A run that raises is ended as FAILED (KILLED on Ctrl-C or SIGTERM), never left RUNNING.
+* A tracking server behind authentication (``scripts/tracking_server.sh``) gets the user and password
+  that MLflow reads from ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``. Credentials it
+  refuses (401) or an action it forbids (403) become a one-line ``ServiceError`` naming the user.
 * Rank-aware: with several training processes (``lmpipe.distributed``) only rank 0 opens runs and logs;
   on the other ranks ``run`` yields a stand-in without a run id and every logging call does nothing.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -31,7 +35,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lmpipe import distributed
-from lmpipe.errors import Terminated, unreachable
+from lmpipe.errors import ServiceError, Terminated, unreachable
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -95,6 +99,8 @@ def check_server(uri: str) -> None:
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:
+        if _status(err) == "UNAUTHENTICATED":
+            raise ServiceError(f"MLFLOW_TRACKING_URI: cannot use {shown_uri(uri)}: {_refused()}") from None
         raise unreachable("MLFLOW_TRACKING_URI", shown_uri(uri), err) from None
     finally:
         for key, value in saved.items():
@@ -102,6 +108,41 @@ def check_server(uri: str) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _status(err: BaseException) -> str | None:
+    """``UNAUTHENTICATED`` (HTTP 401) or ``PERMISSION_DENIED`` (403) for a tracking server's refusal,
+    else None."""
+    code = getattr(err, "error_code", None)
+    return code if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") else None
+
+
+def _refused() -> str:
+    """Why a 401: no user given, or this user's password refused."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if not user:
+        return "401 not authenticated: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    return f"401 not authenticated: user {user!r} or its MLFLOW_TRACKING_PASSWORD refused"
+
+
+def denied(err: BaseException, experiment: str) -> ServiceError | None:
+    """A tracking server's 401 or 403 met while a stage logs to ``experiment``, as one line naming the
+    user and the request; None for any other error."""
+    status = _status(err)
+    if status is None:
+        return None
+    where = shown_uri(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if status == "UNAUTHENTICATED":
+        return ServiceError(f"MLFLOW_TRACKING_URI: {where}: {_refused()}")
+    found = re.search(r"endpoint (\S+)", str(err))
+    request = found.group(1) if found else ""
+    on = "the registered model" if ("registered-models" in request or "model-versions" in request) else "it"
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    return ServiceError(
+        f"MLFLOW_TRACKING_URI: {where}: 403 permission denied{f' ({request})' if request else ''} to user "
+        f"{user!r} in experiment {experiment!r}: its owner or the server's admin can grant EDIT on {on} "
+        "(docs/team.md)"
+    )
 
 
 def shown_uri(uri: str) -> str:
@@ -251,11 +292,6 @@ def run(
         return
     import mlflow
 
-    if not nested or parent_run_id:
-        uri = tracking_uri()
-        prepare_store(uri)
-        mlflow.set_tracking_uri(uri)
-        _ensure_experiment(mlflow, experiment)
     all_tags = {
         **git_info(),
         "params_hash": params_hash,
@@ -268,8 +304,21 @@ def run(
         ),
         **(tags or {}),
     }
+    try:
+        if not nested or parent_run_id:
+            uri = tracking_uri()
+            prepare_store(uri)
+            mlflow.set_tracking_uri(uri)
+            _ensure_experiment(mlflow, experiment)
+        active = mlflow.start_run(
+            run_name=run_name, tags=all_tags, nested=nested, parent_run_id=parent_run_id
+        )
+    except Exception as err:
+        refused = denied(err, experiment)
+        if refused is None:
+            raise
+        raise refused from None
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    active = mlflow.start_run(run_name=run_name, tags=all_tags, nested=nested, parent_run_id=parent_run_id)
     try:
         mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()})
         mlflow.log_dict(dict(params), "params.json")
@@ -281,7 +330,10 @@ def run(
     except BaseException as err:
         mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
         mlflow.end_run(status="FAILED")
-        raise
+        refused = denied(err, experiment)  # registering a model someone else owns, say
+        if refused is None:
+            raise
+        raise refused from None
     else:
         mlflow.end_run(status="FINISHED")
     finally:

@@ -16,7 +16,18 @@ from mlflow.tracking import MlflowClient
 from lmpipe.experiments.runs import experiment_refs
 from lmpipe.reports import MAX_COLUMNS
 from lmpipe.tracking import flatten
-from tests.conftest import BIN, ROOT, TINY, git_commit, new_repo, pipeline_env, remove, run
+from tests.conftest import (
+    BIN,
+    ROOT,
+    TINY,
+    experiments_in,
+    git_commit,
+    new_repo,
+    pipeline_env,
+    remove,
+    run,
+    wait_for_queue,
+)
 
 pytestmark = pytest.mark.extended
 
@@ -35,27 +46,6 @@ def tiny(encoder) -> dict:
         "export": TINY["export"],
         "mlflow": {"experiment": "queue"},
     }
-
-
-def wait_for_queue(repo, timeout=900) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run(["dvc", "queue", "status"], repo).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        if time.monotonic() > deadline:
-            raise AssertionError(f"queue still busy after {timeout} s:\n{status}")
-        time.sleep(3)
-
-
-def experiments_in(show: list) -> dict[str, dict]:
-    """name -> data, from `dvc exp show --json` (baseline entries hold their experiments)."""
-    out = {}
-    for baseline in show:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                out[rev["name"]] = rev["data"]
-    return out
 
 
 @pytest.fixture(scope="module")
