@@ -247,10 +247,17 @@ def tiny_classifier(tmp_path_factory) -> Path:
 
 
 def test_optimized_graph_is_fused_and_holds_parity(tiny_classifier, tmp_path):
+    import onnx
     import torch
 
     from lmpipe.modeling.models import load_model
-    from lmpipe.serve.onnx_export import fused_ops, optimize_onnx, quantize_onnx_int8, write_classifier_folder
+    from lmpipe.serve.onnx_export import (
+        fused_ops,
+        nodes_of_modules,
+        optimize_onnx,
+        quantize_onnx_int8,
+        write_classifier_folder,
+    )
     from lmpipe.serve.serving import FP32_FILE, OPT_FILE, OPT_INT8_FILE, OnnxTextClassifier
 
     write_classifier_folder(tiny_classifier, tmp_path, max_length=32, opset=18)
@@ -273,6 +280,19 @@ def test_optimized_graph_is_fused_and_holds_parity(tiny_classifier, tmp_path):
     quantize_onnx_int8(tmp_path, source=OPT_FILE, target=OPT_INT8_FILE)
     int8 = OnnxTextClassifier(tmp_path, OPT_INT8_FILE)
     assert int8.predict_proba(texts).shape == (3, 3)
+    # layers compress kept fp32 stay fp32 there too, though the optimiser rebuilt their nodes without
+    # module scopes: found by their weights (a MatMul; a query inside a fused Attention)
+    keep = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.self.query"]
+    with pytest.raises(ValueError, match="no MatMul/Gemm node"):
+        nodes_of_modules(tmp_path / OPT_FILE, keep)  # no scopes without the plain graph beside it
+    nodes = nodes_of_modules(tmp_path / OPT_FILE, keep, tmp_path / FP32_FILE)
+    assert len(nodes) == 2 and nodes[1].startswith("Attention"), nodes
+    quantize_onnx_int8(tmp_path, keep, OPT_FILE, OPT_INT8_FILE)
+    graph = onnx.load(str(tmp_path / OPT_INT8_FILE)).graph
+    kept = {n.name: n.op_type for n in graph.node if n.name in nodes}
+    assert kept == {nodes[0]: "MatMul", nodes[1]: "Attention"}, kept  # not MatMulInteger, QAttention
+    assert any(n.op_type == "QAttention" for n in graph.node)  # the other layer's attention is int8
+    assert OnnxTextClassifier(tmp_path, OPT_INT8_FILE).predict_proba(texts).shape == (3, 3)
 
 
 def test_optimize_skips_other_model_types(tmp_path):

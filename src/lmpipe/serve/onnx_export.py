@@ -216,7 +216,9 @@ def quantize_onnx_int8(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder = Path(folder)
-    exclude = nodes_of_modules(folder / source, fp32_layers) if fp32_layers else []
+    # an optimised graph's rebuilt nodes lost their module scopes: find them by the plain graph's weights
+    reference = folder / FP32_FILE if source != FP32_FILE else None
+    exclude = nodes_of_modules(folder / source, fp32_layers, reference) if fp32_layers else []
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # quantize_dynamic logs "consider pre-processing" on the root logger
@@ -229,18 +231,23 @@ def quantize_onnx_int8(
     return folder / target
 
 
-def nodes_of_modules(onnx_path: str | Path, modules: Sequence[str]) -> list[str]:
+def nodes_of_modules(
+    onnx_path: str | Path, modules: Sequence[str], reference: str | Path | None = None
+) -> list[str]:
     """The names of the MatMul/Gemm nodes that the torch modules ``modules`` (e.g.
     ``bert.encoder.layer.3.output.dense``) became in a dynamo export: its ``pkg.torch.onnx.name_scopes``
-    metadata lists the module path of each node, outermost first, ending with the op (``linear_12``). A
-    module with no node is an error."""
+    metadata lists the module path of each node, outermost first, ending with the op (``linear_12``).
+    In a graph ONNX Runtime's optimiser rewrote, the nodes it rebuilt have no scopes: with ``reference``
+    (the plain export it was optimised from) a module is found by its weight's values instead
+    (``nodes_by_weight``). A module with no node is an error."""
     import ast
 
     import onnx
 
     wanted = set(modules)
     found: dict[str, list[str]] = {}
-    for node in onnx.load(str(onnx_path), load_external_data=False).graph.node:
+    graph = onnx.load(str(onnx_path), load_external_data=reference is not None).graph
+    for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         meta = {p.key: p.value for p in node.metadata_props}
@@ -250,9 +257,57 @@ def nodes_of_modules(onnx_path: str | Path, modules: Sequence[str]) -> list[str]
             names = [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
             found.setdefault(module, []).extend(names)
     missing = wanted - set(found)
+    if missing and reference is not None:
+        for module, names in nodes_by_weight(graph, reference, missing).items():
+            found[module] = names
+        missing = wanted - set(found)
     if missing:
         raise ValueError(f"{onnx_path}: no MatMul/Gemm node for the modules {sorted(missing)}")
-    return [name for module in modules for name in found[module]]
+    return list(dict.fromkeys(name for module in modules for name in found[module]))
+
+
+def nodes_by_weight(graph, reference: str | Path, modules: set[str]) -> dict[str, list[str]]:
+    """The nodes of ``graph`` (an optimised graph) that multiply by the weights of ``modules`` in the
+    ``reference`` export: a MatMul/Gemm whose weight has the same values, or a fused Attention whose
+    packed query/key/value weight holds them as a block of columns (the whole Attention node then stays
+    fp32)."""
+    import ast
+
+    import onnx
+    from onnx import numpy_helper
+
+    plain = onnx.load(str(reference)).graph
+    values = {i.name: i for i in plain.initializer}
+    weights: dict[str, np.ndarray] = {}
+    for node in plain.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in values:
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        for module in modules.intersection(ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))):
+            weights[module] = numpy_helper.to_array(values[node.input[1]])
+    initializers = {i.name: i for i in graph.initializer}
+    found: dict[str, list[str]] = {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Attention") or len(node.input) < 2:
+            continue
+        if node.input[1] not in initializers:
+            continue
+        array = numpy_helper.to_array(initializers[node.input[1]])
+        for module, weight in weights.items():
+            same = array.shape == weight.shape and np.array_equal(array, weight)
+            block = (
+                node.op_type == "Attention"
+                and array.ndim == 2
+                and array.shape[0] == weight.shape[0]
+                and any(
+                    np.array_equal(array[:, i : i + weight.shape[1]], weight)
+                    for i in range(0, array.shape[1] - weight.shape[1] + 1, weight.shape[1])
+                )
+            )
+            if same or block:
+                names = [node.name, f"{node.name}_MatMul"] if node.op_type == "Gemm" else [node.name]
+                found.setdefault(module, []).extend(names)
+    return found
 
 
 @dataclass
