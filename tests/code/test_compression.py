@@ -295,6 +295,7 @@ def test_the_compress_budget_is_checked_and_resolved(tmp_path):
     for key, value, fragment in [
         ("confidence", 1.0, "from 0.5 to below 1"),
         ("confidence", 0.3, "from 0.5 to below 1"),
+        ("bound", "loss", "prediction"),
         ("resamples", 10, "must be >= 100"),
     ]:
         path = write_params(tmp_path / "params.yaml", {f"compress.{key}": value}, ROOT / "params.yaml")
@@ -326,3 +327,28 @@ def test_the_paired_bound_is_tight_for_a_copy_and_wide_for_a_few_rows():
     assert 0.01 < few["bound"] <= 0.03 and few["ci95"][0] >= 0 and few["ci95"][1] > 0.01
     assert compression.paired_loss(loss_of(wrong), 200, 500, 0, 0.9) == few  # seeded
     assert compression.paired_loss(loss_of(wrong), 200, 500, 0, None)["bound"] is None
+
+
+def test_a_prediction_bound_adds_the_new_rows_own_noise():
+    """``compress.bound: prediction`` (``compression.upper_bound`` with ``future_rows``): the loss n new
+    rows will show is less certain than the loss itself, more so the fewer they are; with many new rows it
+    comes back to the confidence bound. A copy is still bounded at 0 (it disagrees on no row)."""
+    from lmpipe.experiments.compare import weighted_scores
+
+    y = np.arange(200) % 4
+    wrong = y.copy()
+    wrong[::20] = (y[::20] + 1) % 4  # 10 rows of 200: a 5-pt accuracy loss
+
+    def loss_of(candidate):
+        return lambda w: (
+            weighted_scores(w, y, y, 4)["accuracy"] - weighted_scores(w, y, candidate, 4)["accuracy"]
+        )
+
+    plain = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05)["bound"]
+    same = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05, 200)["bound"]
+    fewer = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05, 50)["bound"]
+    many = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05, 10**7)["bound"]
+    # the spread of a 200-row loss is ~1.5 pt: the bound 1.28 of it above 5 pt, the prediction ~sqrt(2) as far
+    assert 0.06 < plain < 0.08 and fewer > same > plain and abs(many - plain) < 0.002
+    assert 1.2 < (same - 0.05) / (plain - 0.05) < 1.65
+    assert compression.paired_loss(loss_of(y.copy()), 200, 500, 0, 0.9, 0.0, 50)["bound"] == 0

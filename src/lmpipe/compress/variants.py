@@ -75,7 +75,9 @@ class Inputs:
     def loss(self, split: str, candidate: Outputs) -> dict[str, Any]:
         """``candidate``'s macro-F1 loss against the trained model on ``split`` (original minus candidate:
         negative = it did better), with its paired bootstrap over the split's rows: the one-sided upper
-        bound at ``compress.confidence`` and the 95% CI (``compression.paired_loss``)."""
+        bound at ``compress.confidence`` and the 95% CI (``compression.paired_loss``). On val, with
+        ``compress.bound: prediction``, the bound is on the loss a new split of the test split's size
+        will show."""
         reference, cfg = self.reference_outputs(split), self.params.compress
         loss = float(reference.scores["macro_f1"] - candidate.scores["macro_f1"])
         classes = sorted(set(reference.truth) | set(reference.predicted) | set(candidate.predicted))
@@ -90,6 +92,8 @@ class Inputs:
             cfg.resamples,
             self.params.base.seed,
             cfg.confidence,
+            loss,
+            len(self.test) if split == "val" and cfg.bound == "prediction" else None,
         )
         self.bootstrap_seconds += time.perf_counter() - start
         return {"loss": loss, **paired}

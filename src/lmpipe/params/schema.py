@@ -619,6 +619,7 @@ class LatencyParams(_Section):
 class CompressParams(_Section):
     max_loss: float
     confidence: float | None
+    bound: Literal["prediction", "confidence"]
     resamples: int
     quantize: QuantizeParams
     int4: Int4Params

@@ -116,7 +116,13 @@ def compression_section(params: Params, export: dict, compression: dict | None) 
         "",
         "The compress stage's variants: their val macro-F1 loss against the trained model and its "
         + (
-            f"{100 * compression['confidence']:g}% upper bound (paired bootstrap over val rows), the bound "
+            f"{100 * compression['confidence']:g}% upper bound (paired bootstrap over val rows"
+            + (
+                "; a prediction bound: on the loss a new split as large as test will show"
+                if compression.get("bound") == "prediction"
+                else ""
+            )
+            + "), the bound "
             if compression.get("confidence") is not None
             else "point value, "
         )

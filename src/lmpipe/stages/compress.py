@@ -97,7 +97,7 @@ def run(params: Params, paths: Paths) -> str:
                         judge(inputs, name, variants[name])
         timing = time_variants(inputs, variants)
         rows, warned = record(params, paths, inputs, variants, parent.info.run_id, timing)
-    return summary(params, rows, warned, timing)
+    return summary(params, rows, warned, timing, len(inputs.test))
 
 
 def own(params: Params, paths: Paths, task) -> str:
@@ -157,7 +157,8 @@ def record(
     metrics = {
         "variants": rows,
         "max_loss": cfg.max_loss,
-        "confidence": cfg.confidence,  # the budget rule: the val loss's one-sided upper bound at this level
+        "confidence": cfg.confidence,  # the budget rule: the loss's one-sided upper bound at this level
+        "bound": cfg.bound,  # prediction: on the loss a new split as large as test will show (issue 35)
         "resamples": cfg.resamples,
         "bootstrap_seconds": round(inputs.bootstrap_seconds, 2),  # what the bounds and CIs cost (issue 35)
         "budget_warnings": warned,
@@ -187,14 +188,17 @@ def record(
     return rows, warned
 
 
-def summary(params: Params, rows: dict[str, dict], warned: list[str], timing: dict) -> str:
+def summary(params: Params, rows: dict[str, dict], warned: list[str], timing: dict, test_rows: int) -> str:
     """The stage's printed table: each variant's test score, val loss against its budget, size and speed
     (wall-clock p50 and CPU cost at batch 1; the speed-up from whichever the busy check trusts)."""
     cfg, b1 = params.compress, "latency_b1_p50_ms"
     rule = (
-        f"its val loss's {100 * cfg.confidence:g}% upper bound (paired bootstrap over val rows)"
-        if cfg.confidence is not None
-        else "its val loss (compress.confidence: null)"
+        "its val loss (compress.confidence: null)"
+        if cfg.confidence is None
+        else f"its loss's {100 * cfg.confidence:g}% upper bound (paired bootstrap over val rows)"
+        if cfg.bound == "confidence"
+        else f"the {100 * cfg.confidence:g}% upper bound of the loss {test_rows} new rows will show "
+        "(paired bootstrap over val rows, the new rows' own noise added; compress.bound: prediction)"
     )
     lines = [
         f"compress: budget {100 * cfg.max_loss:g} pt of val macro-F1, judged on {rule}; per-variant budgets "

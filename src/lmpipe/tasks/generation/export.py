@@ -329,12 +329,20 @@ def compress(job) -> Compressed:
         if name == "original":
             continue
         budget, loss = cfg.budget(name), round(reference - row["val_rougeL"], 4)
-        # the budget rule (compression.within): the val loss's one-sided upper bound, paired over val rows
+        # the budget rule (compression.within): the loss's one-sided upper bound, paired over val rows (with
+        # compress.bound: prediction, on the loss a new split as large as test will show)
         diff = np.asarray(scored["original"]["val"].rows["rougeL"], float) - np.asarray(
             scored[name]["val"].rows["rougeL"], float
         )
+        future = len(job.test) if cfg.bound == "prediction" else None
         paired = compression.paired_loss(
-            lambda w, d=diff: (w @ d) / w.sum(axis=1), len(diff), cfg.resamples, base.seed, cfg.confidence
+            lambda w, d=diff: (w @ d) / w.sum(axis=1),
+            len(diff),
+            cfg.resamples,
+            base.seed,
+            cfg.confidence,
+            float(diff.mean()),
+            future,
         )
         ci = paired_ci(
             scored[name]["test"].rows["rougeL"], scored["original"]["test"].rows["rougeL"], base.seed
@@ -374,6 +382,7 @@ def compress(job) -> Compressed:
         "variants": rows,
         "max_loss": cfg.max_loss,
         "confidence": cfg.confidence,
+        "bound": cfg.bound,
         "skipped": {
             k: SKIPPED[k] for k, on in (("pruned", cfg.prune.enabled), ("student", cfg.distill.enabled)) if on
         },
