@@ -1,9 +1,11 @@
 """Benchmark: does the compression budget hold on unseen data? Over several seeded splits (`lmpipe splits`'s
 recipe: runs differing only in `base.seed`), runs `dvc repro compress` under the point rule
-(`compress.confidence: null`) and the bound rule (`compress.confidence`, default 0.9), and counts, for
-each rule, the variants marked within budget whose test loss is over the budget.
+(`compress.confidence: null`), the bound on the loss (`compress.bound: confidence`) and the bound on what
+a new split as large as test will show (`compress.bound: prediction`, the default), at
+`compress.confidence` (default 0.9), and counts, for each rule, the variants marked within budget whose
+test loss is over the budget.
 
-    python benchmarks/budget_over_splits.py [--seeds 1 2 3] [--confidence 0.9] [--rules point bound] [--set prepare.source=data/builtin/bbc_titles.yaml ...]
+    python benchmarks/budget_over_splits.py [--seeds 1 2 3] [--confidence 0.9] [--rules point confidence prediction] [--set prepare.source=data/builtin/bbc_titles.yaml ...]
 
 Run it in a clone of the project (it edits `params.yaml` and restores it at the end; DVC's run cache makes
 the second rule re-run only compress). Each seed costs a train and two compress runs: about 25 minutes
@@ -35,7 +37,11 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=0.9, help="the bound rule's level")
     parser.add_argument("--set", action="append", default=[], help="key=value params for every run")
     parser.add_argument(
-        "--rules", nargs="+", choices=["point", "bound"], default=["point", "bound"], help="the rules to run"
+        "--rules",
+        nargs="+",
+        choices=["point", "confidence", "prediction"],
+        default=["point", "prediction"],
+        help="the rules to run",
     )
     args = parser.parse_args()
     base = {k: parse(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -44,10 +50,15 @@ def main() -> None:
     rows = []
     try:
         for seed in args.seeds:
-            for rule, confidence in (("point", None), ("bound", args.confidence)):
-                if rule not in args.rules:
-                    continue
-                overrides = {**base, "base.seed": seed, "compress.confidence": confidence}
+            for rule in args.rules:
+                confidence = None if rule == "point" else args.confidence
+                bound = "prediction" if rule == "point" else rule
+                overrides = {
+                    **base,
+                    "base.seed": seed,
+                    "compress.confidence": confidence,
+                    "compress.bound": bound,
+                }
                 write_params(Path("params.yaml"), overrides, backup)
                 subprocess.run(["dvc", "repro", "compress"], check=True)
                 report = json.loads(Path("reports/compress/report.json").read_text())

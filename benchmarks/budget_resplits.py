@@ -15,7 +15,8 @@ pooled val+test rows (the pool stands for the population: its own loss is each c
 and test are two independent samples of it, as a user's val split and new data are), and each rule judges
 every candidate on that val exactly as compress does (pruning: up the grid, stopping after two misses in
 a row, the largest sparsity within the budget). A variant marked within budget whose loss on that test is
-over the budget counts against the rule. Rules (``--rules``):
+over the budget counts against the rule (and, apart, one whose loss on the whole pool is). Rules
+(``--rules``):
 
 * ``point``: the val loss (compress.confidence: null);
 * ``bound@C``: the val loss's one-sided upper bound at C (paired bootstrap; compress.confidence: C);
@@ -156,11 +157,12 @@ def main() -> None:
     args = parser.parse_args()
     from lmpipe import tasks
 
-    totals = {rule: np.zeros(4, dtype=int) for rule in args.rules}
+    totals = {rule: np.zeros(5, dtype=int) for rule in args.rules}
     print(
-        "| store | rule | marked within | over on test | refused | refused, within on test | chosen (most often) |"
+        "| store | rule | marked within | over on test | refused | refused, within on test "
+        "| marked within, over on the pool | chosen (most often) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for store in args.stores:
         preds = candidates_predictions(store)
         task = tasks.get(preds["task"])
@@ -169,8 +171,10 @@ def main() -> None:
         n_test = args.test_rows or preds["test_rows"]
         whole = Deal(preds, task, np.arange(pooled), np.arange(pooled), 100, 0)  # the pool's own losses
         losses = ", ".join(f"{name} {100 * loss:+.2f}" for name, loss in whole.test.items())
-        print(f"| {store.name}: the pool's losses (pt), what the draws scatter around: {losses} | | | | | |")
-        counts = {rule: np.zeros(4, dtype=int) for rule in args.rules}
+        print(
+            f"| {store.name}: the pool's losses (pt), what the draws scatter around: {losses} | | | | | | |"
+        )
+        counts = {rule: np.zeros(5, dtype=int) for rule in args.rules}
         chosen: dict[str, dict[str, int]] = {rule: {} for rule in args.rules}
         for r in range(args.resplits):
             rng = np.random.default_rng(r)  # val and test: independent draws from the pool (the population)
@@ -186,19 +190,24 @@ def main() -> None:
                 for pick in decide(deal, rule, args.budget).values():
                     name = pick.removeprefix("refused:")
                     over = deal.test[name] > args.budget + 1e-9
-                    counts[rule] += [0, 0, 1, not over] if pick.startswith("refused:") else [1, over, 0, 0]
+                    truly = whole.test[name] > args.budget + 1e-9  # over on the whole pool
+                    refused = pick.startswith("refused:")
+                    counts[rule] += [0, 0, 1, not over, 0] if refused else [1, over, 0, 0, truly]
                     chosen[rule][pick] = chosen[rule].get(pick, 0) + 1
         for rule in args.rules:
             c = counts[rule]
             totals[rule] += c
             top = ", ".join(f"{k} {v}" for k, v in sorted(chosen[rule].items(), key=lambda kv: -kv[1])[:4])
-            print(
-                f"| {store.name} ({n_val}/{n_test} rows) | {rule} | {c[0]} | {c[1]} ({c[1] / max(c[0], 1):.0%}) "
-                f"| {c[2]} | {c[3]} | {top} |"
-            )
+            print(f"| {store.name} ({n_val}/{n_test} rows) | {rule} | {share(c)} | {top} |")
     for rule in args.rules:
-        c = totals[rule]
-        print(f"| all | {rule} | {c[0]} | {c[1]} ({c[1] / max(c[0], 1):.0%}) | {c[2]} | {c[3]} | |")
+        print(f"| all | {rule} | {share(totals[rule])} | |")
+
+
+def share(c) -> str:
+    """The middle columns of a counts row: marked, over on test, refused, refused but fine, over on pool."""
+    return (
+        f"{c[0]} | {c[1]} ({c[1] / max(c[0], 1):.0%}) | {c[2]} | {c[3]} | {c[4]} ({c[4] / max(c[0], 1):.0%})"
+    )
 
 
 if __name__ == "__main__":

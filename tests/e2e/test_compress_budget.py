@@ -61,8 +61,9 @@ def test_each_variant_is_judged_on_val_against_its_budget(repo):
         row = rows[name]
         assert row["max_loss"] == BUDGET
         assert row["val_f1_loss"] == pytest.approx(reference - row["val_f1"])
-        # the rule (compress.confidence 0.9): the one-sided upper bound of the paired bootstrap loss
-        assert m["confidence"] == 0.9 and row["val_f1_loss_bound"] is not None
+        # the rule (compress.confidence 0.9, compress.bound prediction): the one-sided upper bound of the
+        # loss a new split as large as test will show, from the paired bootstrap over val rows
+        assert m["confidence"] == 0.9 and m["bound"] == "prediction" and row["val_f1_loss_bound"] is not None
         assert row["within_budget"] == (row["val_f1_loss_bound"] <= BUDGET + 1e-9), name
         # the test loss with its 95% CI, reported beside the decision (never used to choose)
         low, high = row["test_f1_loss_ci95"]
