@@ -76,7 +76,8 @@ def test_each_variant_is_judged_on_val_against_its_budget(repo):
     assert int8["fp32_trials"][0]["fp32_layers"] == 0
     if int8["fp32_layers"]:  # the fallback ran: the recipe and the ranking say which layers stayed fp32
         recipe = json.loads((repo / "models/compress/int8/quantization.json").read_text())
-        assert recipe["fp32_layers"] == int8["fp32_layers"]
+        # the same layers: the recipe lists them in the model's order, the report by sensitivity rank
+        assert sorted(recipe["fp32_layers"]) == sorted(int8["fp32_layers"])
         assert [s["layer"] for s in int8["sensitivity"][: len(int8["fp32_layers"])]] == int8["fp32_layers"]
 
 
