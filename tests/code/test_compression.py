@@ -344,11 +344,11 @@ def test_a_prediction_bound_adds_the_new_rows_own_noise():
             weighted_scores(w, y, y, 4)["accuracy"] - weighted_scores(w, y, candidate, 4)["accuracy"]
         )
 
-    plain = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05)["bound"]
-    same = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05, 200)["bound"]
-    fewer = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05, 50)["bound"]
-    many = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 0.05, 10**7)["bound"]
+    plain = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9)["bound"]
+    same = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 200)["bound"]
+    fewer = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 50)["bound"]
+    many = compression.paired_loss(loss_of(wrong), 200, 1000, 0, 0.9, 10**7)["bound"]
     # the spread of a 200-row loss is ~1.5 pt: the bound 1.28 of it above 5 pt, the prediction ~sqrt(2) as far
     assert 0.06 < plain < 0.08 and fewer > same > plain and abs(many - plain) < 0.002
     assert 1.2 < (same - 0.05) / (plain - 0.05) < 1.65
-    assert compression.paired_loss(loss_of(y.copy()), 200, 500, 0, 0.9, 0.0, 50)["bound"] == 0
+    assert compression.paired_loss(loss_of(y.copy()), 200, 500, 0, 0.9, 50)["bound"] == 0

@@ -439,14 +439,15 @@ def paired_loss(
     resamples: int,
     seed: int,
     confidence: float | None,
-    loss: float = 0.0,
     future_rows: int | None = None,
 ) -> dict[str, Any]:
-    """A ``loss``'s paired bootstrap over ``n`` rows (``bootstrap_draws``). Returns the one-sided upper
+    """A loss's paired bootstrap over ``n`` rows (``bootstrap_draws``). Returns the one-sided upper
     bound at ``confidence`` (``upper_bound``: on the loss, or with ``future_rows`` on the loss that many
-    new rows will show; None with ``confidence`` None) and the two-sided 95% CI."""
+    new rows will show, around the loss on all ``n`` rows, ``score`` of unit weights; None with
+    ``confidence`` None) and the two-sided 95% CI."""
     draws = bootstrap_draws(score, n, resamples, seed)
     low, high = (float(x) for x in np.percentile(draws, [2.5, 97.5]))
+    loss = 0.0 if future_rows is None else float(score(np.ones((1, n)))[0])
     bound = None if confidence is None else upper_bound(draws, loss, confidence, n, future_rows)
     return {"bound": bound, "ci95": [round(low, 6), round(high, 6)]}
 

@@ -92,8 +92,7 @@ class Inputs:
             cfg.resamples,
             self.params.base.seed,
             cfg.confidence,
-            loss,
-            len(self.test) if split == "val" and cfg.bound == "prediction" else None,
+            cfg.future_rows(len(self.test)) if split == "val" else None,
         )
         self.bootstrap_seconds += time.perf_counter() - start
         return {"loss": loss, **paired}

@@ -635,6 +635,11 @@ class CompressParams(_Section):
         if self.resamples < 100:
             yield "resamples", f"must be >= 100 (the bound is a tail quantile), got {self.resamples}"
 
+    def future_rows(self, test_rows: int) -> int | None:
+        """The new rows the budget's bound is about (``compression.upper_bound``): a test-sized split with
+        ``bound: prediction``, None (the loss itself) with ``bound: confidence``."""
+        return test_rows if self.bound == "prediction" else None
+
     def budget(self, variant: str) -> float:
         """The largest val loss (macro-F1; ROUGE-L for generation) against the trained model that
         ``variant`` may have."""

@@ -334,15 +334,13 @@ def compress(job) -> Compressed:
         diff = np.asarray(scored["original"]["val"].rows["rougeL"], float) - np.asarray(
             scored[name]["val"].rows["rougeL"], float
         )
-        future = len(job.test) if cfg.bound == "prediction" else None
         paired = compression.paired_loss(
             lambda w, d=diff: (w @ d) / w.sum(axis=1),
             len(diff),
             cfg.resamples,
             base.seed,
             cfg.confidence,
-            float(diff.mean()),
-            future,
+            cfg.future_rows(len(job.test)),
         )
         ci = paired_ci(
             scored[name]["test"].rows["rougeL"], scored["original"]["test"].rows["rougeL"], base.seed
